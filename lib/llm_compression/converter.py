@@ -1,0 +1,299 @@
+"""HF checkpoint -> Parquet (streaming, atomic), and Parquet -> HF directory (export)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import errno
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import xxhash
+from tqdm.auto import tqdm
+
+from . import __version__, formats, schema as S
+from .formats.base import Row, StoreError
+from .sources import Checkpoint, open_checkpoint, resolve_source
+
+
+def checksum(buffer) -> str:
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(buffer)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's raw bytes (C order, native little-endian) as a uint8 array, without copying when possible."""
+    t = tensor.detach().contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _binary_value(part: np.ndarray) -> pa.Array:
+    """A one-value large_binary array over ``part``'s memory, without copying it."""
+    offsets = pa.py_buffer(np.array([0, part.nbytes], dtype=np.int64))
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(part)])
+
+
+def _group_by_module(names: list[str]) -> "OrderedDict[str, dict[str, str]]":
+    modules: OrderedDict[str, dict[str, str]] = OrderedDict()
+    for name in names:
+        layer, weight = S.split_name(name)
+        modules.setdefault(layer, {})[weight] = name
+    return modules
+
+
+@dataclass
+class ConversionReport:
+    output: Path
+    tensors: int
+    rows: int
+    bytes_written: int
+    formats: dict[str, int] = field(default_factory=dict)
+
+
+class StoreWriter:
+    """Writes rows to a temp file, one row group per array chunk; ``commit`` renames it into place."""
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        if not self.output.parent.is_dir():
+            raise StoreError(f"{self.output}: output directory {self.output.parent} does not exist")
+        self.tmp = self.output.with_name(f".{self.output.name}.{os.getpid()}.tmp")
+        small = [c for c in S.INDEX_COLUMNS if c not in (S.SCALES, S.ZERO_POINTS)]
+        self.writer = pq.ParquetWriter(
+            self.tmp,
+            S.STORE_SCHEMA,
+            compression="none",  # weights do not compress; decoding speed matters more
+            use_dictionary=False,
+            write_statistics=small,  # never compute min/max over the payload
+            write_page_checksum=True,
+            data_page_size=8 * 1024 * 1024,
+        )
+        self.index: dict[str, list[int]] = {}
+        self.row_groups = 0
+        self.bytes_written = 0
+        self.formats: dict[str, int] = {}
+
+    def write(self, row: Row) -> None:
+        data = row.data
+        if not isinstance(data, torch.Tensor):
+            raise StoreError(f"{row.tensor_name}: row data must be a tensor")
+        raw = tensor_bytes(data)
+        digest = checksum(raw)
+        layer, weight = S.split_name(row.tensor_name)
+        n = raw.nbytes
+        num_chunks = max(1, -(-n // S.CHUNK_BYTES))
+        params = S.params_json(row.params)
+        for chunk in range(num_chunks):
+            part = raw[chunk * S.CHUNK_BYTES : (chunk + 1) * S.CHUNK_BYTES]
+            first = chunk == 0
+            table = pa.Table.from_arrays(
+                [
+                    pa.array([layer]),
+                    pa.array([weight]),
+                    pa.nulls(1, pa.list_(pa.int8())),
+                    pa.array([list(data.shape)], pa.list_(pa.int32())),
+                    pa.array([row.quant_type or row.format]),
+                    pa.array([row.scales if first else None], pa.list_(pa.float32())),
+                    pa.array([row.zero_points if first else None], pa.list_(pa.int8())),
+                    pa.array([row.quant_axis], pa.int32()),
+                    pa.array([row.tensor_name]),
+                    pa.array([S.dtype_code(data.dtype)]),
+                    pa.array([row.format]),
+                    pa.array([params]),
+                    pa.array([n], pa.int64()),
+                    pa.array([digest]),
+                    pa.array([chunk], pa.int32()),
+                    pa.array([num_chunks], pa.int32()),
+                    _binary_value(part),
+                ],
+                schema=S.STORE_SCHEMA,
+            )
+            self.writer.write_table(table, row_group_size=1)
+            self.index.setdefault(row.tensor_name, []).append(self.row_groups)
+            self.row_groups += 1
+        self.bytes_written += n
+        self.formats[row.format] = self.formats.get(row.format, 0) + 1
+
+    def commit(self, metadata: dict[str, str]) -> None:
+        metadata = dict(metadata)
+        metadata[S.META_SCHEMA_VERSION] = S.SCHEMA_VERSION
+        metadata[S.META_INDEX] = json.dumps(self.index, separators=(",", ":"))
+        self.writer.add_key_value_metadata(metadata)
+        self.writer.close()
+        with open(self.tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.output)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
+    if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise StoreError(f"{path}: tensor {name!r} holds {bad} NaN/Inf values (pass allow_nonfinite to store it anyway)")
+
+
+def source_metadata(ckpt: Checkpoint, source: str) -> dict[str, str]:
+    files = {name: base64.b64encode(data).decode("ascii") for name, data in ckpt.side_files.items()}
+    layout = {
+        "shards": ckpt.shard_layout,
+        "shard_metadata": ckpt.shard_metadata,
+        "index_metadata": ckpt.index_metadata,
+        "sharded": len(ckpt.shard_layout) > 1 or ckpt.index_metadata is not None,
+    }
+    meta = {
+        S.META_CONFIG: ckpt.config_text,
+        S.META_FILES: json.dumps(files),
+        S.META_LAYOUT: json.dumps(layout),
+        S.META_SOURCE: json.dumps(
+            {
+                "source": source,
+                "resolved": str(ckpt.root),
+                "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "llmc_version": __version__,
+            }
+        ),
+    }
+    if ckpt.generation_config_text is not None:
+        meta[S.META_GENERATION_CONFIG] = ckpt.generation_config_text
+    return meta
+
+
+class HuggingFaceToParquetConverter:
+    """Convert an HF checkpoint (directory or hub id) into a self-contained Parquet V2.1 weight file.
+
+    Tensors are read one module at a time and written as they go, so peak memory stays near the
+    largest module. A failed or interrupted conversion leaves no output file.
+    """
+
+    def __init__(
+        self,
+        allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+        revision: str | None = None,
+        progress: bool = True,
+        detect_grids: bool = True,
+    ):
+        self.allow_pickle = allow_pickle
+        self.allow_nonfinite = allow_nonfinite
+        self.revision = revision
+        self.progress = progress
+        self.detect_grids = detect_grids
+
+    def convert(self, hf_model_path: str | os.PathLike, output_parquet: str | os.PathLike) -> ConversionReport:
+        root = resolve_source(hf_model_path, revision=self.revision)
+        ckpt = open_checkpoint(root, allow_pickle=self.allow_pickle)
+        qconfig = ckpt.quantization_config
+        fmt = formats.detect(qconfig, ckpt.tensors, source=str(root / "config.json"))
+        writer = StoreWriter(Path(output_parquet))
+        current = "(none)"
+        try:
+            modules = _group_by_module(list(ckpt.tensors))
+            bar = tqdm(total=len(ckpt.tensors), desc=f"convert {root.name}", unit="tensor", disable=not self.progress)
+            for module, members in modules.items():
+                infos = {suffix: ckpt.tensors[name] for suffix, name in members.items()}
+                claimed = fmt.claim(qconfig, module, infos)
+                for suffix in members:
+                    if suffix not in claimed and suffix in formats.QUANTIZED_SUFFIXES:
+                        current = members[suffix]
+                        raise formats.UnsupportedFormatError(
+                            f"{ckpt.tensor_file[current]}: tensor {current!r} looks quantized (suffix {suffix!r}) but "
+                            f"the checkpoint's quantization_config ({(qconfig or {}).get('quant_method')}) does not "
+                            f"describe it; supported formats: {formats.supported_names()}"
+                        )
+                if claimed:
+                    current = members[sorted(claimed)[0]]
+                    group = {s: ckpt.read(members[s]) for s in members if s in claimed}
+                    try:
+                        rows = fmt.to_rows(qconfig, module, group)
+                    except StoreError as exc:
+                        raise StoreError(f"{ckpt.tensor_file[current]}: module {module!r}: {exc}") from None
+                    for row in rows:
+                        writer.write(row)
+                    bar.update(len(group))
+                    del group, rows
+                for suffix, name in members.items():
+                    if suffix in claimed:
+                        continue
+                    current = name
+                    tensor = ckpt.read(name)
+                    if not self.allow_nonfinite:
+                        _check_finite(name, tensor, ckpt.tensor_file[name])
+                    for row in formats.dense_rows(name, tensor, qconfig, detect_grids=self.detect_grids):
+                        writer.write(row)
+                    bar.update(1)
+                    del tensor
+            bar.close()
+            writer.commit(source_metadata(ckpt, str(hf_model_path)))
+        except OSError as exc:
+            writer.abort()
+            if exc.errno == errno.ENOSPC:
+                raise StoreError(f"{output_parquet}: disk full while writing tensor {current!r}; no output written") from None
+            raise StoreError(f"{output_parquet}: write failed at tensor {current!r}: {exc}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        return ConversionReport(Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
+
+
+def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Write an HF directory (safetensors shards, config, tokenizer and side files) from a Parquet file.
+
+    The tensors equal the source checkpoint's bit for bit; shards follow the source layout.
+    """
+    from safetensors.torch import save_file
+
+    from .loader import WeightLoaderV2
+
+    loader = WeightLoaderV2(parquet_path)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out}: output directory exists and is not empty")
+    if not out.parent.is_dir():
+        raise StoreError(f"{out}: parent directory {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.mkdir()
+    try:
+        tensors = loader.source_tensors()
+        layout = loader.layout
+        shards = layout.get("shards") if layout else None
+        if not shards:
+            shards = {"model.safetensors": list(tensors)}
+        weight_map = {}
+        for shard, names in tqdm(shards.items(), desc="export", unit="shard", disable=not progress):
+            part = {name: tensors[name].contiguous() for name in names}
+            metadata = (layout or {}).get("shard_metadata", {}).get(shard) or {"format": "pt"}
+            save_file(part, str(tmp / shard), metadata=metadata)
+            weight_map.update({name: shard for name in names})
+            del part
+        if layout and layout.get("sharded"):
+            index = {"metadata": layout.get("index_metadata") or {}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if loader.config_text is not None:
+            (tmp / "config.json").write_text(loader.config_text, encoding="utf-8")
+        if loader.generation_config_text is not None:
+            (tmp / "generation_config.json").write_text(loader.generation_config_text, encoding="utf-8")
+        for name, data in loader.files.items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

