@@ -67,6 +67,40 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .workbook import run_batch
+
+    outcomes = run_batch(args.parameters, reports=args.reports, force=args.force, progress=not args.quiet)
+    width = max(len(o.run) for o in outcomes)
+    for o in outcomes:
+        print(f"{o.run:<{width}}  {o.status:<12} {o.html or o.record}{'  ' + o.message if o.message else ''}")
+    print(f"index: {args.reports}/index.html")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .quantize import ComparisonResult, quantize
+
+    backends = [b.strip() for b in args.compare_backends.split(",") if b.strip()] if args.compare_backends else None
+    result = quantize(
+        args.src, args.out, method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+        skip=args.skip, act_order=args.act_order, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        seed=args.seed, out_format=args.format, backend=args.backend, progress=not args.quiet,
+        compare_backends=backends,
+    )
+    results = result.results if isinstance(result, ComparisonResult) else {result.backend: result}
+    for backend, r in results.items():
+        bpw = "n/a" if r.quantized_bits_per_weight is None else f"{r.quantized_bits_per_weight:.3f}"
+        print(f"wrote {r.output} ({backend} {r.method}, {len(r.layers)} Linears quantized, "
+              f"{bpw} bits/weight stored for them, {r.seconds:.1f} s)")
+    if isinstance(result, ComparisonResult):
+        print(result.note)
+        for backend, record in (result.evaluations or {}).items():
+            verdict = getattr(record, "verdict", None)
+            print(f"{backend}: {json.dumps(verdict, default=str) if verdict is not None else record}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmc", description="Lossless Parquet weight store and quantized-model evaluation workbook.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +129,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="read every tensor and verify its checksum")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("run", help="execute the evaluation notebook once per parameters file, then the comparison",
+                       description="Run evaluate_model.ipynb (papermill) for each parameters YAML, then compare_models.ipynb; "
+                                   "render HTML reports and reports/index.html. Runs whose inputs did not change are skipped.")
+    p.add_argument("parameters", nargs="+", help="parameters/*.yaml files")
+    p.add_argument("--reports", default="reports", help="output directory (default: reports)")
+    p.add_argument("--force", action="store_true", help="re-run even when inputs are unchanged")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "quantize", help="quantize a model with our PTQ (INT8/INT4/INT2 RTN, GPTQ) or AngelSlim into a weight file",
+        description="Quantize SRC (HF directory, hub id or .parquet) into OUT. Backend ptq writes a Parquet file whose "
+                    "quantized Linears hold codes packed at their real bit width (format 'ptq'), or with --format gptq "
+                    "an AutoGPTQ v1 HF directory. Backend angelslim runs AngelSlim's PTQ in .venv-angelslim "
+                    "(make angelslim-env) and converts its output. Calibration text: the offline corpus's train split.",
+    )
+    p.add_argument("src", help="HF checkpoint directory, hub id (owner/name, from the local cache) or .parquet file")
+    p.add_argument("out", help="output .parquet file, or with --format gptq a new (or empty) directory; written atomically")
+    p.add_argument("--method", required=True,
+                   choices=["int8", "int4", "int2", "gptq", "fp8_static", "fp8_dynamic", "int8_dynamic", "int4_gptq",
+                            "int4_awq", "w4a8_fp8"], metavar="METHOD",
+                   help="ptq: int8 (per channel, symmetric), int4 (group 128, symmetric), int2 (group 128, asymmetric), "
+                        "gptq (4 bits, group 128, symmetric); angelslim: fp8_static, fp8_dynamic, int8_dynamic, "
+                        "int4_gptq, int4_awq, w4a8_fp8")
+    p.add_argument("--bits", type=int, help="code width for --method gptq (2-8; default 4)")
+    p.add_argument("--group-size", type=int, metavar="N", help="input columns per scale group; -1 = per channel "
+                                                               "(default: int8 -1, others 128)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_const", const=True,
+                     help="symmetric codes (zero point 2^(bits-1)); default for int8, int4, gptq")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False,
+                     help="asymmetric codes (min/max range with a zero point); default for int2")
+    p.add_argument("--skip", nargs="+", metavar="PATTERN",
+                   help="module names (substring or regex) left unquantized; replaces the default: lm_head embed (put it after SRC OUT)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: process columns by descending Hessian diagonal")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=256, metavar="N", help="tokens per calibration window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice (default 0)")
+    p.add_argument("--format", choices=["parquet", "gptq"], default="parquet",
+                   help="parquet: weight file with packed 'ptq' rows (default); gptq: AutoGPTQ v1 HF directory")
+    p.add_argument("--backend", choices=["ptq", "angelslim"], default="ptq",
+                   help="ptq: our quantizer (default); angelslim: AngelSlim in .venv-angelslim")
+    p.add_argument("--compare-backends", metavar="B1,B2",
+                   help="e.g. ptq,angelslim: quantize with each (method mapped, int8<->int8_dynamic, gptq<->int4_gptq) "
+                        "into OUT with the backend name before the suffix, then evaluate both against SRC")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quantize)
 
     return parser
 

@@ -1,0 +1,132 @@
+"""The decision table: one row per run (model/format) from the runs' JSON records.
+
+Each record carries a flat ``summary`` block written by evaluate_model.ipynb (see
+``summary_from_record``); failed runs carry only ``status``/``error``/``verdict``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+COLUMNS = {
+    "run": "run",
+    "format": "format",
+    "bits_per_weight": "bits/weight",
+    "size_mb": "size (MB)",
+    "compression_vs_bf16": "× vs bf16",
+    "cosine": "cosine (mean)",
+    "kld_mean": "KLD (mean)",
+    "top1_agreement": "top-1 agree",
+    "ppl_delta_pct": "PPL Δ (%)",
+    "latency": "latency",
+    "peak_rss_mb": "peak RSS (MB)",
+    "verdict": "verdict",
+}
+
+
+def _number(value):
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def decision_table(records: list[dict]) -> pd.DataFrame:
+    """Sorted: passing runs first, then by PPL change (smallest first), then by size."""
+    rows = []
+    for record in records:
+        s = record.get("summary") or {}
+        status = record.get("status") or s.get("status")
+        verdict = record.get("verdict") or {}
+        passed = bool(verdict.get("passed")) and status not in ("error",)
+        if status == "error":
+            label = "ERROR"
+        else:
+            label = "PASS" if passed else "FAIL"
+        rows.append({
+            "run": record.get("run"),
+            "format": s.get("format", "?"),
+            "bits_per_weight": _number(s.get("bits_per_weight")),
+            "size_mb": _number(s.get("size_mb")),
+            "compression_vs_bf16": _number(s.get("compression_vs_bf16")),
+            "cosine": _number(s.get("cosine")),
+            "kld_mean": _number(s.get("kld_mean")),
+            "top1_agreement": _number(s.get("top1_agreement")),
+            "ppl_delta_pct": _number(s.get("ppl_delta_pct")),
+            "latency": s.get("latency_label", ""),
+            "peak_rss_mb": _number(s.get("peak_rss_mb")),
+            "verdict": label,
+            "_passed": passed,
+            "_reasons": "; ".join(verdict.get("reasons") or []),
+        })
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + ["_passed", "_reasons"])
+    if len(table):
+        table = table.sort_values(["_passed", "ppl_delta_pct", "size_mb"], ascending=[False, True, True], na_position="last")
+    return table.reset_index(drop=True)
+
+
+def style_decision_table(table: pd.DataFrame):
+    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden, reasons as tooltips."""
+    shown = table.drop(columns=["_passed", "_reasons"]).rename(columns=COLUMNS)
+
+    def highlight(row):
+        verdict = row[COLUMNS["verdict"]]
+        color = {"PASS": "#e6f4ea", "FAIL": "#fde2e1", "ERROR": "#f9c8c4"}.get(verdict, "")
+        return [f"background-color: {color}" if color else "" for _ in row]
+
+    fmt = {
+        COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
+        COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
+        COLUMNS["ppl_delta_pct"]: "{:+.2f}", COLUMNS["peak_rss_mb"]: "{:.0f}",
+    }
+    styler = shown.style.apply(highlight, axis=1).format(fmt, na_rep="—").hide(axis="index")
+    tooltips = pd.DataFrame("", index=shown.index, columns=shown.columns)
+    tooltips[COLUMNS["verdict"]] = table["_reasons"].values
+    return styler.set_tooltips(tooltips)
+
+
+def _dig(data, *path, default=None):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def summarize(record: dict, params: dict) -> dict:
+    """The flat block the decision table reads, from an evaluation record (``EvaluationRecord.to_dict()``)."""
+    size = _dig(record, "sizes", "candidate", default={}) or {}
+    perf = _dig(record, "perf", "candidate", default={}) or {}
+    formats = size.get("formats") or _dig(record, "candidate", "formats", default=[]) or []
+    fmt = "+".join(f for f in formats if f != "dense") or "dense"
+    latency_label, latency_value = "", None
+    prefill = _dig(perf, "prefill_ms_per_token", "median")
+    if prefill is not None:
+        latency_value, latency_label = prefill, f"{prefill:.2f} ms/token (prefill)"
+    embed = _dig(perf, "embedding_sentences_per_s", "median")
+    if embed is not None:
+        latency_value, latency_label = embed, f"{embed:.1f} sentences/s"
+    peak = _dig(perf, "memory", "inference_peak_rss_bytes")
+    return {
+        "run": params.get("run"),
+        "title": params.get("title"),
+        "model": params.get("model"),
+        "reference": params.get("reference"),
+        "format": fmt,
+        "kind": record.get("kind"),
+        "bits_per_weight": size.get("bits_per_weight"),
+        "size_mb": (size.get("file_bytes") or 0) / 1e6 or None,
+        "compression_vs_bf16": size.get("compression_vs_bf16"),
+        "cosine": _dig(record, "metrics", "cosine_similarity"),
+        "kld_mean": _dig(record, "metrics", "kld", "mean"),
+        "top1_agreement": _dig(record, "metrics", "top1_agreement"),
+        "ppl_delta_pct": _dig(record, "metrics", "ppl", "delta_percent"),
+        "latency": latency_value,
+        "latency_label": latency_label,
+        "peak_rss_mb": peak / 1e6 if peak else None,
+        "passed": bool(_dig(record, "verdict", "passed")),
+    }
