@@ -21,6 +21,7 @@ _MODULES = [
     "awq",  # AutoAWQ GEMM layout
     "w4a8",  # AngelSlim / TensorRT-LLM w4a8_awq
     "grid",  # exact low-bit grids inside dense weights (encoder, see _DENSE_ENCODERS)
+    "ptq",  # our own PTQ rows (llmc quantize); never detected in a source checkpoint
     "dense",
     "legacy",
 ]
