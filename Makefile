@@ -31,5 +31,13 @@ bench: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
+# AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
+angelslim-env:
+	bash tools/angelslim/build_env.sh .venv-angelslim
+
+# Debian's Chromium, for the test that renders reports/index.html (needs root / apt).
+setup-browser:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 clean:
 	rm -rf $(VENV) .cache reports/*.html reports/*.ipynb reports/*.json

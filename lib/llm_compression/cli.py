@@ -96,8 +96,9 @@ def _cmd_quantize(args) -> int:
     if isinstance(result, ComparisonResult):
         print(result.note)
         for backend, record in (result.evaluations or {}).items():
-            verdict = getattr(record, "verdict", None)
-            print(f"{backend}: {json.dumps(verdict, default=str) if verdict is not None else record}")
+            verdict = getattr(record, "verdict", None) or {}
+            checks = ", ".join(f"{c['name']} {c['value']:.4g}" for c in verdict.get("checks", []) if c.get("value") is not None)
+            print(f"{backend}: passed={verdict.get('passed')} ({checks})")
     return 0
 
 

@@ -150,8 +150,15 @@ def torch_dtype(code: str) -> torch.dtype:
         raise ValueError(f"unknown dtype code {code!r}; supported: {sorted(DTYPE_CODES)}") from None
 
 
+# Suffixes that contain a dot themselves (TensorRT-LLM's W4A8 group scales).
+DOTTED_SUFFIXES = ("weight_scale.int4",)
+
+
 def split_name(tensor_name: str) -> tuple[str, str]:
     """`model.layers.0.q_proj.weight` -> (`model.layers.0.q_proj`, `weight`); no dot -> ("", name)."""
+    for suffix in DOTTED_SUFFIXES:
+        if tensor_name.endswith("." + suffix):
+            return tensor_name[: -len(suffix) - 1], suffix
     layer, _, weight = tensor_name.rpartition(".")
     return layer, weight
 

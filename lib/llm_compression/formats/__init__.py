@@ -13,13 +13,13 @@ from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedForma
 
 # Most specific first; dense (no quantization_config) last.
 _MODULES = [
+    "w4a8",  # AngelSlim / TensorRT-LLM w4a8_awq (before fp8: AngelSlim's dense path mislabels it naive-quantized)
     "fp8",  # compressed-tensors FP8 (naive/float-quantized) and quant_method fp8 (per-tensor, block)
     "int8",  # compressed-tensors int-quantized W8A8
     "packed",  # compressed-tensors pack-quantized (W4A16 / W8A16)
     "nvfp4",  # AngelSlim ModelOpt-style NVFP4 and compressed-tensors nvfp4-pack-quantized
     "gptq",  # AutoGPTQ v1 layout
     "awq",  # AutoAWQ GEMM layout
-    "w4a8",  # AngelSlim / TensorRT-LLM w4a8_awq
     "grid",  # exact low-bit grids inside dense weights (encoder, see _DENSE_ENCODERS)
     "ptq",  # our own PTQ rows (llmc quantize); never detected in a source checkpoint
     "dense",
@@ -39,14 +39,7 @@ def _load(name: str) -> ModuleType:
 
 
 def all_formats() -> list[ModuleType]:
-    found = []
-    for name in _MODULES:
-        try:
-            found.append(_load(name))
-        except ModuleNotFoundError as exc:  # TODO(before landing): drop; formats still being written
-            if exc.name != f"{__name__}.{name}":
-                raise
-    return found
+    return [_load(name) for name in _MODULES]
 
 
 def get_format(name: str) -> ModuleType:
@@ -68,11 +61,7 @@ def dense_rows(name: str, tensor, qconfig: dict | None, detect_grids: bool = Tru
     """Rows for a tensor no quantized format claimed: an exact encoder's rows, else one dense row."""
     if detect_grids and not qconfig:
         for encoder in _DENSE_ENCODERS:
-            try:
-                module = _load(encoder)
-            except ModuleNotFoundError:  # TODO(before landing): drop
-                continue
-            rows = module.encode_dense(name, tensor)
+            rows = _load(encoder).encode_dense(name, tensor)
             if rows:
                 return rows
     return [Row(name, tensor, "dense")]
