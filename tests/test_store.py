@@ -112,16 +112,16 @@ def test_lazy_load_reads_only_that_tensor(qwen3_dir, tmp_path, monkeypatch):
     parquet = convert(qwen3_dir, tmp_path / "m.parquet")
     loader = WeightLoaderV2(parquet)
     calls = []
-    original = pq.ParquetFile.read_row_groups
+    original = WeightLoaderV2._read_payload
 
-    def spy(self, row_groups, *args, **kwargs):
-        calls.append((list(row_groups), kwargs.get("columns")))
-        return original(self, row_groups, *args, **kwargs)
+    def spy(self, tensor_name, info):
+        calls.append(tensor_name)
+        return original(self, tensor_name, info)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(WeightLoaderV2, "_read_payload", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda *a, **k: pytest.fail("payload read through pyarrow"))
     w = loader.load_weight("model.layers.1.mlp.down_proj", "weight")
-    assert calls == [(list(loader.rows["model.layers.1.mlp.down_proj.weight"].row_groups), [S.DATA])]
-    assert len(calls[0][0]) == 1
+    assert calls == ["model.layers.1.mlp.down_proj.weight"]
     ref = load_file(qwen3_dir / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(w, ref) and w.dtype == torch.bfloat16
     sd = loader.state_dict()
@@ -349,3 +349,51 @@ def test_inspect_lists_every_tensor(qwen3_dir, tmp_path):
     assert {t["name"] for t in report["tensors"]} == names
     assert report["summary"]["checksums"] == "all verify"
     assert report["summary"]["bits_per_weight"] == 16.0
+
+
+def test_loaded_tensors_are_private_copy_on_write(qwen3_dir, tmp_path):
+    parquet = convert(qwen3_dir, tmp_path / "m.parquet")
+    before = parquet.read_bytes()
+    name = "model.layers.0.mlp.up_proj.weight"
+    ref = load_file(qwen3_dir / "model.safetensors")[name]
+    loader = WeightLoaderV2(parquet)
+    first = loader.load_tensor(name)
+    first.mul_(2)  # writable, like any tensor
+    assert not torch.equal(first, ref)
+    assert torch.equal(loader.load_tensor(name), ref)  # a second read does not see the write
+    assert parquet.read_bytes() == before  # nor does the file
+
+
+def test_payload_layouts_other_than_ours_still_load(tmp_path, monkeypatch):
+    """Multi-chunk arrays, empty arrays and compressed files (written by other tools) read bit-exactly."""
+    monkeypatch.setattr(S, "CHUNK_BYTES", 1000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "custom"}))
+    torch.manual_seed(3)
+    tensors = {"a.weight": torch.randn(37, 91).to(torch.bfloat16), "b.bias": torch.randn(3), "c.weight": torch.empty(0, 4)}
+    save_file(tensors, src / "model.safetensors")
+    parquet = convert(src, tmp_path / "m.parquet")
+    assert len(WeightLoaderV2(parquet).rows["a.weight"].row_groups) == 7
+    zstd = tmp_path / "zstd.parquet"
+    source = pq.ParquetFile(parquet)
+    writer = pq.ParquetWriter(zstd, S.STORE_SCHEMA, compression="zstd")
+    for i in range(source.num_row_groups):
+        writer.write_table(source.read_row_group(i), row_group_size=1)
+    writer.add_key_value_metadata({k.decode(): v.decode() for k, v in source.metadata.metadata.items() if k.startswith(b"llmc.")})
+    writer.close()
+    for path in (parquet, zstd):
+        loaded = {name: WeightLoaderV2(path).load_tensor(name) for name in tensors}
+        assert_bit_equal(loaded, tensors)
+
+
+def test_convert_does_not_import_pandas(qwen3_dir, tmp_path):
+    code = (
+        "import sys\n"
+        "from llm_compression import HuggingFaceToParquetConverter\n"
+        f"HuggingFaceToParquetConverter(progress=False).convert({str(qwen3_dir)!r}, {str(tmp_path / 'm.parquet')!r})\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,7 @@ class WeightLoaderV2:
         self.metadata = {k.decode(): v.decode() for k, v in raw_meta.items() if k.decode().startswith("llmc.")}
         self.rows: dict[str, S.RowInfo] = {}
         self._row_offsets: dict[str, tuple[int, int]] = {}  # legacy files: name -> (row group, row)
+        self._spans: dict[str, list[tuple[int, int]] | None] = {}  # V2.1, filled on first read: see _payload_spans
         self._build_index()
         self._groups = self._build_groups()
 
@@ -98,6 +100,84 @@ class WeightLoaderV2:
             if info is None or len(rgs) != self._expected_chunks(info):
                 raise StoreError(f"{self.path}: tensor {name!r} has missing or extra chunks")
             self.rows[name] = S.RowInfo(**{**info.__dict__, "row_groups": tuple(rgs)})
+
+    def _payload_spans(self, info: S.RowInfo) -> list[tuple[int, int]] | None:
+        """(file offset, length) of each chunk's bytes, or None when they cannot be mapped directly.
+
+        An uncompressed, plain-encoded ``data`` column chunk holding one value ends with that value's
+        bytes, preceded by their 4-byte little-endian length. Chunks that do not look like that
+        (other writers, compression) are read through pyarrow instead.
+        """
+        meta = self._file.metadata
+        spans = []
+        for k, rg in enumerate(info.row_groups):
+            size = min(S.CHUNK_BYTES, info.nbytes - k * S.CHUNK_BYTES)
+            chunk = meta.row_group(rg).column(self._data_leaf)
+            if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page or chunk.num_values != 1:
+                return None
+            start = chunk.data_page_offset + chunk.total_compressed_size - size
+            if start - 4 < chunk.data_page_offset:
+                return None
+            if int.from_bytes(os.pread(self._handle.fileno(), 4, start - 4), "little") != size:
+                return None
+            spans.append((start, size))
+        return spans
+
+    @cached_property
+    def _data_leaf(self) -> int:
+        """Index of the ``data`` column among the file's leaf columns."""
+        schema = self._file.metadata.schema
+        return next(i for i in range(len(schema)) if schema.column(i).path == S.DATA)
+
+    @cached_property
+    def _handle(self):
+        return open(self.path, "rb")
+
+    def _map(self, start: int, size: int) -> torch.Tensor:
+        """``size`` bytes at ``start`` as a uint8 tensor over a private copy-on-write mapping (like
+        safetensors): it shares the page cache, and writing to it reaches neither the file nor any
+        other tensor loaded from it."""
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            region = mmap.mmap(self._handle.fileno(), size + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.path}: cannot map {size} bytes at offset {start} ({exc})") from None
+        return torch.frombuffer(region, dtype=torch.uint8, count=size, offset=start - aligned)
+
+    def _read_payload(self, tensor_name: str, info: S.RowInfo) -> torch.Tensor:
+        """The array's bytes as a flat uint8 tensor: mapped from the file, or copied out through pyarrow."""
+        if tensor_name not in self._spans:
+            self._spans[tensor_name] = self._payload_spans(info)
+        spans = self._spans[tensor_name]
+        if spans is not None:
+            if len(spans) == 1 and spans[0][1] > 0:
+                return self._map(*spans[0])
+            out = torch.empty(info.nbytes, dtype=torch.uint8)  # several chunks: one copy joins them
+            pos = 0
+            for start, size in spans:
+                if size:
+                    out[pos : pos + size] = self._map(start, size)
+                pos += size
+            return out
+        try:
+            table = self._file.read_row_groups(list(info.row_groups), columns=[S.DATA])
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"{self.path}: tensor {tensor_name!r} is unreadable ({exc})") from None
+        column = table.column(S.DATA)
+        out = np.empty(info.nbytes, dtype=np.uint8)
+        pos = 0
+        for chunk in column.chunks:
+            for i in range(len(chunk)):
+                buf = chunk[i].as_buffer()
+                n = buf.size
+                if pos + n > info.nbytes:
+                    raise StoreError(f"{self.path}: tensor {tensor_name!r} has more bytes than its header says")
+                out[pos : pos + n] = np.frombuffer(buf, dtype=np.uint8)
+                pos += n
+        if pos != info.nbytes:
+            raise StoreError(f"{self.path}: tensor {tensor_name!r} is truncated ({pos} of {info.nbytes} bytes)")
+        # from_numpy gives an empty array stride 0, which view(dtype) rejects
+        return torch.from_numpy(out) if info.nbytes else torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
     def _expected_chunks(info: S.RowInfo) -> int:
@@ -196,29 +276,12 @@ class WeightLoaderV2:
             raise StoreError(f"{self.path}: no tensor {tensor_name!r}")
         if self.version is not S.SchemaVersion.V2_1:
             return self._load_legacy(info)
-        try:
-            table = self._file.read_row_groups(list(info.row_groups), columns=[S.DATA])
-        except (pa.ArrowException, OSError) as exc:
-            raise StoreError(f"{self.path}: tensor {tensor_name!r} is unreadable ({exc})") from None
-        column = table.column(S.DATA)
-        out = np.empty(info.nbytes, dtype=np.uint8)
-        pos = 0
-        for chunk in column.chunks:
-            for i in range(len(chunk)):
-                buf = chunk[i].as_buffer()
-                n = buf.size
-                if pos + n > info.nbytes:
-                    raise StoreError(f"{self.path}: tensor {tensor_name!r} has more bytes than its header says")
-                out[pos : pos + n] = np.frombuffer(buf, dtype=np.uint8)
-                pos += n
-        if pos != info.nbytes:
-            raise StoreError(f"{self.path}: tensor {tensor_name!r} is truncated ({pos} of {info.nbytes} bytes)")
+        tensor = self._read_payload(tensor_name, info)
         if self.verify and info.checksum:
-            digest = "xxh3_64:" + xxhash.xxh3_64_hexdigest(out)
+            digest = "xxh3_64:" + xxhash.xxh3_64_hexdigest(tensor.numpy())
             if digest != info.checksum:
                 raise StoreError(f"{self.path}: checksum mismatch for tensor {tensor_name!r} (stored {info.checksum}, read {digest})")
         dtype = S.torch_dtype(info.dtype)
-        tensor = torch.from_numpy(out)
         if dtype == torch.bool:
             return tensor.view(torch.uint8).to(torch.bool).reshape(info.shape)
         return tensor.view(dtype).reshape(info.shape)

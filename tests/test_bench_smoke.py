@@ -1,0 +1,50 @@
+"""`make bench` smoke test: the benchmark runs end to end on a tiny model and prints its six figures.
+
+No timing is asserted (the machine is shared); only that the run completes, reports every figure
+once, in order, as a positive number, and that the sizes it reports describe the model it built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "bench_store.py"
+FIGURES = [
+    "load_ratio_vs_safetensors",
+    "convert_ratio_vs_copy",
+    "lazy_single_tensor_ms",
+    "convert_peak_rss_mb",
+    "largest_tensor_mb",
+    "model_mb",
+]
+LINE = re.compile(r"^([a-z_]+): (\S+)$")
+
+
+def test_bench_prints_six_positive_figures(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--size-mb", "5", "--repeats", "1", "--warmup", "0", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    tail = [LINE.match(line) for line in lines[-len(FIGURES):]]
+    assert all(tail), lines[-len(FIGURES):]
+    assert [m.group(1) for m in tail] == FIGURES
+    values = {m.group(1): float(m.group(2)) for m in tail}
+    assert all(v > 0 for v in values.values()), values
+    # each figure is printed exactly once as a `name: value` line
+    named = [LINE.match(line).group(1) for line in lines if LINE.match(line)]
+    assert sorted(named) == sorted(FIGURES)
+    # the generated model is about the requested size, and no tensor is larger than the model
+    assert 4.0 <= values["model_mb"] <= 6.0, values
+    assert values["largest_tensor_mb"] < values["model_mb"]
+    # targets are reported, never asserted
+    assert result.stdout.count("PASS") + result.stdout.count("MISS") == 3
+    # without --keep nothing is left behind
+    assert list(tmp_path.iterdir()) == []
