@@ -7,7 +7,27 @@ from .formats.base import QuantizedTensor, StoreError, UnsupportedFormatError  #
 from .converter import HuggingFaceToParquetConverter, export_to_hf  # noqa: E402
 from .loader import WeightLoaderV2  # noqa: E402
 
+_LAZY = {
+    "PrecisionValidator": ("validator", "PrecisionValidator"),
+    "evaluate": ("evaluation", "evaluate"),
+    "load_model": ("runtime", "load_model"),
+}
+
+
+def __getattr__(name: str):
+    # The evaluation engine pulls in transformers; import it only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(name)
+
+
 __all__ = [
+    "PrecisionValidator",
+    "evaluate",
+    "load_model",
     "HuggingFaceToParquetConverter",
     "QuantizedTensor",
     "StoreError",

@@ -240,11 +240,15 @@ class WeightLoaderV2:
         from transformers import AutoTokenizer
 
         if not hasattr(self, "_tokenizer"):
+            import shutil
+
             directory = self.materialize_hf_files()
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(directory)
             except Exception as exc:
                 raise StoreError(f"{self.path}: no usable tokenizer inside the file ({exc})") from None
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
         return self._tokenizer
 
     # --- tensor names -----------------------------------------------------------------------------

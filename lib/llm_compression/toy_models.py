@@ -37,10 +37,10 @@ TRAINING_CODE_VERSION = 1
 DEFAULT_LM_SETTINGS: dict[str, Any] = {
     "seed": 0,
     "steps": 300,
-    "batch_size": 16,
+    "batch_size": 8,
     "seq_len": 256,
-    "lr": 3e-3,
-    "warmup_steps": 20,
+    "lr": 5e-3,
+    "warmup_steps": 30,
     "weight_decay": 0.1,
     "hidden_size": 256,
     "intermediate_size": 768,

@@ -181,10 +181,9 @@ def run_batch(param_files: list[str | os.PathLike], reports: str | os.PathLike =
             record.write_text(json.dumps({"run": param_file.stem, "status": "error", "error": str(exc),
                                           "verdict": {"passed": False, "reasons": [str(exc)]}}, indent=2))
             outcomes.append(RunOutcome(param_file.stem, "error", reports / f"{param_file.stem}.ipynb", None, record, str(exc)))
-    runs = [o.run for o in outcomes]
     compare = reports / "compare_models.ipynb"
     try:
-        execute(COMPARE_NOTEBOOK, compare, {"reports_dir": str(reports.resolve()), "runs": runs}, REPO)
+        execute(COMPARE_NOTEBOOK, compare, {"reports_dir": str(reports.resolve())}, REPO)
     finally:
         if compare.exists():
             render_html(compare)
@@ -210,8 +209,14 @@ def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
     """reports/index.html: the decision table and links to every run's reports."""
     from .decision import decision_table, style_decision_table
 
-    records = load_records(reports, [o.run for o in outcomes])
+    records = load_records(reports)  # every run in the directory, not only this batch's
     table = decision_table(records)
+    this_batch = {o.run: o for o in outcomes}
+    outcomes = list(outcomes) + [
+        RunOutcome(r["run"], r.get("status", "?"), reports / f"{r['run']}.ipynb", None, reports / f"{r['run']}.json",
+                   "from an earlier batch")
+        for r in records if r["run"] not in this_batch
+    ]
     table_html = style_decision_table(table).to_html() if len(table) else "<p>No runs.</p>"
     items = []
     for o in outcomes:

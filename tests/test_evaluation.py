@@ -1,0 +1,177 @@
+"""evaluation.evaluate: metrics end to end through Parquet, the JSON record, the verdict, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_compression import HuggingFaceToParquetConverter
+from llm_compression.evaluation import EvaluationRecord, Thresholds, evaluate, judge
+
+SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A random Qwen3 (hidden 256, 2 layers) with the BPE tokenizer trained on pydoc, saved bf16."""
+    from llm_compression.toy_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
+
+
+def _parquet(src: Path, out: Path) -> Path:
+    HuggingFaceToParquetConverter(progress=False).convert(src, out)
+    return out
+
+
+def test_identical_models_through_parquet(tiny_lm, tmp_path):
+    a = _parquet(tiny_lm, tmp_path / "a.parquet")
+    b = _parquet(tiny_lm, tmp_path / "b.parquet")
+    record = evaluate(a, b, **SMALL)
+    m = record.metrics
+    assert record.kind == "causal-lm" and record.passed and record.verdict["reasons"] == []
+    assert abs(m["hidden_cosine"]["mean"] - 1.0) < 1e-12 and abs(m["hidden_cosine"]["min"] - 1.0) < 1e-12
+    assert abs(m["logits_cosine"]["min"] - 1.0) < 1e-12
+    assert m["kld"]["mean"] == 0.0 and m["kld"]["max"] == 0.0 and m["top1_agreement"] == 1.0
+    assert m["ppl"]["delta_percent"] == 0.0 and m["ppl"]["original"] == m["ppl"]["candidate"]
+    # every token but the first is scored exactly once, windows of 64 tokens
+    assert m["ppl"]["num_tokens"] == 192 and m["ppl"]["num_windows"] == 3 and m["hidden_cosine"]["count"] == 192
+    assert m["generation"]["agreement"] == 1.0 and m["generation"]["num_prompts"] == 2
+    # random init: perplexity sits near the 4096-token vocabulary
+    assert 1000 < m["ppl"]["original"] < 20000
+    we = m["weight_error"]
+    assert we["scope"] == "linear" and we["count"] == 15 and we["exact_tensors"] == 15  # 14 layers + lm_head
+    assert all(t["sqnr_db"] == math.inf and t["relative_error"] == 0.0 for t in we["tensors"])
+    assert record.sizes["original"]["bits_per_weight"] == pytest.approx(16.0)
+    assert record.settings["eval_tokens"] == 193 and record.settings["corpus"] == "pydoc"
+    for key in ("python", "torch", "transformers", "llm_compression"):
+        assert record.versions[key]
+    assert record.machine["cpu_count"] >= 1 and record.machine["ram_bytes"] > 0
+
+
+def test_perplexity_matches_metrics_reference_with_overlapping_windows(tiny_lm):
+    """The single pass that also gathers cosine/KLD scores the same tokens as metrics.perplexity."""
+    from llm_compression import metrics
+    from llm_compression.corpus import TEXT_SEPARATOR, encode_text, load_texts
+    from llm_compression.runtime import load_model, load_tokenizer
+
+    texts = load_texts("pydoc", "eval")[:3]
+    record = evaluate(tiny_lm, tiny_lm, texts=texts, **{**SMALL, "stride": 40})
+    model, _ = load_model(tiny_lm)
+    ids = torch.tensor(encode_text(load_tokenizer(tiny_lm), TEXT_SEPARATOR.join(texts))[:193])
+    reference = metrics.perplexity(model, ids, context_length=64, stride=40)
+    ppl = record.metrics["ppl"]
+    assert ppl["num_windows"] == reference.num_windows > 3 and ppl["num_tokens"] == reference.num_tokens == 192
+    assert ppl["original"] == pytest.approx(reference.ppl, rel=1e-9)
+    assert record.metrics["kld"]["count"] == 192 and record.settings["stride"] == 40
+
+
+def test_record_json_round_trip(tiny_lm, tmp_path):
+    record = evaluate(tiny_lm, tiny_lm, texts=["def f(x):\n    return x + 1\n" * 40], **SMALL)
+    path = tmp_path / "record.json"
+    record.to_json(path)
+    raw = json.loads(path.read_text())  # strict JSON: infinities are spelled as strings
+    assert raw["metrics"]["weight_error"]["tensors"][0]["sqnr_db"] == "inf"
+    assert raw["schema_version"] == "1.0" and raw["settings"]["corpus"] is None and raw["settings"]["num_texts"] == 1
+    back = EvaluationRecord.from_json(path)
+    assert back == record
+    assert back.metrics["weight_error"]["min_sqnr_db"] == math.inf
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not an evaluation record"):
+        EvaluationRecord.from_json(bad)
+
+
+def test_quantized_candidate_weight_error_and_sizes(tiny_lm, tmp_path):
+    """An FP8 (e4m3, per tensor) candidate: every quantized weight compared, SQNR near e4m3's ~31 dB."""
+    pytest.importorskip("llm_compression.formats.fp8", reason="fp8 format module not available yet")
+    from test_runtime import write_fp8_static  # the AngelSlim fp8_static layout, built by hand
+
+    fp8 = write_fp8_static(tiny_lm, tmp_path / "fp8")
+    record = evaluate(tiny_lm, fp8, **SMALL)
+    we = record.metrics["weight_error"]
+    assert we["scope"] == "quantized" and we["count"] == 14 and we["skipped"] == []
+    assert {t["format"] for t in we["tensors"]} == {"fp8"}
+    assert all(25.0 < t["sqnr_db"] < 40.0 for t in we["tensors"])
+    assert record.candidate["activation_schemes"]["model.layers.*.mlp.gate_proj"] == "fp8-static-tensor"
+    assert record.candidate["converted"] and record.candidate["activation_quant"]
+    cand = record.sizes["candidate"]
+    assert cand["quantized_bits_per_weight"] == pytest.approx(8.0, abs=0.01)
+    assert cand["bits_per_weight"] < record.sizes["original"]["bits_per_weight"]
+    assert cand["path"] == str(fp8)
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def test_judge_reasons_name_each_failed_check():
+    metrics = {"cosine_similarity": 0.91, "cosine_basis": "last_hidden_state", "ppl": {"delta_percent": 23.0},
+               "kld": {"mean": 0.12}, "top1_agreement": 0.8}
+    verdict = judge(metrics, Thresholds(cosine=0.95, ppl_increase=0.15, kld=0.05, top1=0.9))
+    assert not verdict["passed"]
+    assert verdict["reasons"] == ["cosine 0.9100 < 0.95 (last_hidden_state)", "ppl increase 23.00% > 15.00%",
+                                  "kld mean 0.12 > 0.05", "top-1 agreement 0.8000 < 0.9"]
+    ok = judge(metrics, Thresholds(cosine=0.9, ppl_increase=0.25, kld=None, top1=None))
+    assert ok["passed"] and ok["reasons"] == []
+    assert [c["passed"] for c in ok["checks"]] == [True, True, None, None]
+    encoder = judge({"cosine_similarity": 0.99, "cosine_basis": "sentence_embedding"}, Thresholds())
+    assert encoder["passed"] and encoder["checks"][1]["note"] == "not applicable to this model"
+    nan = judge({"cosine_similarity": float("nan"), "ppl": {"delta_percent": float("nan")}}, Thresholds())
+    assert not nan["passed"] and len(nan["reasons"]) == 2  # NaN never passes
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_mismatched_vocabulary_names_both(tiny_lm, tmp_path):
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tiny_lm, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = 4000
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"vocab_size 4096 but candidate .*other_vocab.* has 4000") as exc:
+        evaluate(tiny_lm, other, **SMALL)
+    assert str(tiny_lm) in str(exc.value)
+
+
+def test_mismatched_architecture_names_both(qwen3_dir, llama_sharded_dir):
+    with pytest.raises(ValueError, match="different architectures: model_type 'qwen3' vs 'llama'") as exc:
+        evaluate(qwen3_dir, llama_sharded_dir, **SMALL)
+    assert str(qwen3_dir) in str(exc.value) and str(llama_sharded_dir) in str(exc.value)
+
+
+def test_mismatched_size_is_an_architecture_error(tiny_lm, qwen3_dir):
+    with pytest.raises(ValueError, match="different architectures: hidden_size 256 vs 128"):
+        evaluate(tiny_lm, qwen3_dir, **SMALL)
+
+
+def test_empty_texts_rejected(tiny_lm):
+    with pytest.raises(ValueError, match="texts is empty"):
+        evaluate(tiny_lm, tiny_lm, texts=[], **SMALL)
+    with pytest.raises(ValueError, match="only empty strings"):
+        evaluate(tiny_lm, tiny_lm, texts=["", "  "], **SMALL)
+    with pytest.raises(ValueError, match="single string"):
+        evaluate(tiny_lm, tiny_lm, texts="just one string", **SMALL)
+
+
+def test_text_shorter_than_one_window_says_how_many_tokens(tiny_lm):
+    with pytest.raises(ValueError, match=r"has \d+ tokens; one window of context_length=64 needs at least 65 tokens"):
+        evaluate(tiny_lm, tiny_lm, texts=["A short sentence."], **SMALL)
+
+
+def test_angelslim_int8_dynamic_fixture_end_to_end():
+    """A real AngelSlim int8_dynamic checkpoint (W8A8, per-token activations) against its original."""
+    root = Path(__file__).parent / "fixtures" / "angelslim"
+    if not (root / "int8_dynamic" / "config.json").is_file():
+        pytest.skip(f"AngelSlim fixtures are not in this checkout ({root})")
+    record = evaluate(root / "original", root / "int8_dynamic", **{**SMALL, "context_length": 128, "max_eval_tokens": 512})
+    m = record.metrics
+    assert record.passed and m["cosine_similarity"] > 0.99 and abs(m["ppl"]["delta_percent"]) < 2.0
+    assert record.candidate["activation_schemes"]["model.layers.*.mlp.down_proj"] == "int8-dynamic-token"
+    assert m["weight_error"]["scope"] == "quantized" and m["weight_error"]["count"] == 7
+    assert all(t["format"] == "int8" and t["sqnr_db"] > 35 for t in m["weight_error"]["tensors"])

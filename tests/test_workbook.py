@@ -1,0 +1,123 @@
+"""The workbook: papermill batch over parameter files, HTML reports, index, nbval, and the rendered page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from llm_compression import workbook
+
+from conftest import REPO, make_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _int8_copy(src: Path, dst: Path) -> Path:
+    """Fake-quantize every Linear of ``src`` to INT8 per channel (a dense bf16 checkpoint)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    for name, t in tensors.items():
+        if t.dim() == 2 and "embed" not in name:
+            scale = t.float().abs().amax(1, keepdim=True) / 127
+            tensors[name] = ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workbook")
+    original = make_checkpoint(root / "original", "qwen3", seed=5)
+    candidate = _int8_copy(original, root / "int8")
+    params = root / "params"
+    params.mkdir()
+    common = {"reference": str(original), "context_length": 32, "stride": 32, "max_eval_tokens": 192,
+              "gen_tokens": 4, "measure_perf": False}
+    (params / "tiny-int8.yaml").write_text(yaml.safe_dump({"title": "tiny INT8", "model": str(candidate), **common}))
+    (params / "broken.yaml").write_text(yaml.safe_dump({"model": str(root / "missing"), **common}))
+    reports = root / "reports"
+    outcomes = workbook.run_batch(sorted(params.glob("*.yaml")), reports=reports, progress=False)
+    return reports, {o.run: o for o in outcomes}, params
+
+
+def test_batch_writes_reports_and_marks_the_broken_run(batch):
+    reports, outcomes, _ = batch
+    assert outcomes["tiny-int8"].status == "passed", outcomes["tiny-int8"].message
+    assert outcomes["broken"].status == "error"
+    for run in ("tiny-int8", "broken"):
+        for suffix in (".ipynb", ".html", ".meeting.html", ".json"):
+            assert (reports / f"{run}{suffix}").is_file(), (run, suffix)
+    record = json.loads((reports / "tiny-int8.json").read_text())
+    assert record["summary"]["cosine"] > 0.99 and record["store"]["export_bit_exact"] is True
+    broken = json.loads((reports / "broken.json").read_text())
+    assert broken["status"] == "error" and "missing" in broken["error"]
+    # the broken run's executed notebook keeps the error cell
+    assert "StoreError" in (reports / "broken.html").read_text()
+    # the meeting version hides code
+    assert "HuggingFaceToParquetConverter" in (reports / "tiny-int8.html").read_text()
+    assert "HuggingFaceToParquetConverter" not in (reports / "tiny-int8.meeting.html").read_text()
+    index = (reports / "index.html").read_text()
+    assert "tiny-int8" in index and "broken" in index and "ERROR" in index and "PASS" in index
+    assert (reports / "compare_models.html").is_file()
+
+
+def test_rerun_skips_unchanged_inputs_unless_forced(batch):
+    reports, _, params = batch
+    again = {o.run: o for o in workbook.run_batch([params / "tiny-int8.yaml"], reports=reports, progress=False)}
+    assert again["tiny-int8"].status == "skipped"
+
+
+def test_unknown_parameter_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nreference: y\ncontext_lenght: 3\n")
+    with pytest.raises(workbook.ParameterError, match="context_lenght"):
+        workbook.load_parameters(bad)
+
+
+def test_shipped_parameter_files_are_valid():
+    files = sorted((REPO / "parameters").rglob("*.yaml"))
+    assert files
+    for path in files:
+        params = workbook.load_parameters(path)
+        assert params["model"] and params["reference"]
+
+
+def test_notebooks_pass_nbval_with_small_parameters(batch, tmp_path):
+    """nbval re-executes the executed (small-parameter) notebooks; --nbval-lax: no cell may raise."""
+    reports, _, _ = batch
+    work = tmp_path / "nb"
+    work.mkdir()
+    shutil.copy(reports / "tiny-int8.ipynb", work / "evaluate_model.ipynb")
+    shutil.copy(reports / "compare_models.ipynb", work / "compare_models.ipynb")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider", str(work)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def test_index_renders_in_headless_chromium(batch, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Chromium not installed: run `make setup-browser` (Debian package chromium)")
+    reports, _, _ = batch
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (reports / "index.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = result.stdout
+    assert 'id="decision-table"' in dom
+    table = dom.split('id="decision-table"', 1)[1]
+    assert "<table" in table and "tiny-int8" in table and "PASS" in table and "ERROR" in table
