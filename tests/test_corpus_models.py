@@ -235,12 +235,14 @@ def test_perplexity_matches_transformers_loss(tmp_path: Path) -> None:
 
 
 def test_short_training_learns_and_is_deterministic(tmp_path: Path) -> None:
-    settings = dict(seed=7, steps=8, batch_size=2, seq_len=64, lr=3e-3, warmup_steps=2, evaluate=False)
+    # One thread: 2-thread OpenMP barriers crawl when other processes share the 2 cores.
+    settings = dict(seed=7, steps=8, batch_size=2, seq_len=64, lr=3e-3, warmup_steps=2, evaluate=False, num_threads=1)
     a = toy_models.train_default_lm(tmp_path / "a", **settings)
     b = toy_models.train_default_lm(tmp_path / "b", **settings)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     record = json.loads((a / "training.json").read_text())
     assert record["seed"] == 7 and record["steps"] == 8 and len(record["losses"]) == 8
+    assert record["num_threads"] == 1
     assert record["corpus"]["split"] == "train"
     assert record["losses"][-1] < record["losses"][0] - 0.3
 
@@ -267,6 +269,22 @@ def test_cache_key_follows_settings_and_cached_model_is_reused(tmp_path: Path, m
 
     monkeypatch.setattr(toy_models, "train_default_lm", fail)
     assert toy_models.default_lm_path(tmp_path) == cached
+
+
+def test_training_clears_staging_left_by_a_killed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"default_lm-{toy_models.default_lm_cache_key()}"
+    stale = tmp_path / f"{name}.partial-99999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+
+    def quick_train(out: Path, **settings: object) -> Path:
+        out.mkdir(parents=True)
+        (out / "training.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(toy_models, "train_default_lm", quick_train)
+    assert toy_models.default_lm_path(tmp_path) == tmp_path / name
+    assert not list(tmp_path.glob(f"{name}.partial-*"))
 
 
 # ----------------------------------------------------------------------------- MiniLM

@@ -13,7 +13,8 @@ import pandas as pd
 COLUMNS = {
     "run": "run",
     "format": "format",
-    "bits_per_weight": "bits/weight",
+    "bits_per_weight": "bits/weight (all)",
+    "quantized_bits_per_weight": "bits/weight (quantized)",
     "size_mb": "size (MB)",
     "compression_vs_bf16": "× vs bf16",
     "cosine": "cosine (mean)",
@@ -23,6 +24,7 @@ COLUMNS = {
     "latency": "latency",
     "peak_rss_mb": "peak RSS (MB)",
     "verdict": "verdict",
+    "why": "why it failed",
 }
 
 
@@ -51,6 +53,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "run": record.get("run"),
             "format": s.get("format", "?"),
             "bits_per_weight": _number(s.get("bits_per_weight")),
+            "quantized_bits_per_weight": _number(s.get("quantized_bits_per_weight")),
             "size_mb": _number(s.get("size_mb")),
             "compression_vs_bf16": _number(s.get("compression_vs_bf16")),
             "cosine": _number(s.get("cosine")),
@@ -60,18 +63,20 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "latency": s.get("latency_label", ""),
             "peak_rss_mb": _number(s.get("peak_rss_mb")),
             "verdict": label,
+            "why": "" if passed else "; ".join(verdict.get("reasons") or []) or (record.get("error") or "")[:200],
             "_passed": passed,
-            "_reasons": "; ".join(verdict.get("reasons") or []),
         })
-    table = pd.DataFrame(rows, columns=list(COLUMNS) + ["_passed", "_reasons"])
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + ["_passed"])
     if len(table):
         table = table.sort_values(["_passed", "ppl_delta_pct", "size_mb"], ascending=[False, True, True], na_position="last")
     return table.reset_index(drop=True)
 
 
 def style_decision_table(table: pd.DataFrame):
-    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden, reasons as tooltips."""
-    shown = table.drop(columns=["_passed", "_reasons"]).rename(columns=COLUMNS)
+    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden."""
+    shown = table.drop(columns=["_passed"]).rename(columns=COLUMNS)
+    if not shown[COLUMNS["why"]].astype(bool).any():
+        shown = shown.drop(columns=[COLUMNS["why"]])
 
     def highlight(row):
         verdict = row[COLUMNS["verdict"]]
@@ -79,14 +84,11 @@ def style_decision_table(table: pd.DataFrame):
         return [f"background-color: {color}" if color else "" for _ in row]
 
     fmt = {
-        COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
+        COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["quantized_bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
         COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
         COLUMNS["ppl_delta_pct"]: "{:+.2f}", COLUMNS["peak_rss_mb"]: "{:.0f}",
     }
-    styler = shown.style.apply(highlight, axis=1).format(fmt, na_rep="—").hide(axis="index")
-    tooltips = pd.DataFrame("", index=shown.index, columns=shown.columns)
-    tooltips[COLUMNS["verdict"]] = table["_reasons"].values
-    return styler.set_tooltips(tooltips)
+    return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
 
 
 def _dig(data, *path, default=None):
@@ -103,7 +105,7 @@ def summarize(record: dict, params: dict) -> dict:
     perf = _dig(record, "perf", "candidate", default={}) or {}
     formats = size.get("formats") or _dig(record, "candidate", "formats", default=[]) or []
     fmt = "+".join(f for f in formats if f != "dense") or "dense"
-    latency_label, latency_value = "", None
+    latency_label, latency_value = ("not measured" if not perf else ""), None
     prefill = _dig(perf, "prefill_ms_per_token", "median")
     if prefill is not None:
         latency_value, latency_label = prefill, f"{prefill:.2f} ms/token (prefill)"
@@ -119,6 +121,7 @@ def summarize(record: dict, params: dict) -> dict:
         "format": fmt,
         "kind": record.get("kind"),
         "bits_per_weight": size.get("bits_per_weight"),
+        "quantized_bits_per_weight": size.get("quantized_bits_per_weight"),
         "size_mb": (size.get("file_bytes") or 0) / 1e6 or None,
         "compression_vs_bf16": size.get("compression_vs_bf16"),
         "cosine": _dig(record, "metrics", "cosine_similarity"),

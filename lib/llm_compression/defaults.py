@@ -71,7 +71,7 @@ _WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
     "fp8_block": ({"block_size": [128, 128]},
                   "as AngelSlim's block-wise FP8 tool writes it: quant_method fp8, 128x128 blocks with weight_scale_inv"),
     "int8_w8a8": ({}, "as AngelSlim int8_dynamic writes it: compressed-tensors int-quantized, per-channel INT8 weights"),
-    "gptq_int4": ({"group_size": 128, "n_samples": 64, "seq_len": 256, "seed": 0},
+    "gptq_int4": ({"group_size": 128, "n_samples": 32, "seq_len": 256, "seed": 0},
                   "as AngelSlim int4_gptq writes it: GPTQ v1 INT4, group 128, from a real GPTQ run on pydoc calibration text"),
     "awq_int4": ({"group_size": 128}, "in AutoAWQ's GEMM layout as AngelSlim int4_awq writes it: asymmetric INT4 RTN, group 128"),
     "seq_2bit": ({"candidates": 64}, "as HY-1.8B-2Bit is published: 2-bit SEQ fake-quantized weights stored as bf16"),

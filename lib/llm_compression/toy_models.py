@@ -409,8 +409,10 @@ def default_lm_path(cache_dir: str | os.PathLike = ".cache") -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "training.json").is_file():  # another process finished it while we waited
             return target
+        # Holding the lock, any staging directory left here is from a killed run: clear them all.
+        for stale in cache.glob(f"{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = cache / f"{target.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
         train_default_lm(staging, **DEFAULT_LM_SETTINGS)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

@@ -44,6 +44,8 @@ DEFAULTS: dict = {
     "activation_quant": True,
     "keep_packed": False,
     "measure_perf": True,
+    "perf_models": "original,candidate",  # whose speed and memory to measure (each costs fresh processes)
+    "perf_hf_load": True,  # also time loading from HF safetensors, for the Parquet/HF load-time ratio
     "cosine_threshold": 0.95,
     "ppl_threshold": 0.15,
     "kld_threshold": None,
@@ -117,6 +119,8 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
     papermill.execute_notebook(
         str(notebook), str(output), parameters=parameters, kernel_name=KERNEL, cwd=str(cwd),
         progress_bar=False, log_output=False,
+        # ipykernel warns on every start that its local TCP channel is unencrypted; keep the batch output readable.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
     )
 
 

@@ -1,0 +1,54 @@
+"""The decision table the meeting reads: ordering, failure reasons, and what unmeasured runs show."""
+
+from __future__ import annotations
+
+import math
+
+from llm_compression import decision
+
+
+def _record(run: str, *, ppl: float, passed: bool, reasons: list[str] = (), perf: dict | None = None) -> dict:
+    data = {
+        "kind": "causal-lm",
+        "sizes": {"candidate": {"file_bytes": 4_000_000, "bits_per_weight": 7.2, "quantized_bits_per_weight": 4.25,
+                                "compression_vs_bf16": 2.2, "formats": ["dense", "gptq"]}},
+        "metrics": {"cosine_similarity": 0.999, "kld": {"mean": 0.001}, "top1_agreement": 0.97,
+                    "ppl": {"delta_percent": ppl}},
+        "perf": perf,
+        "verdict": {"passed": passed, "reasons": list(reasons)},
+    }
+    summary = decision.summarize(data, {"run": run, "title": run, "model": "m", "reference": "r"})
+    return {"run": run, "status": "passed" if passed else "failed-check", "verdict": data["verdict"], "summary": summary}
+
+
+def test_summary_carries_quantized_bits_and_says_when_speed_was_not_measured() -> None:
+    s = _record("a", ppl=0.1, passed=True)["summary"]
+    assert s["format"] == "gptq" and s["quantized_bits_per_weight"] == 4.25
+    assert s["latency"] is None and s["latency_label"] == "not measured"
+
+    perf = {"candidate": {"prefill_ms_per_token": {"median": 0.5}, "memory": {"inference_peak_rss_bytes": 3e8}}}
+    measured = _record("b", ppl=0.1, passed=True, perf=perf)["summary"]
+    assert measured["latency_label"] == "0.50 ms/token (prefill)" and measured["peak_rss_mb"] == 300
+
+
+def test_table_puts_passing_runs_first_by_ppl_and_shows_why_failures_failed() -> None:
+    records = [
+        _record("worse", ppl=2.0, passed=True),
+        _record("broken", ppl=40.0, passed=False, reasons=["ppl increase 40.00% > 15.00%"]),
+        _record("better", ppl=-0.1, passed=True),
+        {"run": "crashed", "status": "error", "error": "ValueError: no such file", "verdict": {"passed": False}},
+    ]
+    table = decision.decision_table(records)
+    assert list(table["run"]) == ["better", "worse", "broken", "crashed"]
+    assert list(table["verdict"]) == ["PASS", "PASS", "FAIL", "ERROR"]
+    assert list(table["why"]) == ["", "", "ppl increase 40.00% > 15.00%", "ValueError: no such file"]
+    assert math.isnan(table.loc[3, "cosine"])
+
+    html = decision.style_decision_table(table).to_html()
+    assert "why it failed" in html and "ppl increase 40.00% &gt; 15.00%" in html
+    assert "bits/weight (quantized)" in html and "4.25" in html
+
+
+def test_why_column_is_left_out_when_everything_passed() -> None:
+    html = decision.style_decision_table(decision.decision_table([_record("a", ppl=0.0, passed=True)])).to_html()
+    assert "why it failed" not in html and "PASS" in html
