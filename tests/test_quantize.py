@@ -442,3 +442,22 @@ def test_angelslim_fp8_dynamic_end_to_end(tiny, outputs, tmp_path):
         reference_weight = src[f"{layer}.weight"].float()
         relative = float((loader.load_weight(layer, "weight") - reference_weight).norm() / reference_weight.norm())
         assert relative < 0.05, (layer, relative)
+
+
+@pytest.mark.slow
+def test_compare_backends_quantizes_with_both_and_evaluates_both(tiny, tmp_path, capsys):
+    problem = angelslim_missing()
+    if problem:
+        pytest.skip(f"AngelSlim backend unavailable: {problem}")
+    out = tmp_path / "int8.parquet"
+    assert llmc(["quantize", str(tiny), str(out), "--method", "int8", "--compare-backends", "ptq,angelslim",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "-q"]) == 0
+    printed = capsys.readouterr().out
+    ours, theirs = WeightLoaderV2(backend_output(out, "ptq")), WeightLoaderV2(backend_output(out, "angelslim"))
+    layer = "model.layers.0.mlp.down_proj"
+    assert ours.format_of(layer) == "ptq" and theirs.format_of(layer) == "int8"  # AngelSlim's int8_dynamic
+    # Both are per-channel symmetric INT8 of the same weight: their dequantized weights nearly agree.
+    a, b = ours.load_weight(layer, "weight"), theirs.load_weight(layer, "weight")
+    assert float((a - b).norm() / b.norm()) < 0.01
+    assert "ptq: passed=True" in printed and "angelslim: passed=True" in printed
+    assert not out.exists()  # each backend writes its own file
