@@ -416,11 +416,16 @@ def test_angelslim_backend_without_its_env_says_how_to_build_it(tiny, tmp_path):
     assert_no_output(out)
 
 
-@pytest.mark.slow
-def test_angelslim_fp8_dynamic_end_to_end(tiny, outputs, tmp_path):
+@pytest.fixture
+def angelslim_env() -> None:
+    """Skips, saying why, where the isolated AngelSlim environment (`make angelslim-env`) is missing."""
     problem = angelslim_missing()
     if problem:
         pytest.skip(f"AngelSlim backend unavailable: {problem}")
+
+
+@pytest.mark.slow
+def test_angelslim_fp8_dynamic_end_to_end(angelslim_env, tiny, outputs, tmp_path):
     out = tmp_path / "fp8_dynamic.parquet"
     result = quantize(tiny, out, "fp8_dynamic", backend="angelslim", calib_samples=4, calib_seq_len=64, progress=False)
     loader = WeightLoaderV2(out)
@@ -445,10 +450,7 @@ def test_angelslim_fp8_dynamic_end_to_end(tiny, outputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_backends_quantizes_with_both_and_evaluates_both(tiny, tmp_path, capsys):
-    problem = angelslim_missing()
-    if problem:
-        pytest.skip(f"AngelSlim backend unavailable: {problem}")
+def test_compare_backends_quantizes_with_both_and_evaluates_both(angelslim_env, tiny, tmp_path, capsys):
     out = tmp_path / "int8.parquet"
     assert llmc(["quantize", str(tiny), str(out), "--method", "int8", "--compare-backends", "ptq,angelslim",
                  "--calib-samples", "4", "--calib-seq-len", "64", "-q"]) == 0
