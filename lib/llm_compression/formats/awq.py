@@ -14,11 +14,10 @@ single cast equals AutoAWQ's float16 arithmetic.
 
 from __future__ import annotations
 
-import re
 
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
 
 NAME = "awq"
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -29,7 +28,6 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 READ_ORDER = tuple(ORDER.index(j) for j in range(PACK))  # (0, 4, 1, 5, 2, 6, 3, 7)
 SCALE_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 SUPPORTED_VERSIONS = ("gemm",)
-IGNORE_KEYS = ("modules_to_not_convert", "ignore", "ignored_layers", "exclude_modules")
 
 
 def _is_awq(qconfig: dict | None) -> bool:
@@ -50,20 +48,8 @@ def detect(qconfig: dict | None, tensors: dict[str, TensorInfo]) -> bool:
     return True
 
 
-def _ignored(qconfig: dict, module: str) -> bool:
-    for key in IGNORE_KEYS:
-        for entry in qconfig.get(key) or []:
-            entry = str(entry)
-            if entry.startswith("re:"):
-                if re.match(entry[3:], module):
-                    return True
-            elif f".{entry}." in f".{module}.":  # a whole dotted path segment, as transformers matches
-                return True
-    return False
-
-
 def claim(qconfig: dict | None, module: str, members: dict[str, TensorInfo]) -> set[str]:
-    if not _is_awq(qconfig) or "qweight" not in members or _ignored(qconfig, module):
+    if not _is_awq(qconfig) or "qweight" not in members or is_ignored(qconfig, module):
         return set()
     return {s for s in SUFFIXES if s in members}
 

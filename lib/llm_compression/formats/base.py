@@ -20,10 +20,44 @@ A format module (one file per source format) exposes the same verbs:
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# Keys under which quantization_configs list modules left unquantized: compressed-tensors (`ignore`),
+# AngelSlim v0.1 / vLLM fp8 (`ignored_layers`), transformers GPTQ/AWQ (`modules_to_not_convert`),
+# ModelOpt (`exclude_modules`).
+IGNORE_KEYS = ("ignore", "ignored_layers", "modules_to_not_convert", "exclude_modules")
+
+
+def ignore_entries(qconfig: dict | None) -> list[str]:
+    """Every ignore-list entry of a quantization_config, whichever key spells it."""
+    entries: list[str] = []
+    for key in IGNORE_KEYS:
+        value = (qconfig or {}).get(key)
+        if isinstance(value, str):
+            entries.append(value)
+        elif isinstance(value, (list, tuple)):
+            entries.extend(str(v) for v in value)
+    return entries
+
+
+def entry_matches(entry: str, module: str) -> bool:
+    """Does one ignore/target entry name ``module``?"""
+    if entry.startswith("re:"):  # compressed-tensors regex: re.match from the start of the name
+        return re.match(entry[3:], module) is not None
+    if any(ch in entry for ch in "*?["):  # ModelOpt wildcards
+        return fnmatch.fnmatchcase(module, entry)
+    # whole dotted path segments: the exact name, a suffix ("lm_head", "mlp.gate"), a parent module
+    return f".{entry}." in f".{module}."
+
+
+def is_ignored(qconfig: dict | None, module: str) -> bool:
+    """Does any ignore list of the config name this module (left dense)?"""
+    return any(entry_matches(entry, module) for entry in ignore_entries(qconfig))
 
 
 class StoreError(ValueError):

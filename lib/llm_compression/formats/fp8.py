@@ -20,15 +20,13 @@ The first half of this file holds the compressed-tensors config helpers that the
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
 from typing import Any, Callable
 
 import torch
 
 from ..schema import dtype_code
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, entry_matches, is_ignored
 
 NAME = "fp8"
 
@@ -40,37 +38,7 @@ CT_METHOD = "compressed-tensors"
 FLOAT_CODES = {"F32", "BF16", "F16"}
 FP8_CODES = {"F8_E4M3", "F8_E5M2"}
 INT_CODES = {"I8", "I16", "I32", "I64", "U8"}
-# Keys that list modules left unquantized, across the conventions we meet: compressed-tensors
-# (`ignore`), AngelSlim v0.1 / vLLM fp8 (`ignored_layers`), transformers (`modules_to_not_convert`),
-# ModelOpt (`exclude_modules`).
-IGNORE_KEYS = ("ignore", "ignored_layers", "modules_to_not_convert", "exclude_modules")
 STRATEGIES = ("tensor", "channel", "group", "block")
-
-
-def ignore_entries(qconfig: dict | None) -> list[str]:
-    """Every ignore-list entry of a quantization_config, whichever key spells it."""
-    entries: list[str] = []
-    for key in IGNORE_KEYS:
-        value = (qconfig or {}).get(key)
-        if isinstance(value, str):
-            entries.append(value)
-        elif isinstance(value, (list, tuple)):
-            entries.extend(str(v) for v in value)
-    return entries
-
-
-def _entry_matches(entry: str, module: str) -> bool:
-    if entry.startswith("re:"):  # compressed-tensors regex: re.match from the start of the name
-        return re.match(entry[3:], module) is not None
-    if any(ch in entry for ch in "*?["):  # ModelOpt wildcards
-        return fnmatch.fnmatchcase(module, entry)
-    # exact, a suffix at a module boundary (vLLM / transformers "lm_head", "mlp.gate"), or a parent module
-    return module == entry or module.endswith("." + entry) or module.startswith(entry + ".")
-
-
-def is_ignored(qconfig: dict | None, module: str) -> bool:
-    """Does any ignore list of the config name this module (left dense)?"""
-    return any(_entry_matches(entry, module) for entry in ignore_entries(qconfig))
 
 
 def _is_class_target(target: str) -> bool:
@@ -145,7 +113,7 @@ def ct_scheme_for(qconfig: dict | None, module: str) -> dict | None:
         for target in group.get("targets") or []:
             if _is_class_target(target):
                 by_class = by_class or group
-            elif _entry_matches(target, module) if target.startswith("re:") else target == module:
+            elif entry_matches(target, module) if target.startswith("re:") else target == module:
                 return group
     return by_class
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
 
 NAME = "gptq"
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -35,7 +35,6 @@ SCALE_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 INDEX_DTYPES = {torch.int32, torch.int64}
 # v1 stores zero - 1; the dequant adds it back.
 ZERO_OFFSET = 1
-IGNORE_KEYS = ("modules_to_not_convert", "ignore", "ignored_layers", "exclude_modules")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,25 +201,13 @@ def detect(qconfig: dict | None, tensors: dict[str, TensorInfo]) -> bool:
     return True
 
 
-def _ignored(qconfig: dict, module: str) -> bool:
-    for key in IGNORE_KEYS:
-        for entry in qconfig.get(key) or []:
-            entry = str(entry)
-            if entry.startswith("re:"):
-                if re.match(entry[3:], module):
-                    return True
-            elif f".{entry}." in f".{module}.":  # a whole dotted path segment, as transformers matches
-                return True
-    return False
-
-
 def module_config(qconfig: dict, module: str) -> dict[str, Any] | None:
     """bits / group_size / sym / desc_act for one module, or None when it is not quantized.
 
     Honours ignore lists and GPTQModel's ``dynamic`` overrides (``-:regex`` skips a module,
     ``regex`` or ``+:regex`` overrides its settings).
     """
-    if _ignored(qconfig, module):
+    if is_ignored(qconfig, module):
         return None
     cfg = {
         "bits": qconfig.get("bits"),
