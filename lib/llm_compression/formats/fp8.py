@@ -199,6 +199,25 @@ def check_g_idx(name: str, g_idx: torch.Tensor, layout: dict, out: int, in_: int
         raise StoreError(f"tensor {name!r} holds group indices outside [0, {groups})")
 
 
+def check_ct_extras(module: str, tensors: dict, layout: dict, out: int, in_: int, symmetric: bool,
+                    zero_point_codes: set[str] | None) -> None:
+    """The optional tensors of a compressed-tensors Linear: zero point (unpacked, of ``zero_point_codes``;
+    None when the caller checked it), ``weight_g_idx`` and ``input_scale``."""
+    zp_name = f"{module}.weight_zero_point"
+    if "weight_zero_point" in tensors:
+        if symmetric:
+            raise StoreError(f"tensor {zp_name!r} present but the scheme is symmetric")
+        if zero_point_codes is not None:
+            require_dtype(zp_name, tensors["weight_zero_point"], zero_point_codes)
+            check_grid_shape(zp_name, tensors["weight_zero_point"], layout, out, in_)
+    elif not symmetric:
+        raise StoreError(f"{module}: asymmetric scheme but no tensor {zp_name!r}")
+    if "weight_g_idx" in tensors:
+        check_g_idx(f"{module}.weight_g_idx", tensors["weight_g_idx"], layout, out, in_)
+    if "input_scale" in tensors:
+        require_scalar(f"{module}.input_scale", tensors["input_scale"])
+
+
 def expand_grid(values: torch.Tensor, layout: dict, out: int, in_: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Per-element view of a scale / zero-point grid, broadcastable to [out, in] (float32)."""
     rows, cols = scale_grid(layout, out, in_)
@@ -319,17 +338,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
     require_members(module, tensors, (scale_name,))
     require_dtype(f"{module}.{scale_name}", tensors[scale_name], FLOAT_CODES)
     check_grid_shape(f"{module}.{scale_name}", tensors[scale_name], layout, out, in_)
-    if "weight_zero_point" in tensors:
-        if params["symmetric"]:
-            raise StoreError(f"tensor {module + '.weight_zero_point'!r} present but the scheme is symmetric")
-        require_dtype(f"{module}.weight_zero_point", tensors["weight_zero_point"], FP8_CODES | FLOAT_CODES)
-        check_grid_shape(f"{module}.weight_zero_point", tensors["weight_zero_point"], layout, out, in_)
-    elif not params["symmetric"]:
-        raise StoreError(f"{module}: asymmetric scheme but no tensor {module + '.weight_zero_point'!r}")
-    if "weight_g_idx" in tensors:
-        check_g_idx(f"{module}.weight_g_idx", tensors["weight_g_idx"], layout, out, in_)
-    if "input_scale" in tensors:
-        require_scalar(f"{module}.input_scale", tensors["input_scale"])
+    check_ct_extras(module, tensors, layout, out, in_, params["symmetric"], FP8_CODES | FLOAT_CODES)
     params.update(layout)
     params["weight_shape"] = [out, in_]
     return rows_for(module, tensors, NAME, params)

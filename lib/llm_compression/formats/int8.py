@@ -21,7 +21,7 @@ from .fp8 import (
     FLOAT_CODES,
     INT_CODES,
     activation_kind,
-    check_g_idx,
+    check_ct_extras,
     check_grid_shape,
     check_layout_args,
     ct_detect,
@@ -31,7 +31,6 @@ from .fp8 import (
     record_shape,
     require_dtype,
     require_members,
-    require_scalar,
     rows_for,
     weight_args,
 )
@@ -104,17 +103,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
     check_layout_args(module, layout, in_)
     require_dtype(f"{module}.weight_scale", tensors["weight_scale"], FLOAT_CODES)
     check_grid_shape(f"{module}.weight_scale", tensors["weight_scale"], layout, out, in_)
-    if "weight_zero_point" in tensors:
-        if args["symmetric"]:
-            raise StoreError(f"tensor {module + '.weight_zero_point'!r} present but the scheme is symmetric")
-        require_dtype(f"{module}.weight_zero_point", tensors["weight_zero_point"], INT_CODES | FLOAT_CODES)
-        check_grid_shape(f"{module}.weight_zero_point", tensors["weight_zero_point"], layout, out, in_)
-    elif not args["symmetric"]:
-        raise StoreError(f"{module}: asymmetric scheme but no tensor {module + '.weight_zero_point'!r}")
-    if "weight_g_idx" in tensors:
-        check_g_idx(f"{module}.weight_g_idx", tensors["weight_g_idx"], layout, out, in_)
-    if "input_scale" in tensors:
-        require_scalar(f"{module}.input_scale", tensors["input_scale"])
+    check_ct_extras(module, tensors, layout, out, in_, args["symmetric"], INT_CODES | FLOAT_CODES)
     params: dict[str, Any] = {
         **layout,
         "num_bits": args["num_bits"],

@@ -29,7 +29,7 @@ from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedForma
 from .fp8 import (
     CT_METHOD,
     FLOAT_CODES,
-    check_g_idx,
+    check_ct_extras,
     check_grid_shape,
     check_layout_args,
     ct_detect,
@@ -39,7 +39,6 @@ from .fp8 import (
     record_shape,
     require_dtype,
     require_members,
-    require_scalar,
     rows_for,
     scale_grid,
     weight_args,
@@ -124,30 +123,18 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
     check_layout_args(module, layout, in_)
     require_dtype(f"{module}.weight_scale", tensors["weight_scale"], FLOAT_CODES)
     check_grid_shape(f"{module}.weight_scale", tensors["weight_scale"], layout, out, in_)
-    zp_packed = False
-    if "weight_zero_point" in tensors:
-        zp_name = f"{module}.weight_zero_point"
-        zp = tensors["weight_zero_point"]
-        if args["symmetric"]:
-            raise StoreError(f"tensor {zp_name!r} present but the scheme is symmetric")
-        if args["strategy"] in PACKED_ZP_STRATEGIES:
-            zp_packed = True
-            require_dtype(zp_name, zp, {"I32"})
-            cols = scale_grid(layout, out, in_)[1]
-            if list(zp.shape) != [packed_width(out, bits), cols]:
-                raise StoreError(
-                    f"tensor {zp_name!r} has shape {list(zp.shape)}, expected [{packed_width(out, bits)}, {cols}] "
-                    f"(zero points packed along the output dim)"
-                )
-        else:
-            require_dtype(zp_name, zp, {"I8", "I32", "I64"} | FLOAT_CODES)
-            check_grid_shape(zp_name, zp, layout, out, in_)
-    elif not args["symmetric"]:
-        raise StoreError(f"{module}: asymmetric scheme but no tensor {module + '.weight_zero_point'!r}")
-    if "weight_g_idx" in tensors:
-        check_g_idx(f"{module}.weight_g_idx", tensors["weight_g_idx"], layout, out, in_)
-    if "input_scale" in tensors:
-        require_scalar(f"{module}.input_scale", tensors["input_scale"])
+    zp_packed = "weight_zero_point" in tensors and args["strategy"] in PACKED_ZP_STRATEGIES
+    check_ct_extras(module, tensors, layout, out, in_, args["symmetric"],
+                    None if zp_packed else {"I8", "I32", "I64"} | FLOAT_CODES)
+    if zp_packed:  # checked here: packed along the output dim, unlike every other grid
+        zp_name, zp = f"{module}.weight_zero_point", tensors["weight_zero_point"]
+        require_dtype(zp_name, zp, {"I32"})
+        cols = scale_grid(layout, out, in_)[1]
+        if list(zp.shape) != [packed_width(out, bits), cols]:
+            raise StoreError(
+                f"tensor {zp_name!r} has shape {list(zp.shape)}, expected [{packed_width(out, bits)}, {cols}] "
+                f"(zero points packed along the output dim)"
+            )
     params: dict[str, Any] = {
         **layout,
         "num_bits": bits,
