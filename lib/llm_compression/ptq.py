@@ -450,23 +450,9 @@ def _current_group_columns(
     return torch.cat([inside, beyond], dim=1)
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    bits: int = 4,
-    group_size: int = 128,
-    symmetric: bool = True,
-    damp_percent: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    static_groups: bool = False,
-    name: str = "weight",
-) -> QuantizedLinear:
-    """GPTQ codes and parameters of ``weight`` for Hessian ``H`` (see :func:`run_gptq` for the algorithm)."""
-    return run_gptq(
-        weight, H, bits=bits, group_size=group_size, symmetric=symmetric, damp_percent=damp_percent,
-        block_size=block_size, act_order=act_order, static_groups=static_groups, name=name,
-    ).quantized
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, **options: Any) -> QuantizedLinear:
+    """GPTQ codes and parameters of ``weight`` for Hessian ``H``: :func:`run_gptq` (same options) without its diagnostics."""
+    return run_gptq(weight, H, **options).quantized
 
 
 # --------------------------------------------------------------------------------------------------
