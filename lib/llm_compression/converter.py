@@ -7,9 +7,12 @@ import datetime as _dt
 import errno
 import json
 import os
+import shutil
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -285,6 +288,23 @@ class HuggingFaceToParquetConverter:
         return ConversionReport(Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 
 
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A staging directory beside ``out``; it replaces ``out`` (missing or empty, checked by the caller) when
+    the block succeeds and is removed when it fails, so a failed write leaves no partial output."""
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Write an HF directory (safetensors shards, config, tokenizer and side files) from a Parquet file.
 
@@ -300,9 +320,7 @@ def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, pr
         raise StoreError(f"{out}: output directory exists and is not empty")
     if not out.parent.is_dir():
         raise StoreError(f"{out}: parent directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         tensors = loader.source_tensors()
         layout = loader.layout
         shards = layout.get("shards") if layout else None
@@ -324,12 +342,4 @@ def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, pr
             (tmp / "generation_config.json").write_text(loader.generation_config_text, encoding="utf-8")
         for name, data in loader.files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

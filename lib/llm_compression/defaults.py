@@ -19,13 +19,11 @@ Names (``names()`` lists them):
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +170,9 @@ def resolve(source: str | os.PathLike) -> str:
         target = target.with_name(target.name + ".parquet")
     if _is_built(target):
         return str(target)
-    with _locked(root / f".{target.name}.lock"):
+    from .toy_models import file_lock
+
+    with file_lock(root / f".{target.name}.lock"):
         if not _is_built(target):  # another process may have finished it while we waited
             _build(entry, base, target, root)
     return str(target)
@@ -211,13 +211,6 @@ def cache_key(entry: Builtin, base: Path) -> str:
 
 def _is_built(target: Path) -> bool:
     return target.is_file() if target.suffix == ".parquet" else (target / "config.json").is_file()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:

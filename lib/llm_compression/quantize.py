@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__, corpus, ptq, schema as S
-from .converter import HuggingFaceToParquetConverter, StoreWriter, export_to_hf, source_metadata
+from .converter import HuggingFaceToParquetConverter, StoreWriter, export_to_hf, source_metadata, staged_directory
 from .formats import get_format, ptq as ptq_format
 from .formats.base import Row, StoreError
 from .loader import DENSE, WeightLoaderV2
@@ -548,22 +548,13 @@ def _write_gptq_dir(source: _Source, results: dict[str, ptq.QuantizedLinear], op
         "damp_percent": 0.01,
     }
     meta = source.metadata()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:  # out checked missing or empty before any work
         save_file(dict(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(_config_text_with(source.config, qconfig), encoding="utf-8")
         if meta.get(S.META_GENERATION_CONFIG) is not None:
             (tmp / "generation_config.json").write_text(meta[S.META_GENERATION_CONFIG], encoding="utf-8")
         for file_name, data in json.loads(meta.get(S.META_FILES, "{}")).items():
             (tmp / file_name).write_bytes(base64.b64decode(data))
-        if out.exists():
-            out.rmdir()  # checked empty before any work
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 8.0 * q_bytes / q_numel if q_numel else 0.0
 
 

@@ -394,6 +394,14 @@ def default_lm_cache_key(settings: dict[str, Any] | None = None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): one process builds a cached artifact at a time."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def default_lm_path(cache_dir: str | os.PathLike = ".cache") -> Path:
     """Directory of the default trained toy LM under ``cache_dir``, training it first if missing (~4 min).
 
@@ -405,8 +413,7 @@ def default_lm_path(cache_dir: str | os.PathLike = ".cache") -> Path:
     target = cache / f"default_lm-{default_lm_cache_key()}"
     if (target / "training.json").is_file():
         return target
-    with open(cache / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(cache / f"{target.name}.lock"):
         if (target / "training.json").is_file():  # another process finished it while we waited
             return target
         # Holding the lock, any staging directory left here is from a killed run: clear them all.

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import ptq
+from .converter import staged_directory
 
 __all__ = [
     "AWQ_ORDER",
@@ -390,10 +391,7 @@ def _write_dir(source: Source, out_dir: Path, tensors: dict[str, torch.Tensor], 
         raise ValueError(f"{out_dir}: output exists and is not an empty directory")
     if not out_dir.parent.is_dir():
         raise ValueError(f"{out_dir}: parent directory {out_dir.parent} does not exist")
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_directory(out_dir) as staging:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / WEIGHT_FILE), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, content in (extra_files or {}).items():
@@ -402,12 +400,6 @@ def _write_dir(source: Source, out_dir: Path, tensors: dict[str, torch.Tensor], 
             if (entry.is_file() and not entry.name.startswith(".") and entry.suffix != ".safetensors"
                     and entry.name not in NOT_COPIED and not (staging / entry.name).exists()):
                 shutil.copy2(entry, staging / entry.name)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
