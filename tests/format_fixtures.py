@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -133,6 +134,25 @@ def token_batch(vocab: int, seed: int = 0, batch: int = 2, length: int = 24) -> 
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
+
+
+def parquet_and_reference_logits(parquet: str | Path, config: dict, reference: dict[str, torch.Tensor],
+                                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits, on the same seeded tokens, of the model built from ``parquet`` and of the dense
+    ``reference`` weights under ``config``."""
+    from llm_compression.modeling import model_from_parquet
+
+    ids = token_batch(config["vocab_size"], seed=seed)
+    return (logits(model_from_parquet(parquet, torch.float32), ids),
+            logits(reference_model(config, reference, torch.float32), ids))
+
+
+def convert_fails(src: str | Path, tmp_path: Path, error: type[BaseException], match: str) -> None:
+    """Converting ``src`` raises ``error`` matching ``match`` and leaves neither the output nor a temp file."""
+    out = tmp_path / "bad.parquet"
+    with pytest.raises(error, match=match):
+        convert(src, out)
+    assert not out.exists() and not list(tmp_path.glob(".bad.parquet*"))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

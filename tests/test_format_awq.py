@@ -25,21 +25,19 @@ from format_fixtures import (
     FIXTURES,
     config_dict,
     convert,
+    convert_fails,
     cosine,
     linear_names,
-    logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
-    token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2, formats
 from llm_compression.formats import awq
 from llm_compression.formats.base import UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
 
 VECTORS = FIXTURES / "reference" / "angelslim_vectors.safetensors"
 AUTOAWQ_VECTORS = FIXTURES / "reference" / "awq_autoawq_vectors.safetensors"
@@ -193,9 +191,7 @@ def test_model_logits_match_reference(tmp_path):
     config = config_dict(model, _qconfig(128))
     src = save_checkpoint(tmp_path / "src", checkpoint, config)
     parquet = round_trip(src, tmp_path)
-    ids = token_batch(config["vocab_size"], seed=3)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference, seed=3)
     print(f"awq model: cosine {cosine(ours, ref):.8f}, max |diff| {max_abs_diff(ours, ref):.3g}")
     assert cosine(ours, ref) >= 0.9999
     assert max_abs_diff(ours, ref) <= 1e-4
@@ -210,10 +206,7 @@ def _good() -> dict[str, torch.Tensor]:
 
 def _expect_failure(tmp_path: Path, tensors: dict, qconfig: dict, error, match: str) -> None:
     src = _write_single(tmp_path / "bad", tensors, qconfig)
-    out = tmp_path / "bad.parquet"
-    with pytest.raises(error, match=match):
-        convert(src, out)
-    assert not out.exists() and not list(tmp_path.glob(".bad.parquet*"))
+    convert_fails(src, tmp_path, error, match)
 
 
 def test_bad_scales_shape(tmp_path):
@@ -320,8 +313,6 @@ def test_angelslim_int4_awq_fixture_model_output(tmp_path):
                     "the fixture (AngelSlim CPU run) needs regenerating")
     parquet = convert(src, tmp_path / "awq.parquet")
     config = json.loads((ANGELSLIM / "original" / "config.json").read_text())
-    ids = token_batch(config["vocab_size"], seed=4)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, original, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, original, seed=4)
     print(f"int4_awq fixture logits vs original: cosine {cosine(ours, ref):.4f}")
     assert cosine(ours, ref) >= 0.95

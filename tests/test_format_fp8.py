@@ -17,7 +17,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from format_fixtures import (
     ANGELSLIM,
     config_dict,
-    convert,
+    convert_fails,
     cosine,
     ct_compress_linears,
     ct_config,
@@ -25,8 +25,8 @@ from format_fixtures import (
     linear_names,
     logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
@@ -271,9 +271,7 @@ def test_ct_checkpoint_round_trip_and_model(tmp_path, ignore_key, scale_dtype, s
         assert loader.rows[f"{module}.weight"].params["weight_shape"] == list(reference[f"{module}.weight"].shape)
     print(f"fp8 checkpoint ({ignore_key}): worst layer max abs diff vs compressed-tensors = {worst}")
     assert worst == 0.0
-    ids = token_batch(config["vocab_size"])
-    ours = logits(model_from_parquet(parquet, dtype=torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference)
     print(f"fp8 model logits cosine = {cosine(ours, ref)}, max abs diff = {max_abs_diff(ours, ref)}")
     assert cosine(ours, ref) >= 0.9999
 
@@ -298,9 +296,7 @@ def test_blockwise_checkpoint_round_trip_and_model(tmp_path):
     assert loader.format_of("model.layers.0.self_attn.o_proj") == "dense"
     for module in modules:
         assert torch.equal(loader.load_weight(module, "weight"), reference[f"{module}.weight"]), module
-    ids = token_batch(config["vocab_size"])
-    ours = logits(model_from_parquet(parquet, dtype=torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference)
     print(f"fp8 block model logits cosine = {cosine(ours, ref)}")
     assert cosine(ours, ref) >= 0.9999
 
@@ -309,10 +305,7 @@ def test_blockwise_checkpoint_round_trip_and_model(tmp_path):
 
 
 def _expect_failure(src, tmp_path, match: str, error=StoreError):
-    out = tmp_path / "bad.parquet"
-    with pytest.raises(error, match=match):
-        convert(src, out)
-    assert not out.exists() and not list(tmp_path.glob(".bad.parquet*"))
+    convert_fails(src, tmp_path, error, match)
 
 
 def test_bad_inputs_name_the_tensor(tmp_path):

@@ -21,22 +21,19 @@ from format_fixtures import (
     ANGELSLIM,
     FIXTURES,
     config_dict,
-    convert,
+    convert_fails,
     cosine,
     linear_names,
-    logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
-    token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2, formats
 from llm_compression.formats import gptq
 from llm_compression.formats.base import UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
 
 VECTORS = FIXTURES / "reference" / "gptq_autogptq_vectors.safetensors"
 MODULE = "model.layers.0.mlp.down_proj"
@@ -244,9 +241,7 @@ def test_model_logits_match_reference(sym, act_order, tmp_path):
     config = config_dict(model, qconfig)
     src = save_checkpoint(tmp_path / "src", checkpoint, config)
     parquet = round_trip(src, tmp_path)
-    ids = token_batch(config["vocab_size"], seed=1)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference, seed=1)
     print(f"sym={sym} act_order={act_order}: cosine {cosine(ours, ref):.8f}, max |diff| {max_abs_diff(ours, ref):.3g}")
     assert cosine(ours, ref) >= 0.9999
     assert max_abs_diff(ours, ref) <= 1e-4
@@ -257,10 +252,7 @@ def test_model_logits_match_reference(sym, act_order, tmp_path):
 
 def _expect_failure(tmp_path: Path, tensors: dict, qconfig: dict, error, match: str) -> None:
     src = _write_single(tmp_path / "bad", tensors, qconfig)
-    out = tmp_path / "bad.parquet"
-    with pytest.raises(error, match=match):
-        convert(src, out)
-    assert not out.exists() and not list(tmp_path.glob(".bad.parquet*"))
+    convert_fails(src, tmp_path, error, match)
 
 
 def _good() -> dict[str, torch.Tensor]:
@@ -362,9 +354,7 @@ def test_angelslim_int4_gptq_fixture(tmp_path):
         assert cos >= 0.97 and rel <= 0.25
     # The whole model: close to the original bf16 model (GPTQ error only, nothing folded).
     config = json.loads((ANGELSLIM / "original" / "config.json").read_text())
-    ids = token_batch(config["vocab_size"], seed=2)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, original, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, original, seed=2)
     print(f"int4_gptq fixture logits vs original: cosine {cosine(ours, ref):.4f}")
     assert cosine(ours, ref) >= 0.95
 

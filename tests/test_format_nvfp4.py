@@ -24,19 +24,16 @@ from format_fixtures import (
     ct_config,
     ct_qparams,
     linear_names,
-    logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
-    token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2, formats
 from llm_compression.formats import nvfp4
 from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
 
 SCHEME = preset_name_to_scheme("NVFP4", ["Linear"])
 CT_NVFP4 = ct_config(SCHEME, "nvfp4-pack-quantized")
@@ -208,9 +205,7 @@ def test_checkpoint_round_trip_and_model(tmp_path, layout):
     print(f"nvfp4 {layout} checkpoint: worst layer max abs diff vs compressed-tensors = {worst}")
     if layout == "compressed-tensors":
         assert worst == 0.0
-    ids = token_batch(config["vocab_size"])
-    ours = logits(model_from_parquet(parquet, dtype=torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference)
     print(f"nvfp4 {layout} model logits cosine = {cosine(ours, ref)}")
     assert cosine(ours, ref) >= 0.9999
 

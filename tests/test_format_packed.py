@@ -22,19 +22,16 @@ from format_fixtures import (
     ct_config,
     ct_qparams,
     linear_names,
-    logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
-    token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2
 from llm_compression.formats import packed
 from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
 
 
 def _qconfig(args: QuantizationArgs) -> dict:
@@ -191,9 +188,7 @@ def test_checkpoint_round_trip_and_model(tmp_path, preset):
     worst = max(max_abs_diff(loader.load_weight(m, "weight", dtype=torch.bfloat16), reference[f"{m}.weight"]) for m in modules)
     print(f"packed {preset} checkpoint: worst layer max abs diff vs compressed-tensors = {worst}")
     assert worst == 0.0
-    ids = token_batch(config["vocab_size"])
-    ours = logits(model_from_parquet(parquet, dtype=torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference)
     print(f"packed {preset} model logits cosine = {cosine(ours, ref)}")
     assert cosine(ours, ref) >= 0.9999
 

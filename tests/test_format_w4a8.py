@@ -27,23 +27,20 @@ from format_fixtures import (
     ANGELSLIM,
     FIXTURES,
     config_dict,
-    convert,
+    convert_fails,
     cosine,
     linear_names,
-    logits,
     max_abs_diff,
+    parquet_and_reference_logits,
     read_tensors,
-    reference_model,
     round_trip,
     save_checkpoint,
     tiny_qwen3,
-    token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2, formats
 from llm_compression import schema
 from llm_compression.formats import w4a8
 from llm_compression.formats.base import TensorInfo, UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
 
 VECTORS = FIXTURES / "reference" / "angelslim_vectors.safetensors"
 MODULE = "model.layers.0.mlp.experts.0.down_proj"
@@ -247,9 +244,7 @@ def test_model_logits_match_reference(tmp_path, dotted_names):
     config = config_dict(model, _trtllm_qconfig())
     src = save_checkpoint(tmp_path / "src", checkpoint, config)
     parquet = round_trip(src, tmp_path)
-    ids = token_batch(config["vocab_size"], seed=5)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, reference, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, reference, seed=5)
     print(f"w4a8 model: cosine {cosine(ours, ref):.8f}, max |diff| {max_abs_diff(ours, ref):.3g}")
     assert cosine(ours, ref) >= 0.9999
     assert max_abs_diff(ours, ref) <= 1e-4
@@ -260,10 +255,7 @@ def test_model_logits_match_reference(tmp_path, dotted_names):
 
 def _expect_failure(tmp_path: Path, groups: dict, qconfig: dict, error, match: str) -> None:
     src = _write(tmp_path / "bad", groups, qconfig)
-    out = tmp_path / "bad.parquet"
-    with pytest.raises(error, match=match):
-        convert(src, out)
-    assert not out.exists() and not list(tmp_path.glob(".bad.parquet*"))
+    convert_fails(src, tmp_path, error, match)
 
 
 def test_bad_int4_scale_shape(tmp_path, dotted_names):
@@ -348,8 +340,6 @@ def test_angelslim_w4a8_fp8_fixture(tmp_path, w4a8_before_fp8):
         print(f"{layer}: relative error {rel:.3f}, least-squares gain vs original {fit:.3f}")
         assert rel <= 0.2 and 0.95 <= fit <= 1.02  # without the 8/7 factor the gain would be ~0.86
     config = json.loads((ANGELSLIM / "original" / "config.json").read_text())
-    ids = token_batch(config["vocab_size"], seed=6)
-    ours = logits(model_from_parquet(parquet, torch.float32), ids)
-    ref = logits(reference_model(config, original, torch.float32), ids)
+    ours, ref = parquet_and_reference_logits(parquet, config, original, seed=6)
     print(f"w4a8_fp8 fixture logits vs original: cosine {cosine(ours, ref):.4f}")
     assert cosine(ours, ref) >= 0.95
