@@ -52,6 +52,15 @@ def make_checkpoint(directory: Path, arch: str = "qwen3", seed: int = 0, dtype=t
     return directory
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", "qwen3")

@@ -27,13 +27,7 @@ from llm_compression.ptq import (
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are small: one thread is faster and immune to a busy machine's scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 OUT, IN, N_CALIB = 96, 256, 2048
