@@ -104,6 +104,14 @@ def weight_args(raw: dict) -> dict[str, Any]:
     }
 
 
+def ct_group_and_weight_args(qconfig: dict, module: str) -> tuple[dict, dict]:
+    """The compressed-tensors config group targeting ``module`` and its weight args; an error if none does."""
+    group = ct_scheme_for(qconfig, module)
+    if group is None:
+        raise StoreError(f"{module}: no config group of the quantization_config targets this module")
+    return group, weight_args(group["weights"])
+
+
 def ct_scheme_for(qconfig: dict | None, module: str) -> dict | None:
     """The config group whose targets cover ``module`` (names and regexes before class names), or None."""
     by_class = None
@@ -319,10 +327,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
         layout = _fp8_method_layout(qconfig, module, tensors)
         params: dict[str, Any] = {"source": "fp8", "symmetric": True, "activation": qconfig.get("activation_scheme")}
     elif qconfig.get("quant_method") == CT_METHOD:
-        group = ct_scheme_for(qconfig, module)
-        if group is None:
-            raise StoreError(f"{module}: no config group of the quantization_config targets this module")
-        args = weight_args(group["weights"])
+        group, args = ct_group_and_weight_args(qconfig, module)
         if not _is_fp8_args(args):
             raise StoreError(f"{module}: config group {group['name']!r} does not describe 8-bit float weights")
         if "weight_scale_inv" in tensors:

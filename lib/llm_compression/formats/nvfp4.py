@@ -24,6 +24,7 @@ from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedForma
 from .fp8 import (
     CT_METHOD,
     ct_detect,
+    ct_group_and_weight_args,
     ct_scheme_for,
     is_ignored,
     record_shape,
@@ -31,7 +32,6 @@ from .fp8 import (
     require_members,
     require_scalar,
     rows_for,
-    weight_args,
 )
 
 NAME = "nvfp4"
@@ -96,10 +96,7 @@ def claim(qconfig: dict | None, module: str, members: dict[str, TensorInfo]) -> 
 
 def _group_size(qconfig: dict, module: str) -> int:
     if qconfig.get("quant_method") == CT_METHOD:
-        group = ct_scheme_for(qconfig, module)
-        if group is None:
-            raise StoreError(f"{module}: no config group of the quantization_config targets this module")
-        args = weight_args(group["weights"])
+        group, args = ct_group_and_weight_args(qconfig, module)
         if not _is_fp4_args(args):
             raise StoreError(f"{module}: config group {group['name']!r} does not describe 4-bit float weights")
         if not args["symmetric"]:

@@ -33,6 +33,7 @@ from .fp8 import (
     check_grid_shape,
     check_layout_args,
     ct_detect,
+    ct_group_and_weight_args,
     ct_scheme_for,
     expand_grid,
     is_ignored,
@@ -41,7 +42,6 @@ from .fp8 import (
     require_members,
     rows_for,
     scale_grid,
-    weight_args,
 )
 
 NAME = "packed"
@@ -96,10 +96,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
     """Rows for one pack-quantized Linear; validates packing, dtypes and shapes against the config."""
     if (qconfig or {}).get("quant_method") != CT_METHOD:
         raise UnsupportedFormatError(f"{module}: quant_method {(qconfig or {}).get('quant_method')!r} is not compressed-tensors")
-    group = ct_scheme_for(qconfig, module)
-    if group is None:
-        raise StoreError(f"{module}: no config group of the quantization_config targets this module")
-    args = weight_args(group["weights"])
+    group, args = ct_group_and_weight_args(qconfig, module)
     bits = args["num_bits"]
     if not _is_packable_args(args):
         raise StoreError(f"{module}: config group {group['name']!r} does not describe integer weights of <= 8 bits")
