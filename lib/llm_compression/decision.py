@@ -27,6 +27,8 @@ COLUMNS = {
     "why": "why it failed",
 }
 
+INTERNAL = ["_passed", "_reference"]  # carried for sorting and plots, never shown
+
 
 def _number(value):
     if value is None:
@@ -65,8 +67,9 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "verdict": label,
             "why": "" if passed else "; ".join(verdict.get("reasons") or []) or (record.get("error") or "")[:200],
             "_passed": passed,
+            "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
         })
-    table = pd.DataFrame(rows, columns=list(COLUMNS) + ["_passed"])
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + INTERNAL)
     if len(table):
         table = table.sort_values(["_passed", "ppl_delta_pct", "size_mb"], ascending=[False, True, True], na_position="last")
     return table.reset_index(drop=True)
@@ -74,7 +77,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
 
 def style_decision_table(table: pd.DataFrame):
     """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden."""
-    shown = table.drop(columns=["_passed"]).rename(columns=COLUMNS)
+    shown = table.drop(columns=INTERNAL).rename(columns=COLUMNS)
     if not shown[COLUMNS["why"]].astype(bool).any():
         shown = shown.drop(columns=[COLUMNS["why"]])
 
