@@ -18,7 +18,8 @@ from llm_compression.evaluation import evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "angelslim"
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+          [f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
 
 # method -> (storage format of the Linears, activation quantization the runtime must simulate, min cosine)
 EXPECTED = {
@@ -52,8 +53,7 @@ def test_angelslim_checkpoint_runs_from_parquet_against_the_original(records, me
     parquet, record = records[method]
     fmt, activation, min_cosine = EXPECTED[method]
     loader = WeightLoaderV2(parquet)
-    assert {loader.format_of(f"model.layers.0.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}")
-            for p in LINEARS} == {fmt}
+    assert {loader.format_of(module) for module in LINEARS} == {fmt}
     assert loader.format_of("lm_head") == "dense"
 
     schemes = record["candidate"].get("activation_schemes") or {}
