@@ -29,6 +29,14 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     assert "-e ." in pip
 
 
+def test_no_deps_wheels_agree_across_makefile_and_environment_yml():
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["llmc"]["no-deps"]
+    makefile = re.search(r"^NO_DEPS := (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    assert makefile == wanted
+    for requirement in wanted:
+        assert f"pip install --no-deps {requirement}" in (REPO / "environment.yml").read_text()
+
+
 def test_console_script_and_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "llm_compression", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout and "inspect" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .loader import DENSE, WeightLoaderV2
@@ -27,6 +28,10 @@ def entries(loader: WeightLoaderV2) -> list[Entry]:
     for info in loader.rows.values():
         if info.format == DENSE:
             out.append(Entry(info.tensor_name, DENSE, info.dtype, info.shape, info.nbytes, info.numel))
+        elif "gguf_shape" in info.params:  # GGML blocks: one parameter per row, its type is the "dtype"
+            shape = tuple(reversed(info.params["gguf_shape"]))
+            out.append(Entry(info.tensor_name, info.format, info.params["ggml_type_name"], shape, info.nbytes,
+                             math.prod(shape)))
         else:
             groups.setdefault(info.layer_name, []).append(info)
     for layer, infos in groups.items():
@@ -49,7 +54,8 @@ def summary(loader: WeightLoaderV2) -> dict:
     items = entries(loader)
     total_bytes = sum(e.bytes for e in items)
     total_numel = sum(e.numel for e in items)
-    quantized = [e for e in items if e.format != DENSE]
+    # GGUF rows name their GGML type as dtype: plain float types are not quantized.
+    quantized = [e for e in items if e.format != DENSE and e.dtype not in ("F32", "F16", "BF16", "F64")]
     q_bytes = sum(e.bytes for e in quantized)
     q_numel = sum(e.numel for e in quantized)
     bpw = 8.0 * total_bytes / total_numel if total_numel else 0.0

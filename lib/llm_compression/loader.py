@@ -49,6 +49,8 @@ class WeightLoaderV2:
         self._row_offsets: dict[str, tuple[int, int]] = {}  # legacy files: name -> (row group, row)
         self._spans: dict[str, list[tuple[int, int]] | None] = {}  # V2.1, filled on first read: see _payload_spans
         self._build_index()
+        # Rows of formats whose every array dequantizes on its own (GGUF): name -> its format.
+        self._per_tensor = {name for name, info in self.rows.items() if formats.is_per_tensor(info.format)}
         self._groups = self._build_groups()
 
     # --- index ---------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class WeightLoaderV2:
         """Quantized layers: layer name -> the stored rows that together make its weight."""
         groups: dict[str, list[str]] = {}
         for name, info in self.rows.items():
-            if info.format != DENSE:
+            if info.format != DENSE and name not in self._per_tensor:
                 groups.setdefault(info.layer_name, []).append(name)
         return groups
 
@@ -208,7 +210,15 @@ class WeightLoaderV2:
     @cached_property
     def files(self) -> dict[str, bytes]:
         raw = json.loads(self.metadata.get(S.META_FILES, "{}"))
-        return {name: base64.b64decode(data) for name, data in raw.items()}
+        files = {name: base64.b64decode(data) for name, data in raw.items()}
+        if not files and S.META_GGUF in self.metadata:
+            from .gguf_store import tokenizer_files  # GGUF files derive theirs from the stored key-values
+
+            try:
+                files = tokenizer_files(self)
+            except StoreError:
+                files = {}  # a GGUF without a tokenizer transformers can build; tokenizer() says so
+        return files
 
     @cached_property
     def layout(self) -> dict | None:
@@ -257,7 +267,7 @@ class WeightLoaderV2:
         names = []
         seen_groups = set()
         for name, info in self.rows.items():
-            if info.format == DENSE:
+            if info.format == DENSE or name in self._per_tensor:
                 names.append(name)
             elif info.layer_name not in seen_groups:
                 seen_groups.add(info.layer_name)
@@ -270,6 +280,8 @@ class WeightLoaderV2:
 
     def format_of(self, layer_name: str) -> str:
         rows = self._groups.get(layer_name)
+        if not rows and f"{layer_name}.weight" in self._per_tensor:
+            return self.rows[f"{layer_name}.weight"].format
         return self.rows[rows[0]].format if rows else DENSE
 
     # --- reads ------------------------------------------------------------------------------------
@@ -317,8 +329,16 @@ class WeightLoaderV2:
         rec = {c: table.column(c)[row].as_py() for c in (S.SCALES, S.ZERO_POINTS, S.QUANT_AXIS)}
         return rec
 
+    def tensor_record(self, tensor_name: str) -> QuantizedTensor:
+        """One array of a per-tensor format (GGUF) with its parameters."""
+        info = self.rows[tensor_name]
+        return QuantizedTensor(info.format, info.layer_name, {info.weight_name: self.load_tensor(tensor_name)},
+                               dict(info.params))
+
     def record(self, layer_name: str) -> QuantizedTensor:
         """The stored arrays and parameters of one quantized layer."""
+        if layer_name not in self._groups and f"{layer_name}.weight" in self._per_tensor:
+            return self.tensor_record(f"{layer_name}.weight")
         names = self._groups.get(layer_name)
         if not names:
             raise StoreError(f"{self.path}: layer {layer_name!r} is not quantized")
@@ -350,8 +370,8 @@ class WeightLoaderV2:
         array (``qweight``, ``weight_scale``, ...) can also be read by its own name.
         """
         name = f"{layer_name}.{weight_name}" if layer_name else weight_name
-        if weight_name == "weight" and layer_name in self._groups:
-            record = self.record(layer_name)
+        if name in self._per_tensor or (weight_name == "weight" and layer_name in self._groups):
+            record = self.tensor_record(name) if name in self._per_tensor else self.record(layer_name)
             if not dequantize:
                 return record
             try:
@@ -423,6 +443,9 @@ class SourceTensors(Mapping):
             if info.format == DENSE:
                 self._owner[name] = None
                 self._names.append(name)
+            elif name in loader._per_tensor:  # dequantized: its blocks have no safetensors form
+                self._owner[name] = name
+                self._names.append(name)
         self._hf_names: dict[str, list[str]] = {}
         for layer in loader._groups:
             fmt = formats.get_format(loader.format_of(layer))
@@ -440,6 +463,9 @@ class SourceTensors(Mapping):
         layer = self._owner[key]
         if layer is None:
             return self._loader.load_tensor(key)
+        if layer == key:
+            record = self._loader.tensor_record(key)
+            return next(iter(formats.get_format(record.format).to_hf(record).values()))
         if self._cache is None or self._cache[0] != layer:
             record = self._loader.record(layer)
             tensors = formats.get_format(record.format).to_hf(record)

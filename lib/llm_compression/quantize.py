@@ -70,6 +70,8 @@ COUNTERPARTS: dict[str, dict[str, str]] = {
 }
 GPTQ_V1_BITS = (2, 3, 4, 8)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# AngelSlim methods whose YAML takes a group size (128 by default).
+ANGELSLIM_GROUP_METHODS = frozenset({"int4_gptq", "int4_awq", "w4a8_fp8"})
 ANGELSLIM_PYTHON = REPO_ROOT / ".venv-angelslim" / "bin" / "python"
 ANGELSLIM_SCRIPT = REPO_ROOT / "tools" / "angelslim" / "run_ptq.py"
 CALIBRATION_CORPUS = corpus.DEFAULT_CORPUS
@@ -630,7 +632,7 @@ def _angelslim_failure(method: str, out_dir: Path, completed: subprocess.Complet
 
 
 def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_seq_len: int, seed: int,
-                        progress: bool, python: Path) -> QuantizeResult:
+                        progress: bool, python: Path, group_size: int | None = None) -> QuantizeResult:
     from transformers import AutoTokenizer
 
     from .sources import open_checkpoint, resolve_source
@@ -662,7 +664,7 @@ def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_s
         result_dir = work / "angelslim"
         command = [str(python), str(ANGELSLIM_SCRIPT), "--model", str(model_dir), "--method", method,
                    "--out", str(result_dir), "--calib", str(calib), "--num-samples", str(calib_samples),
-                   "--seq-len", str(calib_seq_len)]
+                   "--seq-len", str(calib_seq_len)] + (["--group-size", str(group_size)] if group_size else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         env.pop("PYTHONPATH", None)  # the isolated env must not see this project's packages
         if progress:
@@ -672,12 +674,14 @@ def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_s
             raise _angelslim_failure(method, result_dir, completed)
         # Provenance travels inside the Parquet file as a side file (the converter names the scratch dir).
         (result_dir / "llmc_quantize.json").write_text(json.dumps(
-            {"source": str(src), "backend": "angelslim", "method": method, "calibration": _calibration_record(
-                calib_samples, calib_seq_len, seed), "llmc_version": __version__}, indent=2) + "\n", encoding="utf-8")
+            {"source": str(src), "backend": "angelslim", "method": method, "group_size": group_size,
+             "calibration": _calibration_record(calib_samples, calib_seq_len, seed), "llmc_version": __version__}, indent=2) + "\n", encoding="utf-8")
         HuggingFaceToParquetConverter(progress=progress).convert(result_dir, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     options = {"method": method, "calibration": _calibration_record(calib_samples, calib_seq_len, seed)}
+    if group_size:
+        options["group_size"] = group_size
     loader = WeightLoaderV2(out)
     layers = sorted({info.layer_name for info in loader.rows.values() if info.format != DENSE})
     from .catalog import summary
@@ -748,17 +752,19 @@ def quantize(
     if out_format not in OUT_FORMATS:
         raise QuantizeError(f"unknown output format {out_format!r}; supported: {list(OUT_FORMATS)}")
     if backend == "angelslim":
-        given = {k: v for k, v in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric),
-                                   ("skip", skip)) if v is not None}
+        given = {k: v for k, v in (("bits", bits), ("symmetric", symmetric), ("skip", skip)) if v is not None}
+        if group_size is not None and method not in ANGELSLIM_GROUP_METHODS:
+            given["group_size"] = group_size
         if act_order:
             given["act_order"] = True
         if given:
-            raise QuantizeError(f"AngelSlim's methods fix their own settings; {sorted(given)} apply to backend 'ptq' only")
+            raise QuantizeError(f"AngelSlim's methods fix their own settings; {sorted(given)} apply to backend 'ptq' only "
+                                f"(group_size also to AngelSlim's {sorted(ANGELSLIM_GROUP_METHODS)})")
         if out_format != "parquet":
             raise QuantizeError("backend 'angelslim' writes Parquet only (AngelSlim's own directory is converted)")
         _check_output(out, out_format)
         python = Path(angelslim_python) if angelslim_python else ANGELSLIM_PYTHON
-        return _quantize_angelslim(src, out, method, calib_samples, calib_seq_len, seed, progress, python)
+        return _quantize_angelslim(src, out, method, calib_samples, calib_seq_len, seed, progress, python, group_size)
     options = _ptq_options(method, bits, group_size, symmetric, skip, act_order, calib_samples, calib_seq_len, seed,
                            out_format)
     _check_output(out, out_format)

@@ -93,6 +93,7 @@ META_FILES = "llmc.files"  # JSON {filename: base64 bytes}: tokenizer files and 
 META_LAYOUT = "llmc.layout"  # JSON: source shards, tensor order, safetensors __metadata__
 META_SOURCE = "llmc.source"  # JSON: where the checkpoint came from, when, tool version
 META_INDEX = "llmc.index"  # JSON {tensor_name: [row_group, ...]}
+META_GGUF = "llmc.gguf"  # JSON: a GGUF source's version, alignment, typed key-values, tensor order/offsets
 SCHEMA_VERSION = "2.1"
 
 

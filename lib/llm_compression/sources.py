@@ -31,10 +31,11 @@ HUB_PATTERNS = [
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_source(src: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """A local checkpoint directory, downloading a hub id with ``snapshot_download`` if needed.
 
     With ``HF_HUB_OFFLINE=1`` the hub id must already be in the local cache (``HF_HUB_CACHE``).
+    ``gguf_file``: a repository of GGUF files, of which only that one (and the configs) is fetched.
     """
     path = Path(src)
     if path.is_dir():
@@ -48,7 +49,8 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = [gguf_file, "*.json", "*.jinja"] if gguf_file else HUB_PATTERNS
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
         raise StoreError(
             f"{src}: not in the local Hugging Face cache and the hub cannot be reached "

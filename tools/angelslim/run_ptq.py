@@ -67,11 +67,17 @@ class AngelSlimStepError(RuntimeError):
         self.error = error
 
 
-def build_config(model: Path, method: str, out: Path, calib: Path, num_samples: int, seq_len: int) -> dict:
+def build_config(model: Path, method: str, out: Path, calib: Path, num_samples: int, seq_len: int,
+                 group_size: int | None = None) -> dict:
     """The AngelSlim YAML config (as a dict) for one PTQ run on the CPU."""
     if method not in QUANTIZATION_SECTIONS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(QUANTIZATION_SECTIONS)}")
-    quantization = {"name": method, **QUANTIZATION_SECTIONS[method], "ignore_layers": ["lm_head"]}
+    section = json.loads(json.dumps(QUANTIZATION_SECTIONS[method]))
+    if group_size is not None:
+        if "group_size" not in section["quant_method"]:
+            raise ValueError(f"method {method!r} takes no group size")
+        section["quant_method"]["group_size"] = group_size
+    quantization = {"name": method, **section, "ignore_layers": ["lm_head"]}
     return {
         "global": {"save_path": str(out)},
         "model": {
@@ -207,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib", type=Path, required=True, help="calibration JSONL (messages lines)")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--group-size", type=int, help="group size of int4_gptq / int4_awq / w4a8_fp8 (default 128)")
     parser.add_argument(
         "--no-cuda-redirect",
         action="store_true",
@@ -229,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--calib {args.calib} does not exist")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = build_config(args.model.resolve(), args.method, out, args.calib.resolve(), args.num_samples, args.seq_len)
+    config = build_config(args.model.resolve(), args.method, out, args.calib.resolve(), args.num_samples, args.seq_len,
+                          args.group_size)
     config_path = out / "angelslim_ptq.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 

@@ -22,6 +22,7 @@ _MODULES = [
     "awq",  # AutoAWQ GEMM layout
     "grid",  # exact low-bit grids inside dense weights (encoder, see _DENSE_ENCODERS)
     "ptq",  # our own PTQ rows (llmc quantize); never detected in a source checkpoint
+    "gguf",  # GGML blocks of a GGUF file (gguf_store); never detected among safetensors
     "dense",
     "legacy",
 ]
@@ -47,6 +48,14 @@ def get_format(name: str) -> ModuleType:
         if module.NAME == name:
             return module
     raise UnsupportedFormatError(f"unknown storage format {name!r}; supported: {supported_names()}")
+
+
+def is_per_tensor(name: str) -> bool:
+    """Does every stored array of this format dequantize on its own (no layer groups)?"""
+    try:
+        return bool(getattr(get_format(name), "PER_TENSOR", False))
+    except UnsupportedFormatError:
+        return False
 
 
 def supported_names() -> list[str]:
@@ -82,5 +91,5 @@ def detect(qconfig: dict | None, tensors: dict[str, TensorInfo], source: str = "
 
 __all__ = [
     "QUANTIZED_SUFFIXES", "QuantizedTensor", "Row", "StoreError", "TensorInfo",
-    "UnsupportedFormatError", "all_formats", "dense_rows", "detect", "get_format", "supported_names",
+    "UnsupportedFormatError", "all_formats", "dense_rows", "detect", "get_format", "is_per_tensor", "supported_names",
 ]
