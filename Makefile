@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-compression --display-name "llm-compression (.venv)" >/dev/null
 	touch $(STAMP)
 
-report: $(STAMP)
+# The default set includes AngelSlim's own PTQ of SmolLM2, so the report needs AngelSlim's environment.
+ANGELSLIM_VENV := .venv-angelslim
+ANGELSLIM_STAMP := $(ANGELSLIM_VENV)/.angelslim-0.5.0-built
+
+$(ANGELSLIM_STAMP): tools/angelslim/build_env.sh tools/angelslim/patch_env.py
+	bash tools/angelslim/build_env.sh $(ANGELSLIM_VENV)
+
+report: $(STAMP) $(ANGELSLIM_STAMP)
 	$(BIN)/llmc run parameters/default/*.yaml
 
 test: $(STAMP)
@@ -35,8 +42,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
-angelslim-env:
-	bash tools/angelslim/build_env.sh .venv-angelslim
+angelslim-env: $(ANGELSLIM_STAMP)
 
 # Debian's Chromium, for the test that renders reports/index.html (needs root / apt).
 setup-browser:

@@ -20,7 +20,8 @@ from llm_compression.workbook import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = REPO / "parameters" / "default"
-TOY_CANDIDATES = {"fp8_static", "fp8_block", "int8_w8a8", "gptq_int4", "awq_int4", "seq_2bit", "ptq-int8", "ptq-int4", "ptq-int2"}
+SMOLLM2_CANDIDATES = {"gguf", "ptq-int8", "ptq-int4", "ptq-int2", "ptq-gptq", "fp8_block", "nvfp4", "seq_2bit"} | {
+    f"angelslim-{m}" for m in ("fp8_static", "fp8_dynamic", "int8_dynamic", "int4_gptq", "int4_awq", "w4a8_fp8")}
 MINILM_CANDIDATES = {"ptq-int8", "ptq-int2"}
 
 
@@ -160,7 +161,39 @@ def test_default_parameter_files_cover_the_candidates() -> None:
         assert params["format_notes"].endswith(".") and len(params["format_notes"].split()) >= 8, path.name
         assert params["stride"] <= params["context_length"] and params["max_eval_tokens"] <= 8192
         models[params["model"]] = path.name
-    toy = {m.split("/", 1)[1] for m in models if m.startswith("builtin:toy-lm/")}
+    smol = {m.split("/", 1)[1] for m in models if m.startswith("builtin:smollm2/")}
     mini = {m.split("/", 1)[1] for m in models if m.startswith("builtin:minilm/")}
-    assert toy == TOY_CANDIDATES and mini == MINILM_CANDIDATES
-    assert len(files) == len(models) == len(TOY_CANDIDATES) + len(MINILM_CANDIDATES)
+    assert smol == SMOLLM2_CANDIDATES and mini == MINILM_CANDIDATES  # the toy LM stays in the tests only
+    assert len(files) == len(models) == len(SMOLLM2_CANDIDATES) + len(MINILM_CANDIDATES)
+
+
+def test_producer_and_model_name_of_each_candidate() -> None:
+    assert defaults.producer("builtin:smollm2/angelslim-int4_awq") == "angelslim 0.5.0 int4_awq (group 64)"
+    assert defaults.producer("builtin:smollm2/angelslim-int4_gptq") == "angelslim 0.5.0 int4_gptq"
+    assert defaults.producer("builtin:smollm2/ptq-gptq") == "llmc ptq gptq int4 g128 act-order"
+    assert defaults.producer("builtin:smollm2/fp8_block") == "llmc writer fp8_block"
+    assert defaults.producer("/some/dir") == "external: /some/dir"
+    assert defaults.model_name("builtin:smollm2") == "SmolLM2-135M-Instruct"
+    assert "derived from a 4-bit release" in defaults.describe("builtin:smollm2")
+    # our GPTQ and AngelSlim's calibrate on the same windows
+    gptq = defaults.CATALOGUE["smollm2/ptq-gptq"].options
+    theirs = defaults.CATALOGUE["smollm2/angelslim-int4_gptq"].options
+    assert gptq["act_order"] and gptq["calib_samples"] == theirs["calib_samples"] and gptq["calib_seq_len"] == theirs["calib_seq_len"]
+
+
+def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_dir, monkeypatch) -> None:
+    from llm_compression import quantize
+
+    calls = []
+
+    def failing(src, out, method, **options):
+        calls.append(method)
+        raise quantize.AngelSlimError(f"AngelSlim {method} failed (exit 2) at step 'convert': RuntimeError: shape")
+
+    monkeypatch.setitem(defaults.BASE_BUILDERS, "smollm2", lambda root: tiny_dir)
+    monkeypatch.setattr(quantize, "run_angelslim", failing)
+    for _ in range(2):
+        with pytest.raises(defaults.BuiltinError, match="w4a8_fp8 failed .*step 'convert'"):
+            defaults.resolve("builtin:smollm2/angelslim-w4a8_fp8")
+    assert calls == ["w4a8_fp8"]
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # no partial output

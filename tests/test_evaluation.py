@@ -175,3 +175,72 @@ def test_angelslim_int8_dynamic_fixture_end_to_end():
     assert record.candidate["activation_schemes"]["model.layers.*.mlp.down_proj"] == "int8-dynamic-token"
     assert m["weight_error"]["scope"] == "quantized" and m["weight_error"]["count"] == 7
     assert all(t["format"] == "int8" and t["sqnr_db"] > 35 for t in m["weight_error"]["tensors"])
+
+
+# ----------------------------------------------------------------------------- the original's side, cached
+
+
+def _int4_candidate(tiny_lm: Path, out: Path) -> Path:
+    from llm_compression.quantize import quantize
+
+    quantize(tiny_lm, out, method="int4", progress=False)
+    return out
+
+
+def test_original_side_is_computed_once_and_gives_the_same_metrics(tiny_lm, tmp_path):
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    cache = tmp_path / "reference"
+    direct = evaluate(tiny_lm, candidate, reference_cache=False, **SMALL)
+    first = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    again = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    assert direct.settings["reference_cache"] == "computed, not kept"
+    assert first.settings["reference_cache"].startswith("computed and stored")
+    assert again.settings["reference_cache"].startswith("reused")
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob(".*tmp"))
+    for record in (first, again):  # float32 logits: every figure equals the direct computation exactly
+        assert record.metrics["kld"] == direct.metrics["kld"]
+        assert record.metrics["ppl"] == direct.metrics["ppl"]
+        assert record.metrics["hidden_cosine"] == direct.metrics["hidden_cosine"]
+        assert record.metrics["generation"] == direct.metrics["generation"]
+    assert direct.metrics["kld"]["mean"] > 0  # a real difference, not two identical models
+    # another window plan is another entry, never a stale one
+    evaluate(tiny_lm, candidate, reference_cache=cache, **{**SMALL, "stride": 32})
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_float16_reference_stays_within_its_stated_tolerance(tiny_lm, tmp_path):
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    exact = evaluate(tiny_lm, candidate, reference_cache=False, **SMALL)
+    half = evaluate(tiny_lm, candidate, reference_cache=tmp_path / "ref", reference_precision="float16", **SMALL)
+    assert half.metrics["kld"]["mean"] == pytest.approx(exact.metrics["kld"]["mean"], rel=1e-3)
+    assert half.metrics["top1_agreement"] == exact.metrics["top1_agreement"]  # top-1 stored exactly
+    assert half.metrics["ppl"] == exact.metrics["ppl"]  # the original's NLL is stored exactly
+    assert half.metrics["logits_cosine"]["mean"] == pytest.approx(exact.metrics["logits_cosine"]["mean"], abs=1e-4)
+
+
+def test_corrupted_reference_file_is_refused(tiny_lm, tmp_path):
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    cache = tmp_path / "ref"
+    evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    (path,) = cache.glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # inside the last window's arrays
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+
+
+def test_nan_candidate_is_an_evaluation_fault(tiny_lm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llm_compression.evaluation import EvaluationFault
+
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny_lm, broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    HuggingFaceToParquetConverter(progress=False, allow_nonfinite=True).convert(broken, tmp_path / "nan.parquet")
+    with pytest.raises(EvaluationFault, match="candidate computes .* NaN/Inf logits"):
+        evaluate(tiny_lm, tmp_path / "nan.parquet", reference_cache=False, **SMALL)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .atomic import exit_code, handle_stop_signals
 from .formats.base import StoreError
 
 
@@ -195,17 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command was doing, for the one line printed when a signal stops it.
+_DOING = {"convert": "converting", "export": "exporting", "inspect": "reading", "run": "running the workbook",
+          "quantize": "quantizing", "evaluate": "evaluating"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handle_stop_signals()  # SIGTERM / SIGHUP clean up like Ctrl-C: schedulers stop jobs that way
     try:
         return args.func(args)
     except StoreError as exc:
         print(f"llmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"llmc {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "args", None) and str(exc) or "SIGINT"
+        target = getattr(args, "out", None) or getattr(args, "out_dir", None) or getattr(args, "reports", None) or ""
+        print(f"llmc {args.command}: interrupted by {name} while {_DOING.get(args.command, args.command)}"
+              f"{' ' + str(target) if target else ''}; temporary files removed, nothing half-written left",
+              file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

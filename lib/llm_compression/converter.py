@@ -22,6 +22,7 @@ import xxhash
 from tqdm.auto import tqdm
 
 from . import __version__, formats, schema as S
+from .atomic import temp_path
 from .formats.base import Row, StoreError
 from .gguf_store import convert_gguf, gguf_files, is_gguf_file
 from .sources import Checkpoint, open_checkpoint, resolve_source
@@ -94,7 +95,7 @@ class StoreWriter:
         self.output = Path(output)
         if not self.output.parent.is_dir():
             raise StoreError(f"{self.output}: output directory {self.output.parent} does not exist")
-        self.tmp = self.output.with_name(f".{self.output.name}.{os.getpid()}.tmp")
+        self.tmp = temp_path(self.output)
         small = [c for c in S.INDEX_COLUMNS if c not in (S.SCALES, S.ZERO_POINTS)]
         self.writer = pq.ParquetWriter(
             self.tmp,
@@ -319,7 +320,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def staged_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside ``out``; it replaces ``out`` (missing or empty, checked by the caller) when
     the block succeeds and is removed when it fails, so a failed write leaves no partial output."""
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    staging = temp_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:

@@ -12,7 +12,9 @@ import pandas as pd
 
 COLUMNS = {
     "run": "run",
+    "producer": "produced by",
     "format": "format",
+    "activations": "activations",
     "bits_per_weight": "bits/weight (all)",
     "quantized_bits_per_weight": "bits/weight (quantized)",
     "size_mb": "size (MB)",
@@ -53,7 +55,9 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             label = "PASS" if passed else "FAIL"
         rows.append({
             "run": record.get("run"),
+            "producer": s.get("producer") or "",
             "format": s.get("format", "?"),
+            "activations": s.get("activations") or "",
             "bits_per_weight": _number(s.get("bits_per_weight")),
             "quantized_bits_per_weight": _number(s.get("quantized_bits_per_weight")),
             "size_mb": _number(s.get("size_mb")),
@@ -102,6 +106,15 @@ def _dig(data, *path, default=None):
     return data
 
 
+def activation_label(candidate: dict) -> str:
+    """``W8A8 simulated (fp8 static per tensor)`` where activations were quantized, else ``weight-only``:
+    the two are different comparisons and every figure of such a run carries this label."""
+    schemes = sorted(set((candidate.get("activation_schemes") or {}).values()))
+    if candidate.get("activation_quant") and schemes:
+        return "activations quantized, simulated (" + ", ".join(schemes) + ")"
+    return "weight-only"
+
+
 def summarize(record: dict, params: dict) -> dict:
     """The flat block the decision table reads, from an evaluation record (``EvaluationRecord.to_dict()``)."""
     size = _dig(record, "sizes", "candidate", default={}) or {}
@@ -121,7 +134,10 @@ def summarize(record: dict, params: dict) -> dict:
         "title": params.get("title"),
         "model": params.get("model"),
         "reference": params.get("reference"),
+        "producer": _dig(record, "candidate", "producer"),
+        "original_model": _dig(record, "original", "model"),
         "format": fmt,
+        "activations": activation_label(record.get("candidate") or {}),
         "kind": record.get("kind"),
         "bits_per_weight": size.get("bits_per_weight"),
         "quantized_bits_per_weight": size.get("quantized_bits_per_weight"),

@@ -33,6 +33,7 @@ from . import __version__
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
 BUILTIN_PREFIX = "builtin:"
+ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
 CACHE_ENV = "LLMC_CACHE_DIR"
 REPO = Path(__file__).resolve().parents[2]
 # Bump when the build code changes in a way that changes the outputs.
@@ -43,12 +44,13 @@ class BuiltinError(ValueError):
     """An unknown builtin name, or a builtin that could not be built."""
 
 
+
 @dataclass(frozen=True)
 class Builtin:
     """One embedded source: a base model, an on-disk format written from one, or our PTQ of one."""
 
     name: str
-    kind: str  # "base" | "writer" | "ptq"
+    kind: str  # "base" | "writer" | "ptq" | "angelslim"
     description: str
     base: str | None = None  # the builtin it is made from
     method: str | None = None  # writer format or quantize method
@@ -79,20 +81,60 @@ _WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
                   "as AngelSlim int4_gptq writes it: GPTQ v1 INT4, group 128, from a real GPTQ run on pydoc calibration text"),
     "awq_int4": ({"group_size": 128}, "in AutoAWQ's GEMM layout as AngelSlim int4_awq writes it: asymmetric INT4 RTN, group 128"),
     "seq_2bit": ({"candidates": 64}, "as HY-1.8B-2Bit is published: 2-bit SEQ fake-quantized weights stored as bf16"),
-    "nvfp4": ({"n_samples": 32, "seq_len": 256, "seed": 0},
+    "nvfp4": ({"n_samples": 8, "seq_len": 256, "seed": 0},
               "as AngelSlim nvfp4 writes it: ModelOpt-style NVFP4 (E2M1 codes, FP8 scales per 16 inputs)"),
 }
 _PTQ_LABELS = {"int8": "INT8 round-to-nearest per channel", "int4": "INT4 round-to-nearest, group 128",
-               "int2": "INT2 round-to-nearest, group 128 (asymmetric)"}
+               "int2": "INT2 round-to-nearest, group 128 (asymmetric)",
+               "gptq": "GPTQ INT4, group 128, act-order, 128 calibration windows of 256 tokens"}
+_PTQ_PRODUCERS = {"int8": "llmc ptq int8 per-channel", "int4": "llmc ptq int4 g128 (round to nearest)",
+                  "int2": "llmc ptq int2 g128 asymmetric", "gptq": "llmc ptq gptq int4 g128 act-order"}
+# Calibration shared by our GPTQ and AngelSlim's methods that calibrate, so the two compete on equal data.
+CALIBRATION = {"calib_samples": 128, "calib_seq_len": 256}
+# AngelSlim's own PTQ of SmolLM2: method -> options. SmolLM2's width 576 is not a multiple of AngelSlim's
+# group 128 (int4_awq and w4a8_fp8 stop on an assertion there), so those run with 64, the largest that divides.
+# AWQ's scale search runs in fp16 on the CPU (~8 s per calibration window here): it gets fewer windows.
+SMOLLM2_ANGELSLIM: dict[str, dict[str, Any]] = {
+    "fp8_static": {"calib_samples": 32, "calib_seq_len": 256},
+    "fp8_dynamic": {},
+    "int8_dynamic": {},
+    "int4_gptq": dict(CALIBRATION),
+    "int4_awq": {"group_size": 64, "calib_samples": 16, "calib_seq_len": 256},
+    "w4a8_fp8": {"group_size": 64, "calib_samples": 32, "calib_seq_len": 256},
+}
+_ANGELSLIM_LABELS = {
+    "fp8_static": "FP8 E4M3 weights per tensor with static input scales (W8A8), compressed-tensors",
+    "fp8_dynamic": "FP8 E4M3 weights per tensor, dynamic activation scales (W8A8), compressed-tensors",
+    "int8_dynamic": "INT8 weights per channel, dynamic per-token activations (W8A8), compressed-tensors",
+    "int4_gptq": "GPTQ INT4, group 128, GPTQ v1 layout",
+    "int4_awq": "AWQ INT4 with zero points, AutoAWQ GEMM layout",
+    "w4a8_fp8": "INT4 weights with FP8 activations, TensorRT-LLM w4a8_awq layout",
+}
+# Formats AngelSlim's PyPI release does not write here: SmolLM2 in them comes from our writers.
+SMOLLM2_WRITERS = ("fp8_block", "nvfp4", "seq_2bit")
 
 
 def _catalogue() -> dict[str, Builtin]:
     from .writers import FORMATS
 
     entries = [
+        Builtin("smollm2", "base", SMOLLM2_LABEL),
+        Builtin("smollm2/gguf", "base", SMOLLM2_GGUF_LABEL),
         Builtin("toy-lm", "base", TOY_LM_LABEL),
         Builtin("minilm", "base", MINILM_LABEL, task="encoder"),
     ]
+    for method, options in SMOLLM2_ANGELSLIM.items():
+        group = f" (group {options['group_size']}: 128 does not divide SmolLM2's width 576)" if "group_size" in options else ""
+        entries.append(Builtin(f"smollm2/angelslim-{method}", "angelslim",
+                               f"SmolLM2 quantized by AngelSlim's own {method} on the CPU: {_ANGELSLIM_LABELS[method]}{group}",
+                               "smollm2", method, options))
+    for method in ("int8", "int4", "int2", "gptq"):
+        options = {"act_order": True, **CALIBRATION} if method == "gptq" else {}
+        entries.append(Builtin(f"smollm2/ptq-{method}", "ptq", f"SmolLM2 quantized by our own PTQ: {_PTQ_LABELS[method]}",
+                               "smollm2", method, options))
+    for fmt in SMOLLM2_WRITERS:
+        options, text = _WRITER_DEFAULTS[fmt]
+        entries.append(Builtin(f"smollm2/{fmt}", "writer", f"SmolLM2 written by our writer {text}", "smollm2", fmt, options))
     for fmt in FORMATS:
         options, text = _WRITER_DEFAULTS[fmt]
         entries.append(Builtin(f"toy-lm/{fmt}", "writer", f"the toy LM {text}", "toy-lm", fmt, options))
@@ -174,7 +216,8 @@ def _smollm2(root: Path) -> Path:
 
 
 BASE_BUILDERS: dict[str, Callable[[Path], Path]] = {
-    "toy-lm": _toy_lm, "minilm": _minilm, "smollm2": _smollm2, "smollm2/gguf": _smollm2_gguf,
+    # smollm2/gguf is the shipped file itself, so a run converts it and checks the byte-identical round trip.
+    "toy-lm": _toy_lm, "minilm": _minilm, "smollm2": _smollm2, "smollm2/gguf": lambda _root: smollm2_gguf_path(),
 }
 
 
@@ -204,6 +247,31 @@ def _lookup(source: str) -> Builtin:
     return entry
 
 
+def producer(source: str | os.PathLike) -> str:
+    """Who made a candidate: e.g. ``angelslim 0.5.0 int4_awq (group 64)``, ``llmc ptq gptq int4 g128 act-order``."""
+    if not is_builtin(source):
+        return f"external: {source}"
+    entry = _lookup(str(source))
+    if entry.kind == "angelslim":
+        group = f" (group {entry.options['group_size']})" if "group_size" in entry.options else ""
+        return f"angelslim {ANGELSLIM_VERSION} {entry.method}{group}"
+    if entry.kind == "ptq":
+        return _PTQ_PRODUCERS[entry.method]
+    if entry.kind == "writer":
+        return f"llmc writer {entry.method}"
+    if entry.name == "smollm2/gguf":
+        return f"llama.cpp GGUF Q4_1 (PyPI {SMOLLM2_DISTRIBUTION})"
+    return f"original weights ({entry.name})"
+
+
+def model_name(source: str | os.PathLike) -> str:
+    """The model a source is, for the record's ``original.model`` (e.g. ``SmolLM2-135M-Instruct``)."""
+    if not is_builtin(source):
+        return Path(str(source)).name or str(source)
+    root = _lookup(str(source)).name.split("/")[0]
+    return {"smollm2": SMOLLM2_MODEL, "minilm": "all-MiniLM-L6-v2", "toy-lm": "toy LM (4 M parameters)"}.get(root, root)
+
+
 def describe(source: str | os.PathLike) -> str:
     """A one-line, human-readable label of a source: the builtin's description, else the source itself."""
     if is_builtin(source):
@@ -229,13 +297,23 @@ def resolve(source: str | os.PathLike) -> str:
     target = root / f"{entry.name.replace('/', '--')}-{cache_key(entry, base)}"
     if entry.kind == "ptq":
         target = target.with_name(target.name + ".parquet")
+    failure = target.with_name(target.name + ".failed.txt")  # a tool's own error, kept so re-runs are quick
     if _is_built(target):
         return str(target)
     from .toy_models import file_lock
 
     with file_lock(root / f".{target.name}.lock"):
+        if failure.is_file():
+            raise BuiltinError(failure.read_text(encoding="utf-8"))
         if not _is_built(target):  # another process may have finished it while we waited
-            _build(entry, base, target, root)
+            try:
+                _build(entry, base, target, root)
+            except BuiltinError as exc:
+                from .quantize import AngelSlimError
+
+                if isinstance(exc.__cause__, AngelSlimError):  # AngelSlim itself failed: same inputs, same error
+                    failure.write_text(str(exc), encoding="utf-8")
+                raise
     return str(target)
 
 
@@ -280,6 +358,10 @@ def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
             from .writers import write_checkpoint
 
             write_checkpoint(base, target, entry.method, **entry.options)
+        elif entry.kind == "angelslim":
+            from .quantize import run_angelslim
+
+            run_angelslim(base, target, entry.method, progress=False, **entry.options)
         else:
             _build_ptq(entry, base, target, root)
     except Exception as exc:

@@ -31,7 +31,10 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
-from .runtime import CAUSAL_LM, PackedLinear, load_model, load_tokenizer, pool_embeddings, read_config, split_sentences
+from . import reference
+from .loader import WeightLoaderV2
+from .runtime import (CAUSAL_LM, PackedLinear, is_parquet, load_model, load_tokenizer, pool_embeddings, read_config,
+                      split_sentences)
 
 SCHEMA_VERSION = "1.0"
 # Config fields that must agree for two checkpoints to be the same architecture.
@@ -170,26 +173,31 @@ class EvaluationRecord:
 # ============================================================================================
 
 
+class EvaluationFault(ValueError):
+    """The two models cannot be compared, or the candidate computes garbage (NaN/Inf): the run fails with this
+    reason instead of raising out of the notebook."""
+
+
 def check_compatible(original: str, candidate: str, orig_config: dict, cand_config: dict) -> None:
-    """ValueError naming both models when their architecture or vocabulary differ."""
+    """EvaluationFault naming both models when their architecture or vocabulary differ."""
     for key in ARCHITECTURE_FIELDS:
         a, b = orig_config.get(key), cand_config.get(key)
         if a is not None and b is not None and a != b:
-            raise ValueError(f"original {original!r} and candidate {candidate!r} are different architectures: "
+            raise EvaluationFault(f"original {original!r} and candidate {candidate!r} are different architectures: "
                              f"{key} {a!r} vs {b!r}")
     arch_a, arch_b = orig_config.get("architectures"), cand_config.get("architectures")
     if arch_a and arch_b and arch_a[0] != arch_b[0]:
-        raise ValueError(f"original {original!r} and candidate {candidate!r} are different architectures: "
+        raise EvaluationFault(f"original {original!r} and candidate {candidate!r} are different architectures: "
                          f"{arch_a[0]} vs {arch_b[0]}")
     va, vb = orig_config.get("vocab_size"), cand_config.get("vocab_size")
     if va != vb:
-        raise ValueError(f"original {original!r} has vocab_size {va} but candidate {candidate!r} has {vb}: "
+        raise EvaluationFault(f"original {original!r} has vocab_size {va} but candidate {candidate!r} has {vb}: "
                          "their outputs cannot be compared token by token")
 
 
 def _check_tokenizers(original: str, candidate: str, tok_a, tok_b) -> None:
     if tok_a.get_vocab() != tok_b.get_vocab():
-        raise ValueError(f"original {original!r} and candidate {candidate!r} have different tokenizer vocabularies "
+        raise EvaluationFault(f"original {original!r} and candidate {candidate!r} have different tokenizer vocabularies "
                          f"({len(tok_a)} vs {len(tok_b)} entries)")
 
 
@@ -248,31 +256,52 @@ def _safe_exp(x: float) -> float:
         return math.inf
 
 
-def _causal_metrics(orig: nn.Module, cand: nn.Module, ids: torch.Tensor, context_length: int, stride: int | None,
-                    prompts: list[torch.Tensor], gen_tokens: int) -> dict:
-    windows = M.plan_perplexity_windows(ids.numel(), context_length, stride)
-    hidden_cos, logit_cos, klds, matches = [], [], [], []
-    nll_orig = nll_cand = 0.0
-    for w in windows:
-        chunk = ids[w.begin : w.end].unsqueeze(0)
-        out_a, h_a = _forward(orig, input_ids=chunk, use_cache=False)
-        out_b, h_b = _forward(cand, input_ids=chunk, use_cache=False)
+def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[torch.Tensor],
+                    gen_tokens: int, precision: str = "float32") -> tuple[dict[str, torch.Tensor], float]:
+    """The original's outputs on every window and prompt (see ``reference``), and its summed NLL."""
+    tensors: dict[str, torch.Tensor] = {}
+    nll = 0.0
+    for i, w in enumerate(windows):
+        out, hidden = _forward(orig, input_ids=ids[w.begin : w.end].unsqueeze(0), use_cache=False)
         off = w.score_from - w.begin
-        la, lb = out_a.logits[0, off:], out_b.logits[0, off:]
-        hidden_cos.append(M.token_cosine(h_a[0, off:], h_b[0, off:]))
-        logit_cos.append(M.token_cosine(la, lb))
-        kld, match = M.token_kl_divergence(la, lb)
+        logits = out.logits[0, off:]
+        if not bool(torch.isfinite(logits).all()):
+            raise EvaluationFault(f"the original computes {int((~torch.isfinite(logits)).sum())} NaN/Inf logits in the "
+                                  f"window at tokens {w.begin}-{w.end}")
+        nll += _window_nll(logits, ids[w.score_from : w.end + 1])
+        tensors.update({f"{k}.{i}": v for k, v in reference.window_outputs(logits, hidden[0, off:], precision).items()})
+    if gen_tokens > 0:
+        for j, prompt in enumerate(prompts):
+            tensors[f"gen.{j}"] = M.greedy_generate(orig, prompt, gen_tokens).to(torch.int64)
+    return tensors, nll
+
+
+def _causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.Tensor, windows,
+                    prompts: list[torch.Tensor], gen_tokens: int) -> dict:
+    """The candidate scored against the original's stored side, window by window."""
+    hidden_cos, logit_cos, klds, matches = [], [], [], []
+    nll_cand = 0.0
+    for i, w in enumerate(windows):
+        out_b, h_b = _forward(cand, input_ids=ids[w.begin : w.end].unsqueeze(0), use_cache=False)
+        off = w.score_from - w.begin
+        lb = out_b.logits[0, off:]
+        if not bool(torch.isfinite(lb).all()):
+            raise EvaluationFault(f"the candidate computes {int((~torch.isfinite(lb)).sum())} NaN/Inf logits in the "
+                                  f"window at tokens {w.begin}-{w.end}: its weights or scales are broken")
+        side = ref.window(i)
+        la = reference.logits_of(side)
+        hidden_cos.append(M.token_cosine(side["hidden"], h_b[0, off:].float()))
+        logit_cos.append(M.token_cosine(la, lb.float()))
+        kld, _ = M.token_kl_divergence(la, lb)
         klds.append(kld)
-        matches.append(match)
-        targets = ids[w.score_from : w.end + 1]
-        nll_orig += _window_nll(la, targets)
-        nll_cand += _window_nll(lb, targets)
+        matches.append(side["top1"].long() == lb.argmax(dim=-1))
+        nll_cand += _window_nll(lb, ids[w.score_from : w.end + 1])
     num_tokens = ids.numel() - 1
     kld_stats = M.KLDStats.from_values(torch.cat(klds), torch.cat(matches))
-    ppl_a = _safe_exp(nll_orig / num_tokens)
+    ppl_a = _safe_exp(ref.nll_sum / num_tokens)
     ppl_b = _safe_exp(nll_cand / num_tokens)
     hidden = M.CosineStats.from_values(torch.cat(hidden_cos))
-    result = {
+    return {
         "cosine_similarity": hidden.mean,
         "cosine_basis": "last_hidden_state",
         "hidden_cosine": hidden.as_dict(),
@@ -286,19 +315,67 @@ def _causal_metrics(orig: nn.Module, cand: nn.Module, ids: torch.Tensor, context
             "num_tokens": num_tokens,
             "num_windows": len(windows),
         },
-        "generation": _generation(orig, cand, prompts, gen_tokens),
+        "generation": _generation(ref, cand, prompts, gen_tokens),
     }
-    return result
 
 
-def _generation(orig: nn.Module, cand: nn.Module, prompts: list[torch.Tensor], gen_tokens: int) -> dict | None:
+def _is_causal(config: dict, task: str | None) -> bool:
+    """As ``runtime.load_model`` decides: the task if given, else the architectures (none: a causal LM)."""
+    if task is not None:
+        return task == "causal-lm"
+    architectures = config.get("architectures") or []
+    return not architectures or any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def _original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
+                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32"):
+    """The original's side: read from the cache when the same inputs were scored before, else computed
+    (with only the original in memory) and stored. Returns (side, the original's ModelInfo, cache note)."""
+    from .runtime import ModelInfo
+
+    payload = {
+        "original": reference.source_identity(original),
+        "ids": reference.cache_key({"ids": ids.tolist()}),
+        "windows": [(w.begin, w.end, w.score_from) for w in windows],
+        "prompts": reference.cache_key({"p": [p.tolist() for p in prompts]}), "gen_tokens": gen_tokens,
+        "load": {k: str(v) for k, v in load.items()}, "torch": torch.__version__, "precision": precision,
+    }
+    path = None
+    if cache is not False:
+        root = Path(cache) if cache not in (None, True) else _default_cache_dir()
+        path = root / f"{reference.cache_key(payload)}.safetensors"
+        side = reference.load(path)
+        if side is not None:
+            return side, ModelInfo(**side.meta["original"]), f"reused {path}"
+    model, info = load_model(original, **load)
+    tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
+    del model
+    meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
+    if path is None:
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "reference.safetensors"
+        note = "computed, not kept"
+    else:
+        note = f"computed and stored {path}"
+    return reference.save(path, tensors, meta), info, note
+
+
+def _default_cache_dir() -> Path:
+    from .defaults import cache_dir
+
+    return cache_dir().parent / "reference"
+
+
+def _generation(ref: "reference.ReferenceSide", cand: nn.Module, prompts: list[torch.Tensor],
+                gen_tokens: int) -> dict | None:
     if gen_tokens <= 0 or not prompts:
         return None
     per_prompt = []
-    for prompt in prompts:
-        ref = M.greedy_generate(orig, prompt, gen_tokens)
+    for j, prompt in enumerate(prompts):
+        expected = ref.generation(j)
         got = M.greedy_generate(cand, prompt, gen_tokens)
-        per_prompt.append(M.generation_agreement(ref, got).as_dict())
+        per_prompt.append(M.generation_agreement(expected, got).as_dict())
     agreements = [p["agreement"] for p in per_prompt]
     return {
         "agreement": sum(agreements) / len(agreements),
@@ -334,10 +411,40 @@ def _encoder_metrics(orig: nn.Module, cand: nn.Module, tokenizer, sentences: lis
     }
 
 
-def _weight_errors(orig: nn.Module, cand: nn.Module, cand_quantized: dict[str, str]) -> dict:
+class _OriginalWeights:
+    """The original's weights by module name, read from its file one at a time (the model is not loaded)."""
+
+    def __init__(self, source: str, dtype: torch.dtype):
+        self.dtype = dtype
+        if is_parquet(source):
+            self.loader = WeightLoaderV2(source)
+            self.names = set(self.loader.keys())
+        else:
+            from .sources import open_checkpoint, resolve_source
+
+            self.loader = open_checkpoint(resolve_source(source))
+            self.names = set(self.loader.tensors)
+
+    def get(self, module: str) -> torch.Tensor | None:
+        prefixes = ("", "model.", "bert.")
+        for name in [f"{p}{module}.weight" for p in prefixes] + [f"{module.split('.', 1)[-1]}.weight"]:
+            if name in self.names:
+                if isinstance(self.loader, WeightLoaderV2):
+                    layer, weight = name.rsplit(".", 1)
+                    return self.loader.load_weight(layer, weight, dtype=self.dtype)
+                tensor = self.loader.read(name)
+                return tensor.to(self.dtype) if tensor.is_floating_point() else None
+        return None
+
+
+def _weight_errors(orig: "nn.Module | _OriginalWeights", cand: nn.Module, cand_quantized: dict[str, str]) -> dict:
     """Relative error and SQNR of every quantized weight of the candidate against the original's weight
     of the same module (all Linear weights when the candidate stores none quantized)."""
-    orig_modules = dict(orig.named_modules())
+    if isinstance(orig, nn.Module):
+        orig_weights = {n: getattr(m, "weight", None) for n, m in orig.named_modules()}
+        weight_of = orig_weights.get
+    else:
+        weight_of = orig.get
     cand_modules = dict(cand.named_modules())
     if cand_quantized:
         scope, names = "quantized", list(cand_quantized)
@@ -346,8 +453,7 @@ def _weight_errors(orig: nn.Module, cand: nn.Module, cand_quantized: dict[str, s
         names = [n for n, m in cand_modules.items() if isinstance(m, (nn.Linear, PackedLinear))]
     tensors, skipped = [], []
     for name in names:
-        a, b = orig_modules.get(name), cand_modules.get(name)
-        wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
+        wa, wb = weight_of(name), getattr(cand_modules.get(name), "weight", None)
         if wa is None or wb is None or tuple(wa.shape) != tuple(wb.shape):
             skipped.append(name)
             continue
@@ -401,13 +507,20 @@ def _sentences(texts: list[str], max_sentences: int) -> list[str]:
     return out[:max_sentences]
 
 
+def _sizes(orig_info, cand_info) -> dict:
+    sizes = {"original": _size(orig_info), "candidate": _size(cand_info)}
+    if sizes["original"].get("file_bytes"):
+        sizes["candidate_vs_original_bytes"] = sizes["candidate"]["file_bytes"] / sizes["original"]["file_bytes"]
+    return sizes
+
+
 def _size(info) -> dict:
     """Size on disk of the model as given; bits per weight from the Parquet file when there is one
     (a quantized HF directory's temporary conversion counts quantized groups by their real shape)."""
     from . import perf as perf_module
 
     size = perf_module.model_size(info.source)
-    if info.converted and info.parquet:
+    if info.converted and info.parquet and Path(info.parquet).is_file():
         exact = perf_module.model_size(info.parquet)
         for key in ("parameters", "bits_per_weight", "compression_vs_bf16", "quantized_bits_per_weight", "formats"):
             size[key] = exact[key]
@@ -450,6 +563,8 @@ def evaluate(
     max_sentences: int = 128,
     batch_size: int = 16,
     perf_models: Sequence[str] = ("original", "candidate"),
+    reference_cache: str | os.PathLike | bool | None = None,
+    reference_precision: str = "float32",
 ) -> EvaluationRecord:
     """Compare ``candidate`` with ``original`` on the same text; return the full record.
 
@@ -467,6 +582,10 @@ def evaluate(
         thresholds: ``Thresholds`` (or a dict of its fields) for the verdict; default cosine >= 0.95
             and perplexity increase <= 15 %.
         max_sentences, batch_size: encoder sentences used at most, and the batch size for them.
+        reference_cache: where the original's side of a causal-LM comparison is kept (``reference``):
+            None takes ``<cache>/reference`` (``$LLMC_CACHE_DIR`` or the repository's ``.cache``), False
+            computes it without storing it. ``reference_precision``: ``float32`` logits (exact) or
+            ``float16`` log-probs (half the disk; KL divergence within 1e-3 relative).
 
     Raises:
         ValueError: different architectures or vocabularies (naming both models), empty texts, or
@@ -483,15 +602,9 @@ def evaluate(
     if context_length < 1:
         raise ValueError(f"context_length must be >= 1, got {context_length}")
     original, candidate = str(original), str(candidate)
-    check_compatible(original, candidate, read_config(original), read_config(candidate))
-
-    orig_model, orig_info = load_model(original, dtype=dtype, task=task, activation_quant=activation_quant, keep_packed=keep_packed)
-    cand_model, cand_info = load_model(candidate, dtype=dtype, task=task, activation_quant=activation_quant, keep_packed=keep_packed)
-    if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
-        raise ValueError(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} as "
-                         f"{cand_info.architecture}: different architectures")
-    tokenizer = load_tokenizer(original, orig_model)
-    _check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate, cand_model))
+    orig_config = read_config(original)
+    check_compatible(original, candidate, orig_config, read_config(candidate))
+    load = dict(dtype=dtype, task=task, activation_quant=activation_quant, keep_packed=keep_packed)
 
     from . import corpus as corpus_module
 
@@ -500,7 +613,11 @@ def evaluate(
         "corpus": None if user_texts else corpus, "num_texts": len(source_texts), "dtype": str(dtype).removeprefix("torch."),
         "activation_quant": activation_quant, "keep_packed": keep_packed, "task": task,
     }
-    if orig_info.kind == CAUSAL_LM:
+    if _is_causal(orig_config, task):
+        # One model in memory at a time: the original's side comes from the cache (or is computed and
+        # stored first), then the candidate is loaded and scored against it.
+        tokenizer = load_tokenizer(original)
+        _check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate))
         ids = _token_stream(tokenizer, source_texts, max_eval_tokens, context_length)
         if isinstance(generation_prompts, int):
             prompts = _default_prompts(ids, generation_prompts, prompt_tokens)
@@ -511,24 +628,40 @@ def evaluate(
             empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
             if empty:
                 raise ValueError(f"generation_prompts[{empty[0]}] encodes to no tokens")
+        windows = M.plan_perplexity_windows(ids.numel(), context_length, stride)
         settings.update({"context_length": context_length, "stride": stride or context_length,
                          "max_eval_tokens": max_eval_tokens, "eval_tokens": int(ids.numel()), "gen_tokens": gen_tokens,
                          "num_prompts": len(prompts)})
-        metrics = _causal_metrics(orig_model, cand_model, ids, context_length, stride, prompts, gen_tokens)
+        ref, orig_info, settings["reference_cache"] = _original_side(original, ids, windows, prompts, gen_tokens, load,
+                                                                     reference_cache, reference_precision)
+        settings["reference_precision"] = reference_precision
+        cand_model, cand_info = load_model(candidate, **load)
+        if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
+            raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
+                                  f"as {cand_info.architecture}: different architectures")
+        metrics = _causal_metrics(ref, cand_model, ids, windows, prompts, gen_tokens)
+        metrics["weight_error"] = _weight_errors(_OriginalWeights(original, dtype), cand_model, cand_info.quantized_layers)
+        sizes = _sizes(orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
+        del cand_model
     else:
+        orig_model, orig_info = load_model(original, **load)
+        cand_model, cand_info = load_model(candidate, **load)
+        if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
+            raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
+                                  f"as {cand_info.architecture}: different architectures")
+        tokenizer = load_tokenizer(original, orig_model)
+        _check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate, cand_model))
         sentences = _sentences(user_texts, max_sentences) if user_texts else split_sentences(source_texts)[:max_sentences]
         if not sentences:
             raise ValueError("no usable sentences to embed")
         settings.update({"max_length": context_length, "num_sentences": len(sentences), "batch_size": batch_size})
         metrics = _encoder_metrics(orig_model, cand_model, tokenizer, sentences, context_length, batch_size)
-    metrics["weight_error"] = _weight_errors(orig_model, cand_model, cand_info.quantized_layers)
+        metrics["weight_error"] = _weight_errors(orig_model, cand_model, cand_info.quantized_layers)
+        sizes = _sizes(orig_info, cand_info)
+        del orig_model, cand_model  # free memory before the perf subprocesses run
 
     from . import perf as perf_module
 
-    sizes = {"original": _size(orig_info), "candidate": _size(cand_info)}
-    if sizes["original"].get("file_bytes"):
-        sizes["candidate_vs_original_bytes"] = sizes["candidate"]["file_bytes"] / sizes["original"]["file_bytes"]
-    del orig_model, cand_model  # free memory before the perf subprocesses run
 
     perf_block = None
     if perf:
@@ -555,4 +688,4 @@ def evaluate(
     )
 
 
-__all__ = ["EvaluationRecord", "SCHEMA_VERSION", "Thresholds", "check_compatible", "evaluate", "judge"]
+__all__ = ["EvaluationFault", "EvaluationRecord", "SCHEMA_VERSION", "Thresholds", "check_compatible", "evaluate", "judge"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from . import schema as S
+from .atomic import temp_path
 from .formats import gguf as fmt
 from .formats.base import StoreError
 
@@ -287,7 +288,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFSource:
     from transformers import AutoModelForCausalLM
 
     config_dict = json.loads(config.to_json_string(use_diff=False))
-    config_dict.setdefault("architectures", [AutoModelForCausalLM._model_mapping[type(config)].__name__])
+    config_dict.pop("_name_or_path", None)  # where transformers read it from: this machine's path
+    if not config_dict.get("architectures"):
+        config_dict["architectures"] = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     return GGUFSource(path, reader, kv, tensors, config_dict, version, int(reader.alignment),
                       int(reader.data_offset), arch, proc_config)
 
@@ -376,7 +379,7 @@ def export_gguf(parquet_path: str | os.PathLike, out_path: str | os.PathLike, pr
         raise StoreError(f"{out}: output directory {out.parent} does not exist")
     if out.exists():
         raise StoreError(f"{out}: exists; refusing to overwrite")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out)
     arch = next(item["value"] for item in meta["kv"] if item["key"] == "general.architecture")
     try:
         writer = gguf.GGUFWriter(tmp, arch)

@@ -624,29 +624,36 @@ def _angelslim_failure(method: str, out_dir: Path, completed: subprocess.Complet
                 detail = f"step {error.get('step')!r}: {error.get('type')}: {error.get('message')}"
         except json.JSONDecodeError:
             pass
-    tail = "\n".join((completed.stderr or "").strip().splitlines()[-15:])
+    tail = "\n".join([line for line in (completed.stderr or "").splitlines() if line.strip()][-15:])
     return AngelSlimError(
         f"AngelSlim {method} failed (exit {completed.returncode})"
         + (f" at {detail}" if detail else "") + (f"\n--- AngelSlim stderr (last lines) ---\n{tail}" if tail else "")
     )
 
 
-def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_seq_len: int, seed: int,
-                        progress: bool, python: Path, group_size: int | None = None) -> QuantizeResult:
+def run_angelslim(src, out_dir: str | os.PathLike, method: str, calib_samples: int = 32, calib_seq_len: int = 256,
+                  seed: int = 0, progress: bool = True, python: str | os.PathLike | None = None,
+                  group_size: int | None = None) -> Path:
+    """Run AngelSlim's PTQ on SRC in ``.venv-angelslim`` and keep its own output directory at ``out_dir``
+    (atomically: after an error nothing is there). Returns ``out_dir``."""
     from transformers import AutoTokenizer
 
     from .sources import open_checkpoint, resolve_source
 
+    python = Path(python) if python else ANGELSLIM_PYTHON
+    out_dir = Path(out_dir)
     if method not in ANGELSLIM_METHODS:
         hint = " (one of ours: pass backend='ptq')" if method in PTQ_METHODS else ""
         raise QuantizeError(f"unknown AngelSlim method {method!r}{hint}; supported: {list(ANGELSLIM_METHODS)}")
+    if group_size is not None and method not in ANGELSLIM_GROUP_METHODS:
+        raise QuantizeError(f"AngelSlim {method} takes no group size (only {sorted(ANGELSLIM_GROUP_METHODS)})")
     problem = angelslim_missing(python)
     if problem:
         raise QuantizeError(f"AngelSlim backend: {problem}")
     if calib_samples < 1 or calib_seq_len < 2:
         raise QuantizeError(f"calib_samples must be >= 1 and calib_seq_len >= 2, got {calib_samples}, {calib_seq_len}")
-    start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=".llmc-angelslim-", dir=out.parent)).resolve()  # absolute: cwd differs
+    _check_output(out_dir, "gptq")  # a new or empty directory
+    work = Path(tempfile.mkdtemp(prefix=".llmc-angelslim-", dir=out_dir.parent)).resolve()  # absolute: cwd differs
     try:
         if Path(src).is_file():
             model_dir = export_to_hf(src, work / "model", progress=progress)
@@ -672,10 +679,26 @@ def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_s
         completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT))
         if completed.returncode != 0:
             raise _angelslim_failure(method, result_dir, completed)
-        # Provenance travels inside the Parquet file as a side file (the converter names the scratch dir).
+        # Provenance travels with the output (and, converted, inside the Parquet file as a side file).
         (result_dir / "llmc_quantize.json").write_text(json.dumps(
             {"source": str(src), "backend": "angelslim", "method": method, "group_size": group_size,
-             "calibration": _calibration_record(calib_samples, calib_seq_len, seed), "llmc_version": __version__}, indent=2) + "\n", encoding="utf-8")
+             "calibration": _calibration_record(calib_samples, calib_seq_len, seed), "llmc_version": __version__},
+            indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(result_dir, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def _quantize_angelslim(src, out: Path, method: str, calib_samples: int, calib_seq_len: int, seed: int,
+                        progress: bool, python: Path, group_size: int | None = None) -> QuantizeResult:
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".llmc-angelslim-out-", dir=out.parent)).resolve()
+    try:
+        result_dir = run_angelslim(src, work / "angelslim", method, calib_samples, calib_seq_len, seed, progress,
+                                   python, group_size)
         HuggingFaceToParquetConverter(progress=progress).convert(result_dir, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -815,5 +838,6 @@ def _compare(src, out: Path, method: str, backends: tuple[str, ...], evaluate_kw
 
 __all__ = [
     "ANGELSLIM_METHODS", "AngelSlimError", "BACKENDS", "ComparisonResult", "OUT_FORMATS", "PTQ_METHODS",
-    "QuantizeError", "QuantizeResult", "angelslim_missing", "backend_output", "quantize", "write_calibration_jsonl",
+    "QuantizeError", "QuantizeResult", "angelslim_missing", "backend_output", "quantize", "run_angelslim",
+    "write_calibration_jsonl",
 ]

@@ -11,14 +11,17 @@ import hashlib
 import html
 import json
 import os
+import shutil
+import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, atomic
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
@@ -51,6 +54,8 @@ DEFAULTS: dict = {
     "kld_threshold": None,
     "top1_threshold": None,
     "output_dir": "reports",
+    "producer": None,  # who made the candidate; default from the builtin catalogue (defaults.producer)
+    "model_name": None,  # the original model's name; default from the builtin catalogue (defaults.model_name)
 }
 
 
@@ -98,7 +103,7 @@ class RunOutcome:
 
 
 def render_html(notebook: Path) -> tuple[Path, Path]:
-    """Full HTML and a meeting version (inputs hidden) next to the executed notebook."""
+    """Full HTML and a meeting version (inputs hidden) next to the executed notebook (each written atomically)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -108,8 +113,8 @@ def render_html(notebook: Path) -> tuple[Path, Path]:
     meeting, _ = meeting_exporter.from_notebook_node(nb)
     full_path = notebook.with_suffix(".html")
     meeting_path = notebook.with_suffix(".meeting.html")
-    full_path.write_text(full, encoding="utf-8")
-    meeting_path.write_text(meeting, encoding="utf-8")
+    atomic.write_text(full_path, full)
+    atomic.write_text(meeting_path, meeting)
     return full_path, meeting_path
 
 
@@ -124,11 +129,24 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
     )
 
 
+RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
+
+
+def _publish(staging: Path, reports: Path, run: str) -> None:
+    """Move a finished run's files into ``reports`` (each an atomic rename; the record, which marks a run
+    complete, last), replacing the previous run's."""
+    for suffix in RUN_FILES:
+        produced = staging / f"{run}{suffix}"
+        if produced.exists():
+            os.replace(produced, reports / f"{run}{suffix}")
+
+
 def run_one(param_file: Path, reports: Path, force: bool = False) -> RunOutcome:
+    """Execute one run in a staging directory beside ``reports`` and publish its files when it ends: a run
+    that is stopped or killed leaves the previous run's reports as they were."""
     import papermill
 
     params = load_parameters(param_file)
-    params["output_dir"] = str(reports.resolve())
     run = params["run"]
     notebook = reports / f"{run}.ipynb"
     record = reports / f"{run}.json"
@@ -140,30 +158,72 @@ def run_one(param_file: Path, reports: Path, force: bool = False) -> RunOutcome:
             old = {}
         if old.get("inputs_digest") == digest and old.get("status") != "error":
             return RunOutcome(run, "skipped", notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
+    staging = atomic.temp_path(reports / run)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    params["output_dir"] = str(staging.resolve())
     params["inputs_digest"] = digest
     status, message = "passed", ""
+    staged_record = staging / f"{run}.json"
     try:
-        execute(EVALUATE_NOTEBOOK, notebook, params, REPO)
-    except papermill.PapermillExecutionError as exc:
-        status, message = "error", f"{exc.ename}: {exc.evalue}"
-    except Exception as exc:  # kernel died, bad notebook...
-        status, message = "error", f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    if status == "error":
-        record.write_text(json.dumps({
-            "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
-            "status": "error", "error": message, "inputs_digest": digest,
-            "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
-        }, indent=2))
-    elif record.exists():
-        data = json.loads(record.read_text())
-        status = "passed" if data.get("verdict", {}).get("passed") else "failed-check"
-    else:
-        status, message = "error", "the notebook finished without writing its record"
-    html_path = None
-    if notebook.exists():
-        html_path, _ = render_html(notebook)
+        try:
+            execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO)
+        except papermill.PapermillExecutionError as exc:
+            status, message = "error", f"{exc.ename}: {exc.evalue}"
+        except Exception as exc:  # kernel died, bad notebook...
+            status, message = "error", f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        if status == "error":
+            staged_record.write_text(json.dumps({
+                "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
+                "status": "error", "error": message, "inputs_digest": digest,
+                "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
+            }, indent=2))
+        elif staged_record.exists():
+            data = json.loads(staged_record.read_text())
+            status = data.get("status") if data.get("status") == "failed" else (
+                "passed" if data.get("verdict", {}).get("passed") else "failed-check")
+            message = "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
+        else:
+            status, message = "error", "the notebook finished without writing its record"
+            staged_record.write_text(json.dumps({"run": run, "status": "error", "error": message, "inputs_digest": digest,
+                                                 "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+        if (staging / notebook.name).exists():
+            render_html(staging / notebook.name)
+        _publish(staging, reports, run)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    html_path = notebook.with_suffix(".html") if notebook.with_suffix(".html").exists() else None
     return RunOutcome(run, status, notebook, html_path, record, message)
+
+
+@contextmanager
+def batch_lock(reports: Path, wait: bool = True):
+    """One batch at a time per reports directory: a second ``llmc run`` waits, saying for whom."""
+    import fcntl
+
+    path = reports / ".llmc-run.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise ParameterError(f"{reports}: another llmc run ({holder}) is writing reports there") from None
+            print(f"{reports}: waiting for another llmc run ({holder}) to finish writing there ...", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_batch(param_files: list[str | os.PathLike], reports: str | os.PathLike = "reports", force: bool = False,
@@ -174,6 +234,11 @@ def run_batch(param_files: list[str | os.PathLike], reports: str | os.PathLike =
     files = [Path(p) for p in param_files]
     if not files:
         raise ParameterError("no parameter files given")
+    with batch_lock(reports):
+        return _run_batch(files, reports, force, progress)
+
+
+def _run_batch(files: list[Path], reports: Path, force: bool, progress: bool) -> list[RunOutcome]:
     outcomes = []
     bar = tqdm(files, desc="runs", unit="run", disable=not progress)
     for param_file in bar:
@@ -182,15 +247,18 @@ def run_batch(param_files: list[str | os.PathLike], reports: str | os.PathLike =
             outcomes.append(run_one(param_file, reports, force))
         except ParameterError as exc:
             record = reports / f"{param_file.stem}.json"
-            record.write_text(json.dumps({"run": param_file.stem, "status": "error", "error": str(exc),
-                                          "verdict": {"passed": False, "reasons": [str(exc)]}}, indent=2))
+            atomic.write_text(record, json.dumps({"run": param_file.stem, "status": "error", "error": str(exc),
+                                                  "verdict": {"passed": False, "reasons": [str(exc)]}}, indent=2))
             outcomes.append(RunOutcome(param_file.stem, "error", reports / f"{param_file.stem}.ipynb", None, record, str(exc)))
     compare = reports / "compare_models.ipynb"
-    try:
-        execute(COMPARE_NOTEBOOK, compare, {"reports_dir": str(reports.resolve())}, REPO)
-    finally:
-        if compare.exists():
-            render_html(compare)
+    with atomic.replacing(compare, fsync=False) as staged:
+        staged_nb = staged.with_name(staged.name + ".ipynb")
+        try:
+            execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO)
+        finally:
+            if staged_nb.exists():
+                os.replace(staged_nb, staged)
+    render_html(compare)
     write_index(reports, outcomes)
     return outcomes
 
@@ -244,5 +312,5 @@ td,th{{padding:4px 8px;border:1px solid #ccc}}</style></head>
 <p><small>llm_compression {__version__}</small></p>
 </body></html>"""
     index = reports / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic.write_text(index, page)
     return index

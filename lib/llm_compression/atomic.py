@@ -1,0 +1,107 @@
+"""Writing files so that a reader sees the old version or the new one, never half of either.
+
+Every writer puts its output under a temporary name beside the target, ``.<name>.<pid>.tmp``, and
+renames it into place at the end; a failure or a stop signal removes it. A temporary left by a process
+that no longer exists (SIGKILL, power loss) is removed by the next write to the same target: the pid in
+its name says whether its writer is still alive.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) turned into the exception Ctrl-C raises, so every cleanup path runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread, as SIGINT raises KeyboardInterrupt."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_interrupted)
+
+
+def exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number, the shell's convention for a process stopped by a signal."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove temporaries of ``target`` whose writer process is gone; returns what was removed."""
+    target = Path(target)
+    removed = []
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid_text = entry.name[len(target.name) + 2 : -len(".tmp")]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or pid_alive(int(pid_text)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def temp_path(target: Path) -> Path:
+    """This process's temporary name for ``target``, after removing dead processes' leftovers."""
+    target = Path(target)
+    remove_stale(target)
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def replacing(target: Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path; when the block succeeds it replaces ``target``, when it fails it is removed."""
+    target = Path(target)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        if fsync:
+            _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(target: Path, text: str) -> Path:
+    with replacing(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_bytes(target: Path, data: bytes) -> Path:
+    with replacing(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)

@@ -1,0 +1,160 @@
+"""What one run of the evaluation notebook computes besides the evaluation itself: the store check
+(convert, verify, round trip), the run record and its verdict. The notebook only calls and shows these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import atomic, catalog, decision
+from .converter import HuggingFaceToParquetConverter, export_to_hf
+from .gguf_store import export_gguf, is_gguf_file
+from .loader import WeightLoaderV2
+
+
+@dataclass
+class StoreCheck:
+    """The candidate as stored: its Parquet file, whether every checksum verifies, whether it came back exactly."""
+
+    parquet: Path
+    source_kind: str  # "parquet" (given as a weight file), "gguf" or "hf"
+    convert_seconds: float | None
+    checksum_problems: list[str]
+    lossless: bool | None  # None: nothing to compare with (the candidate was a Parquet file already)
+    lossless_detail: str = ""
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.checksum_problems and self.lossless is not False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
+    from .sources import open_checkpoint, resolve_source
+
+    exported = scratch / "exported"
+    shutil.rmtree(exported, ignore_errors=True)
+    export_to_hf(parquet, exported, progress=False)
+    try:
+        src = open_checkpoint(resolve_source(source))
+        back = open_checkpoint(exported)
+        mismatched = [n for n in src.tensors
+                      if n not in back.tensors or not torch.equal(src.read(n).contiguous().view(torch.uint8),
+                                                                  back.read(n).contiguous().view(torch.uint8))]
+        extra = set(back.tensors) - set(src.tensors)
+    finally:
+        shutil.rmtree(exported, ignore_errors=True)
+    if mismatched or extra:
+        return False, f"{len(mismatched)} tensors differ (first: {(mismatched or sorted(extra))[0]})"
+    return True, f"all {len(src.tensors)} tensors bit for bit"
+
+
+def _gguf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
+    back = scratch / "back.gguf"
+    back.unlink(missing_ok=True)
+    try:
+        differences = export_gguf(parquet, back)
+        same = _sha256(back) == _sha256(source)
+    finally:
+        back.unlink(missing_ok=True)
+    if same:
+        return True, "GGUF rewritten byte for byte (same sha256)"
+    return False, "GGUF rewritten with differences: " + ("; ".join(differences) or "bytes differ")
+
+
+def store_candidate(candidate_src: str | Path, scratch: Path) -> StoreCheck:
+    """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
+    check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte."""
+    if str(candidate_src).endswith(".parquet"):
+        parquet, kind, seconds = Path(candidate_src), "parquet", None
+    else:
+        kind = "gguf" if Path(candidate_src).is_file() and is_gguf_file(candidate_src) else "hf"
+        parquet = scratch / "candidate.parquet"
+        parquet.unlink(missing_ok=True)
+        started = time.perf_counter()
+        HuggingFaceToParquetConverter(progress=False).convert(candidate_src, parquet)
+        seconds = time.perf_counter() - started
+    loader = WeightLoaderV2(parquet)
+    problems = loader.verify_all()
+    lossless, detail = None, "n/a (given as a Parquet weight file)"
+    if kind == "hf":
+        lossless, detail = _hf_round_trip(Path(candidate_src), parquet, scratch)
+    elif kind == "gguf":
+        lossless, detail = _gguf_round_trip(Path(candidate_src), parquet, scratch)
+    return StoreCheck(parquet, kind, seconds, problems, lossless, detail, catalog.summary(loader))
+
+
+def store_facts(check: StoreCheck) -> dict:
+    store = check.summary
+    return {
+        "file size (MB)": round(store["file_bytes"] / 1e6, 3),
+        "parameters": f"{store['parameters']:,}",
+        "bits per weight (all tensors)": round(store["bits_per_weight"], 3),
+        "bits per weight (quantized tensors)": None if store["quantized_bits_per_weight"] is None
+        else round(store["quantized_bits_per_weight"], 3),
+        "compression vs bf16": f"{store['compression_vs_bf16']:.2f}x",
+        "storage formats": ", ".join(store["formats"]),
+        "checksums": "all verify" if not check.checksum_problems else f"{len(check.checksum_problems)} FAILED",
+        "round trip": {True: "exact: ", False: "NOT exact: ", None: ""}[check.lossless] + check.lossless_detail,
+        "conversion time (s)": None if check.convert_seconds is None else round(check.convert_seconds, 2),
+    }
+
+
+def _run_parameters(params: dict) -> dict:
+    keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens", "dtype",
+            "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold")
+    return {k: params.get(k) for k in keys}
+
+
+def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
+    """The run's record: the evaluation record, the store check, and the verdict (which also fails when the
+    file is not a bit-exact, verified copy of the checkpoint)."""
+    verdict = dict(data["verdict"])
+    reasons = list(verdict.get("reasons") or [])
+    if not check.ok:
+        reasons.append("the Parquet file is not a bit-exact copy of the checkpoint"
+                       + (f" ({check.lossless_detail})" if check.lossless is False else " (checksums fail)"))
+    passed = bool(verdict.get("passed")) and check.ok
+    verdict.update(passed=passed, reasons=reasons)
+    summary = decision.summarize(data, params)
+    summary["passed"] = passed
+    return {
+        "run": params["run"], "title": params["title"], "status": "passed" if passed else "failed-check",
+        "inputs_digest": params.get("inputs_digest"), "parameters": _run_parameters(params),
+        "store": {**check.summary, "checksums_verify": not check.checksum_problems,
+                  "export_bit_exact": check.lossless, "round_trip": check.lossless_detail},
+        **{k: v for k, v in data.items() if k != "verdict"}, "verdict": verdict, "summary": summary,
+    }
+
+
+def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> dict:
+    """The record of a run the evaluation refused (NaN logits, another vocabulary or architecture...): it
+    fails with that reason, and the batch goes on."""
+    summary = {"run": params["run"], "title": params["title"], "model": params.get("model"),
+               "reference": params.get("reference"), "producer": params.get("producer"), "passed": False}
+    return {
+        "run": params["run"], "title": params["title"], "status": "failed", "inputs_digest": params.get("inputs_digest"),
+        "parameters": _run_parameters(params),
+        **({"store": {**check.summary, "checksums_verify": not check.checksum_problems,
+                      "export_bit_exact": check.lossless}} if check else {}),
+        "verdict": {"passed": False, "reasons": [reason], "checks": []}, "summary": summary,
+    }
+
+
+def write_record(out_dir: str | Path, record: dict) -> Path:
+    return atomic.write_text(Path(out_dir) / f"{record['run']}.json", json.dumps(record, indent=2, default=str))
