@@ -78,15 +78,60 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
-    from .workbook import run_batch
-
-    outcomes = run_batch(args.parameters, reports=args.reports, force=args.force, progress=not args.quiet)
+def _print_outcomes(outcomes, reports: str, pdf: bool) -> None:
     width = max(len(o.run) for o in outcomes)
     for o in outcomes:
-        print(f"{o.run:<{width}}  {o.status:<12} {o.html or o.record}{'  ' + o.message if o.message else ''}")
-    print(f"index: {args.reports}/index.html")
+        message = o.message.splitlines()[0][:200] if o.message else ""
+        print(f"{o.run:<{width}}  {o.status:<12} {o.html or o.record}{'  ' + message if message else ''}")
+    print(f"index: {reports}/index.html")
+    if pdf:
+        from .pdf import print_reports
+
+        for path in print_reports(reports, [o.run for o in outcomes]):
+            print(f"pdf: {path}")
+
+
+def _cmd_run(args) -> int:
+    from .workbook import ParameterError, parse_overrides, run_batch
+
+    if args.pdf:
+        from .pdf import find_chromium
+
+        find_chromium()  # before hours of runs: say now how to get Chromium if it is missing
+    try:
+        outcomes = run_batch(args.parameters, reports=args.reports, force=args.force, progress=not args.quiet,
+                             overrides=parse_overrides(args.param))
+    except ParameterError as exc:
+        raise StoreError(str(exc)) from None
+    _print_outcomes(outcomes, args.reports, args.pdf)
     return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .workbook import ParameterError, check_parameters, check_source, parse_overrides, run_batch
+
+    try:
+        check_source("candidate", args.candidate)
+        check_source("reference", args.reference)
+        raw = {"model": args.candidate, "reference": args.reference,
+               "run": args.run or _run_name(args.candidate)}
+        params = check_parameters(raw, "llmc evaluate", parse_overrides(args.param))
+        if args.pdf:
+            from .pdf import find_chromium
+
+            find_chromium()
+        outcomes = run_batch([params], reports=args.reports, force=True, progress=not args.quiet)
+    except ParameterError as exc:
+        raise StoreError(str(exc)) from None
+    _print_outcomes(outcomes, args.reports, args.pdf)
+    return 0
+
+
+def _run_name(source: str) -> str:
+    import re
+
+    name = str(source).rstrip("/").removeprefix("builtin:").replace("/", "-").rsplit("/", 1)[-1]
+    return re.sub(r"[^\w.-]+", "-", name.removesuffix(".parquet").removesuffix(".gguf")) or "candidate"
 
 
 def _cmd_quantize(args) -> int:
@@ -145,14 +190,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
 
+    examples = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("run", help="execute the evaluation notebook once per parameters file, then the comparison",
+                       formatter_class=examples,
                        description="Run evaluate_model.ipynb (papermill) for each parameters YAML, then compare_models.ipynb; "
-                                   "render HTML reports and reports/index.html. Runs whose inputs did not change are skipped.")
+                                   "render HTML reports and reports/index.html (the decision first). Runs whose inputs did "
+                                   "not change are skipped.",
+                       epilog="examples:\n"
+                              "  llmc run parameters/default/*.yaml\n"
+                              "  llmc run parameters/default/smollm2-ptq-int8.yaml -p max_eval_tokens 1024 -p measure_perf false\n"
+                              "  llmc run parameters/default/*.yaml --pdf        # also reports/*.pdf (headless Chromium)")
     p.add_argument("parameters", nargs="+", help="parameters/*.yaml files")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="override a parameter of every run; VALUE is parsed as YAML (0.9, true, null, text)")
     p.add_argument("--reports", default="reports", help="output directory (default: reports)")
     p.add_argument("--force", action="store_true", help="re-run even when inputs are unchanged")
+    p.add_argument("--pdf", action="store_true", help="print the index and each meeting report to PDF (headless Chromium)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("evaluate", help="evaluate one candidate against its original, without a parameters file",
+                       formatter_class=examples,
+                       description="One run of the evaluation notebook for CANDIDATE against --reference, writing the same "
+                                   "record, HTML reports and index as llmc run.",
+                       epilog="examples:\n"
+                              "  llmc evaluate builtin:smollm2/ptq-int4 --reference builtin:smollm2\n"
+                              "  llmc evaluate model-int4.parquet --reference path/to/bf16-model -p context_length 512 "
+                              "-p ppl_threshold 0.05\n"
+                              "  llmc evaluate AngelSlim/Qwen3-0_6B_int4_awq --reference Qwen/Qwen3-0.6B --reports reports/qwen3")
+    p.add_argument("candidate", help="HF directory, hub id, .parquet, .gguf or builtin:<name>")
+    p.add_argument("--reference", required=True, help="the original it is compared with (same kinds of source)")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="set a parameter (see llm_compression.workbook.DEFAULTS); VALUE is parsed as YAML")
+    p.add_argument("--run", help="name of the run (default: from the candidate)")
+    p.add_argument("--reports", default="reports", help="output directory (default: reports)")
+    p.add_argument("--pdf", action="store_true", help="also print the index and the meeting report to PDF")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "quantize", help="quantize a model with our PTQ (INT8/INT4/INT2 RTN, GPTQ) or AngelSlim into a weight file",

@@ -96,18 +96,22 @@ class StoreWriter:
         if not self.output.parent.is_dir():
             raise StoreError(f"{self.output}: output directory {self.output.parent} does not exist")
         self.tmp = temp_path(self.output)
-        small = [c for c in S.INDEX_COLUMNS if c not in (S.SCALES, S.ZERO_POINTS)]
-        self.writer = pq.ParquetWriter(
-            self.tmp,
-            S.STORE_SCHEMA,
-            compression="none",  # weights do not compress; decoding speed matters more
-            use_dictionary=False,
-            write_statistics=small,  # never compute min/max over the payload
-            # No page CRC: Arrow computes it at ~0.1 GB/s, and every array already carries an xxh3
-            # checksum that the loader verifies end to end.
-            write_page_checksum=False,
-            data_page_size=8 * 1024 * 1024,
-        )
+        try:  # a signal between creating the file and returning must not leave it behind
+            small = [c for c in S.INDEX_COLUMNS if c not in (S.SCALES, S.ZERO_POINTS)]
+            self.writer = pq.ParquetWriter(
+                self.tmp,
+                S.STORE_SCHEMA,
+                compression="none",  # weights do not compress; decoding speed matters more
+                use_dictionary=False,
+                write_statistics=small,  # never compute min/max over the payload
+                # No page CRC: Arrow computes it at ~0.1 GB/s, and every array already carries an xxh3
+                # checksum that the loader verifies end to end.
+                write_page_checksum=False,
+                data_page_size=8 * 1024 * 1024,
+            )
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.index: dict[str, list[int]] = {}
         self.row_groups = 0
         self.bytes_written = 0
@@ -164,10 +168,18 @@ class StoreWriter:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.output)
 
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
     def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)  # first: the name must go even if closing fails or is interrupted
         try:
             self.writer.close()
-        except Exception:
+        except BaseException:
             pass
         self.tmp.unlink(missing_ok=True)
 
@@ -244,9 +256,10 @@ class HuggingFaceToParquetConverter:
         ckpt = open_checkpoint(root, allow_pickle=self.allow_pickle)
         qconfig = ckpt.quantization_config
         fmt = formats.detect(qconfig, ckpt.tensors, source=str(root / "config.json"))
-        writer = StoreWriter(Path(output_parquet))
+        writer = None
         current = "(none)"
         try:
+            writer = StoreWriter(Path(output_parquet))
             modules = _group_by_module(list(ckpt.tensors))
             bar = tqdm(total=len(ckpt.tensors), desc=f"convert {root.name}", unit="tensor", disable=not self.progress)
             for module, members in modules.items():
@@ -285,12 +298,14 @@ class HuggingFaceToParquetConverter:
             bar.close()
             writer.commit(source_metadata(ckpt, str(hf_model_path)))
         except OSError as exc:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             if exc.errno == errno.ENOSPC:
                 raise StoreError(f"{output_parquet}: disk full while writing tensor {current!r}; no output written") from None
             raise StoreError(f"{output_parquet}: write failed at tensor {current!r}: {exc}") from None
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         return ConversionReport(Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 

@@ -10,6 +10,8 @@ import math
 
 import pandas as pd
 
+from .phases import format_ppl_delta
+
 COLUMNS = {
     "run": "run",
     "producer": "produced by",
@@ -22,7 +24,7 @@ COLUMNS = {
     "cosine": "cosine (mean)",
     "kld_mean": "KLD (mean)",
     "top1_agreement": "top-1 agree",
-    "ppl_delta_pct": "PPL Δ (%)",
+    "ppl_delta_pct": "PPL change",
     "latency": "latency",
     "peak_rss_mb": "peak RSS (MB)",
     "verdict": "verdict",
@@ -93,7 +95,7 @@ def style_decision_table(table: pd.DataFrame):
     fmt = {
         COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["quantized_bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
         COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
-        COLUMNS["ppl_delta_pct"]: "{:+.2f}", COLUMNS["peak_rss_mb"]: "{:.0f}",
+        COLUMNS["ppl_delta_pct"]: format_ppl_delta, COLUMNS["peak_rss_mb"]: "{:.0f}",
     }
     return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
 

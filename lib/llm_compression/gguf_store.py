@@ -310,9 +310,10 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
     from .converter import ConversionReport, StoreWriter
 
     src = open_gguf(path)
-    writer = StoreWriter(Path(output))
+    writer = None
     current = "(none)"
     try:
+        writer = StoreWriter(Path(output))
         for info, tensor in tqdm(list(zip(src.tensors, src.reader.tensors)), desc=f"convert {src.path.name}",
                                  unit="tensor", disable=not progress):
             current = info["gguf_name"]
@@ -324,12 +325,14 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
             writer.write(fmt.make_row(info["hf_name"] or info["gguf_name"], _raw_bytes(tensor), params))
         writer.commit(_metadata(src, label or str(path)))
     except OSError as exc:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         if exc.errno == errno.ENOSPC:
             raise StoreError(f"{output}: disk full while writing tensor {current!r}; no output written") from None
         raise StoreError(f"{output}: write failed at tensor {current!r}: {exc}") from None
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     return ConversionReport(Path(output), len(src.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 

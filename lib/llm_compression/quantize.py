@@ -33,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -447,11 +448,10 @@ def _write_parquet(source: _Source, results: dict[str, ptq.QuantizedLinear], opt
 
     groups = source.groups()
     items = source.items()
-    writer = StoreWriter(out)
     names: list[str] = []  # export names, in order (one safetensors shard)
     written: set[str] = set()
     q_bytes = q_numel = 0
-    try:
+    with StoreWriter(out) as writer:  # removed again if anything below fails or is interrupted
         for layer, name in tqdm(items, desc=f"write {out.name}", unit="tensor", disable=not progress):
             if layer in results:
                 is_weight = name == f"{layer}.weight" or name in groups.get(layer, ())
@@ -485,9 +485,6 @@ def _write_parquet(source: _Source, results: dict[str, ptq.QuantizedLinear], opt
         })
         metadata[S.META_SOURCE] = _source_record(source, "ptq", options.as_dict())
         writer.commit(metadata)
-    except BaseException:
-        writer.abort()
-        raise
     return 8.0 * q_bytes / q_numel if q_numel else 0.0
 
 
@@ -631,11 +628,15 @@ def _angelslim_failure(method: str, out_dir: Path, completed: subprocess.Complet
     )
 
 
+ANGELSLIM_TIMEOUT_S = 3600  # the slowest method on a 1-2 B model on this CPU takes well under this
+
+
 def run_angelslim(src, out_dir: str | os.PathLike, method: str, calib_samples: int = 32, calib_seq_len: int = 256,
                   seed: int = 0, progress: bool = True, python: str | os.PathLike | None = None,
-                  group_size: int | None = None) -> Path:
+                  group_size: int | None = None, timeout_s: float = ANGELSLIM_TIMEOUT_S) -> Path:
     """Run AngelSlim's PTQ on SRC in ``.venv-angelslim`` and keep its own output directory at ``out_dir``
-    (atomically: after an error nothing is there). Returns ``out_dir``."""
+    (atomically: after an error nothing is there). Returns ``out_dir``. A run that is killed, takes longer
+    than ``timeout_s`` or leaves an incomplete output fails with that reason (``AngelSlimError``)."""
     from transformers import AutoTokenizer
 
     from .sources import open_checkpoint, resolve_source
@@ -676,9 +677,22 @@ def run_angelslim(src, out_dir: str | os.PathLike, method: str, calib_samples: i
         env.pop("PYTHONPATH", None)  # the isolated env must not see this project's packages
         if progress:
             print(f"AngelSlim {method}: {' '.join(command)}", file=sys.stderr)
-        completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT))
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
+                                       timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AngelSlimError(f"AngelSlim {method} did not finish within {timeout_s:g} s: stopped, its partial "
+                                 f"output removed") from None
+        if completed.returncode < 0:
+            raise AngelSlimError(f"AngelSlim {method} was killed by {signal.Signals(-completed.returncode).name}; "
+                                 f"its partial output removed")
         if completed.returncode != 0:
             raise _angelslim_failure(method, result_dir, completed)
+        missing = [what for what, present in (("config.json", (result_dir / "config.json").is_file()),
+                                              ("*.safetensors", any(result_dir.glob("*.safetensors")))) if not present]
+        if missing:
+            raise AngelSlimError(f"AngelSlim {method} exited 0 but its output is incomplete (no {', '.join(missing)} "
+                                 f"in {result_dir.name}); removed")
         # Provenance travels with the output (and, converted, inside the Parquet file as a side file).
         (result_dir / "llmc_quantize.json").write_text(json.dumps(
             {"source": str(src), "backend": "angelslim", "method": method, "group_size": group_size,

@@ -117,7 +117,8 @@ def store_facts(check: StoreCheck) -> dict:
 
 def _run_parameters(params: dict) -> dict:
     keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens", "dtype",
-            "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold")
+            "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold",
+            "overrides")
     return {k: params.get(k) for k in keys}
 
 

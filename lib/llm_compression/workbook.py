@@ -56,6 +56,7 @@ DEFAULTS: dict = {
     "output_dir": "reports",
     "producer": None,  # who made the candidate; default from the builtin catalogue (defaults.producer)
     "model_name": None,  # the original model's name; default from the builtin catalogue (defaults.model_name)
+    "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
 }
 
 
@@ -63,25 +64,60 @@ class ParameterError(ValueError):
     pass
 
 
-def load_parameters(path: str | os.PathLike) -> dict:
-    """A run's parameters: the YAML merged over DEFAULTS, checked for unknown keys and required ones."""
+def parse_overrides(pairs: list[tuple[str, str]] | None) -> dict:
+    """``-p KEY VALUE`` pairs, each value parsed as YAML (as papermill's ``-p``/``-y`` do): ``0.9`` is a
+    number, ``true`` a bool, ``null`` None, anything else a string."""
+    out = {}
+    for key, value in pairs or []:
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def check_parameters(raw: dict, origin: str, overrides: dict | None = None) -> dict:
+    """Parameters from a mapping, merged over DEFAULTS with ``overrides`` last; unknown keys are an error."""
+    if not isinstance(raw, dict):
+        raise ParameterError(f"{origin}: expected a mapping of parameters")
+    overrides = dict(overrides or {})
+    unknown = sorted((set(raw) | set(overrides)) - set(DEFAULTS))
+    if unknown:
+        raise ParameterError(f"{origin}: unknown parameters {unknown}; known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **raw, **overrides}
+    if overrides:
+        params["overrides"] = overrides  # travels into the record and the inputs digest
+    params["run"] = params["run"] or Path(origin).stem
+    for key in ("model", "reference"):
+        if not params[key]:
+            raise ParameterError(f"{origin}: parameter {key!r} is required")
+    params["title"] = params["title"] or params["run"]
+    return params
+
+
+def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """A run's parameters: the YAML merged over DEFAULTS (then ``overrides``), checked for unknown keys and
+    required ones."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ParameterError(f"{path}: cannot read parameters ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ParameterError(f"{path}: expected a mapping of parameters")
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ParameterError(f"{path}: unknown parameters {unknown}; known: {sorted(DEFAULTS)}")
-    params = {**DEFAULTS, **raw}
-    params["run"] = params["run"] or path.stem
-    for key in ("model", "reference"):
-        if not params[key]:
-            raise ParameterError(f"{path}: parameter {key!r} is required")
-    params["title"] = params["title"] or params["run"]
-    return params
+    return check_parameters(raw, str(path), overrides)
+
+
+def check_source(key: str, source: str) -> None:
+    """One clear error naming a source that does not exist (builtins and hub ids are checked where resolved)."""
+    from . import defaults
+    from .sources import HUB_ID
+
+    if defaults.is_builtin(source):
+        defaults.describe(source)  # an unknown builtin name raises, listing the known ones
+        return
+    text = str(source)
+    if Path(text).exists() or text.startswith(("s3://", "hf://")) or HUB_ID.match(text):
+        return
+    raise ParameterError(f"{key}: {text} does not exist (not a file, directory, hub id or builtin:<name>)")
 
 
 def inputs_digest(params: dict) -> str:
@@ -129,6 +165,19 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
     )
 
 
+def _error_summary(params: dict) -> dict:
+    """Who made the candidate and which model it is, for a run that stopped before its record was written."""
+    from . import defaults
+
+    try:
+        producer = params.get("producer") or defaults.producer(params["model"])
+        model = params.get("model_name") or defaults.model_name(params["reference"])
+    except defaults.BuiltinError:
+        producer, model = None, None
+    return {"run": params["run"], "title": params["title"], "model": params["model"], "reference": params["reference"],
+            "producer": producer, "original_model": model, "passed": False}
+
+
 RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
 
 
@@ -141,12 +190,13 @@ def _publish(staging: Path, reports: Path, run: str) -> None:
             os.replace(produced, reports / f"{run}{suffix}")
 
 
-def run_one(param_file: Path, reports: Path, force: bool = False) -> RunOutcome:
+def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrides: dict | None = None) -> RunOutcome:
     """Execute one run in a staging directory beside ``reports`` and publish its files when it ends: a run
-    that is stopped or killed leaves the previous run's reports as they were."""
+    that is stopped or killed leaves the previous run's reports as they were. ``param_file``: a YAML path
+    or an already checked parameter mapping (``llmc evaluate``)."""
     import papermill
 
-    params = load_parameters(param_file)
+    params = dict(param_file) if isinstance(param_file, dict) else load_parameters(param_file, overrides)
     run = params["run"]
     notebook = reports / f"{run}.ipynb"
     record = reports / f"{run}.json"
@@ -178,6 +228,7 @@ def run_one(param_file: Path, reports: Path, force: bool = False) -> RunOutcome:
                 "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
                 "status": "error", "error": message, "inputs_digest": digest,
                 "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
+                "summary": _error_summary(params),
             }, indent=2))
         elif staged_record.exists():
             data = json.loads(staged_record.read_text())
@@ -226,30 +277,32 @@ def batch_lock(reports: Path, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_batch(param_files: list[str | os.PathLike], reports: str | os.PathLike = "reports", force: bool = False,
-              progress: bool = True) -> list[RunOutcome]:
-    """Execute every run, then the comparison notebook, then write reports/index.html."""
+def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike = "reports", force: bool = False,
+              progress: bool = True, overrides: dict | None = None) -> list[RunOutcome]:
+    """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
+    the comparison notebook, then write reports/index.html."""
     reports = Path(reports)
     reports.mkdir(parents=True, exist_ok=True)
-    files = [Path(p) for p in param_files]
-    if not files:
+    runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
+    if not runs:
         raise ParameterError("no parameter files given")
     with batch_lock(reports):
-        return _run_batch(files, reports, force, progress)
+        return _run_batch(runs, reports, force, progress, overrides)
 
 
-def _run_batch(files: list[Path], reports: Path, force: bool, progress: bool) -> list[RunOutcome]:
+def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides: dict | None) -> list[RunOutcome]:
     outcomes = []
-    bar = tqdm(files, desc="runs", unit="run", disable=not progress)
+    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
     for param_file in bar:
-        bar.set_postfix_str(param_file.stem)
+        name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
+        bar.set_postfix_str(name)
         try:
-            outcomes.append(run_one(param_file, reports, force))
+            outcomes.append(run_one(param_file, reports, force, overrides))
         except ParameterError as exc:
-            record = reports / f"{param_file.stem}.json"
-            atomic.write_text(record, json.dumps({"run": param_file.stem, "status": "error", "error": str(exc),
+            record = reports / f"{name}.json"
+            atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": str(exc),
                                                   "verdict": {"passed": False, "reasons": [str(exc)]}}, indent=2))
-            outcomes.append(RunOutcome(param_file.stem, "error", reports / f"{param_file.stem}.ipynb", None, record, str(exc)))
+            outcomes.append(RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, str(exc)))
     compare = reports / "compare_models.ipynb"
     with atomic.replacing(compare, fsync=False) as staged:
         staged_nb = staged.with_name(staged.name + ".ipynb")
@@ -277,8 +330,52 @@ def load_records(reports: Path, runs: list[str] | None = None) -> list[dict]:
     return records
 
 
+def _figure_png(fig) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _criteria_html(criteria, reports: Path) -> str:
+    rows = []
+    for c in criteria:
+        evidence = html.escape(c.evidence)
+        if c.run and (reports / f"{c.run}.meeting.html").exists():
+            evidence = f'<a href="{html.escape(c.run)}.meeting.html">{evidence}</a>'
+        mark = '<span class="ok">yes</span>' if c.met else '<span class="no">NO</span>'
+        rows.append(f"<tr><td>{html.escape(c.name)}</td><td>{mark}</td><td>{evidence}</td></tr>")
+    return "<table><tr><th>criterion</th><th>met</th><th>evidence</th></tr>" + "".join(rows) + "</table>"
+
+
+def decision_html(records: list[dict], reports: Path) -> str:
+    """The index's opening: the Phase 1 verdict with its evidence, the Phase 2 checklist, a recommendation
+    per original model and the size/quality picture, all computed from the records (``phases``)."""
+    from . import phases
+
+    decided = phases.decide(records, phases.project_environment(REPO))
+    css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
+    parts = [f'<div class="headline {css}">{html.escape(decided.headline)}</div>',
+             "<h3>Phase 1: validate AngelSlim's checkpoints</h3>", _criteria_html(decided.phase1, reports),
+             "<h3>Phase 2: integrate AngelSlim (what this project shows)</h3>", _criteria_html(decided.phase2, reports),
+             "<h3>Recommendation per original model</h3>"]
+    for model, lines in decided.recommendations.items():
+        parts.append(f"<h4>{html.escape(model)}</h4><ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
+    fig = phases.size_quality_figure(records)
+    if fig is not None:
+        parts.append("<h3>Size against quality</h3><p>Bits per weight of the quantized layers against the "
+                     "perplexity change (cosine loss for the encoder); green passes, red fails.</p>"
+                     f'<img alt="size against quality" style="max-width:100%" src="data:image/png;base64,{_figure_png(fig)}">')
+    return '<section id="decision"><h2>Decision</h2>' + "".join(parts) + "</section>"
+
+
 def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
-    """reports/index.html: the decision table and links to every run's reports."""
+    """reports/index.html: the decision, the decision table and links to every run's reports."""
     from .decision import decision_table, style_decision_table
 
     records = load_records(reports)  # every run in the directory, not only this batch's
@@ -297,18 +394,26 @@ def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
             target = reports / f"{o.run}{suffix}"
             if target.exists():
                 links.append(f'<a href="{html.escape(target.name)}">{label}</a>')
+        message = o.message.splitlines()[0][:300] if o.message else ""
         items.append(f"<li><b>{html.escape(o.run)}</b> — {html.escape(o.status)}"
-                     f"{' (' + html.escape(o.message) + ')' if o.message else ''}: {' · '.join(links)}</li>")
+                     f"{' (' + html.escape(message) + ')' if message else ''}: {' · '.join(links)}</li>")
     compare = '<p><a href="compare_models.html">Comparison notebook (plots)</a></p>' if (reports / "compare_models.html").exists() else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Quantized checkpoint evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
-td,th{{padding:4px 8px;border:1px solid #ccc}}</style></head>
-<body><h1>Quantized checkpoint evaluation</h1>
-<p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted.</p>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1250px}} table{{border-collapse:collapse;margin-bottom:1em}}
+td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
+border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{{background:#fff4d6}}
+.ok{{color:#2e7d32;font-weight:bold}} .no{{color:#c62828;font-weight:bold}}
+@media print{{body{{margin:0;max-width:none;font-size:10px}} table{{font-size:9px}} img{{max-width:100%}}
+#decision-table td,#decision-table th{{padding:2px 3px}} h2,h3{{break-after:avoid}} tr{{break-inside:avoid}}}}</style></head>
+<body><h1>Is this quantized checkpoint fit for our Parquet weight store?</h1>
+{decision_html(records, reports) if records else ""}
+<h2>All runs</h2>
+<p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted. Runs whose activations
+are quantized (W8A8) are a different comparison from weight-only runs: the activations column says which.</p>
 <div id="decision-table">{table_html}</div>
 {compare}
-<h2>Runs</h2><ul>{''.join(items)}</ul>
+<h2>Reports</h2><ul>{''.join(items)}</ul>
 <p><small>llm_compression {__version__}</small></p>
 </body></html>"""
     index = reports / "index.html"

@@ -1,0 +1,303 @@
+"""The decision the planning report asks for, computed from the run records.
+
+Phase 1 (``seed-angelslim-validation-report.md``) succeeds when one AngelSlim checkpoint is converted
+into the store, ``WeightLoaderV2`` loads it, its cosine similarity to the original is above the
+threshold (0.95 in the seed; each run's own ``cosine_threshold``) and inference works. Then the project
+goes to Phase 2 (an isolated environment, AngelSlim installed, the full toolchain, ``--backend
+angelslim`` in the CLI, documentation), which this module checks against what the project itself shows.
+If Phase 1 fails, the recommendation is to keep our PTQ INT8/INT2. Nothing here is written per model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GO, NO_GO, NO_ANGELSLIM = "go", "no-go", "no AngelSlim run"
+
+
+@dataclass
+class Criterion:
+    name: str
+    met: bool
+    evidence: str
+    run: str | None = None  # the run whose report shows it
+
+
+@dataclass
+class Decision:
+    outcome: str  # GO | NO_GO | NO_ANGELSLIM
+    headline: str
+    phase1: list[Criterion]
+    phase2: list[Criterion]
+    recommendations: dict[str, list[str]] = field(default_factory=dict)  # original model -> sentences
+
+
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def format_ppl_delta(pct) -> str:
+    """``+2.6 %``; an exploded perplexity as ``× 316,000`` instead of ``31633168.43 %``."""
+    pct = _number(pct)
+    if pct is None:
+        return "—"
+    if pct >= 1000:
+        return f"× {1 + pct / 100:,.0f}"
+    return f"{pct:+.1f} %"
+
+
+def producer_of(record: dict) -> str:
+    return (record.get("summary") or {}).get("producer") or (record.get("candidate") or {}).get("producer") or ""
+
+
+def is_angelslim(record: dict) -> bool:
+    return producer_of(record).startswith("angelslim")
+
+
+def is_ours(record: dict) -> bool:
+    return producer_of(record).startswith("llmc ptq")
+
+
+def bit_width(record: dict) -> str | None:
+    """The class a candidate competes in, from the bits per weight its quantized layers really take."""
+    bits = _number((record.get("summary") or {}).get("quantized_bits_per_weight"))
+    if bits is None:
+        return None
+    return "8-bit" if bits >= 7.5 else "4-bit" if bits >= 3.5 else "2-bit" if bits >= 1.5 else "below 2-bit"
+
+
+def _label(record: dict) -> str:
+    producer = producer_of(record)
+    if producer.startswith("angelslim"):
+        parts = producer.split()
+        return "AngelSlim " + " ".join(parts[2:])  # drop the version
+    if producer.startswith("llmc ptq"):
+        return "our " + producer.removeprefix("llmc ptq ").split(" g")[0].replace("gptq int4", "GPTQ int4")
+    if producer.startswith("llmc writer"):
+        return producer.removeprefix("llmc writer ") + " (our writer)"
+    return record.get("run") or "?"
+
+
+def _inference_works(record: dict) -> tuple[bool, str]:
+    ppl = _number(((record.get("metrics") or {}).get("ppl") or {}).get("candidate"))
+    generation = (record.get("metrics") or {}).get("generation") or {}
+    cosine = _number((record.get("summary") or {}).get("cosine"))
+    if ppl is not None:
+        agree = generation.get("agreement")
+        extra = f", greedy generation agrees on {agree:.0%} of tokens" if isinstance(agree, (int, float)) else ""
+        return True, f"perplexity {ppl:.2f}{extra}"
+    if cosine is not None:  # encoders: embeddings computed
+        return True, f"embeddings computed (cosine {cosine:.4f})"
+    return False, "no output measured"
+
+
+def _phase1_for(record: dict) -> list[Criterion]:
+    run = record.get("run")
+    store = record.get("store") or {}
+    status = record.get("status")
+    converted = status != "error" and bool(store) and store.get("export_bit_exact") is not False
+    detail = store.get("round_trip") or ("converted" if converted else (record.get("error") or "not converted"))
+    loads = converted and store.get("checksums_verify") is True
+    threshold = _number((record.get("parameters") or {}).get("cosine_threshold")) or 0.95
+    cosine = _number((record.get("summary") or {}).get("cosine"))
+    works, evidence = _inference_works(record) if loads else (False, "not loaded")
+    return [
+        Criterion("an AngelSlim model is converted into the store", converted, f"{run}: {detail}", run),
+        Criterion("WeightLoaderV2 loads it", loads,
+                  f"{run}: every tensor read back, checksums verify" if loads else f"{run}: not loaded", run),
+        Criterion(f"cosine similarity above {threshold:g}", cosine is not None and cosine > threshold,
+                  f"{run}: cosine {cosine:.4f}" if cosine is not None else f"{run}: not measured", run),
+        Criterion("inference works", works, f"{run}: {evidence}", run),
+    ]
+
+
+def phase1(records: list[dict]) -> tuple[str, list[Criterion]]:
+    """The outcome and, per criterion, the evidence of the best AngelSlim run (the first that meets all)."""
+    angelslim = [r for r in records if is_angelslim(r)]
+    if not angelslim:
+        return NO_ANGELSLIM, [Criterion(name, False, "no AngelSlim run in this batch") for name in (
+            "an AngelSlim model is converted into the store", "WeightLoaderV2 loads it",
+            "cosine similarity above 0.95", "inference works")]
+    scored = [(_phase1_for(r), r) for r in angelslim]
+    scored.sort(key=lambda item: (-sum(c.met for c in item[0]),
+                                  -(_number((item[1].get("summary") or {}).get("cosine")) or -1)))
+    criteria, _ = scored[0]
+    return (GO if all(c.met for c in criteria) else NO_GO), criteria
+
+
+def phase2(records: list[dict], environment: dict) -> list[Criterion]:
+    """What the project shows for each Phase 2 item. ``environment``: ``angelslim_env`` (None when built,
+    else why not), ``angelslim_version``, ``cli_backend`` (bool), ``readme`` (its text)."""
+    runs = [r for r in records if is_angelslim(r)]
+    works = sorted({_label(r) for r in runs if r.get("status") != "error"})
+    fails = [(_label(r), (r.get("error") or "").splitlines()[0][:240]) for r in runs if r.get("status") == "error"]
+    env_problem = environment.get("angelslim_env")
+    version = environment.get("angelslim_version")
+    readme = environment.get("readme") or ""
+    toolchain = f"runs here: {', '.join(works) or 'none'}" + "".join(f"; fails: {name} ({why})" for name, why in fails)
+    return [
+        Criterion("an isolated virtual environment", env_problem is None,
+                  ".venv-angelslim, built by `make angelslim-env` (tools/angelslim/build_env.sh)" if env_problem is None
+                  else env_problem),
+        Criterion("AngelSlim installed", version is not None,
+                  f"angelslim {version} imports in .venv-angelslim" if version else "not installed"),
+        Criterion("the full quantization toolchain", bool(works) and not fails, toolchain),
+        Criterion("--backend angelslim in the CLI", bool(environment.get("cli_backend")),
+                  "`llmc quantize SRC OUT --backend angelslim --method M`" if environment.get("cli_backend") else "missing"),
+        Criterion("documentation", "### AngelSlim backend" in readme,
+                  "README: AngelSlim backend, tools/angelslim/README.md" if "### AngelSlim backend" in readme else "missing"),
+    ]
+
+
+def _passed(record: dict) -> bool:
+    return bool((record.get("verdict") or {}).get("passed")) and record.get("status") != "error"
+
+
+def _ppl(record: dict) -> float | None:
+    return _number((record.get("summary") or {}).get("ppl_delta_pct"))
+
+
+def _quality(record: dict) -> str:
+    s = record.get("summary") or {}
+    if _ppl(record) is not None:
+        return f"{format_ppl_delta(_ppl(record))} PPL"
+    cosine = _number(s.get("cosine"))
+    return f"cosine {cosine:.4f}" if cosine is not None else "no figures"
+
+
+def _rank(record: dict) -> tuple:
+    ppl = _ppl(record)
+    cosine = _number((record.get("summary") or {}).get("cosine")) or 0.0
+    return (ppl if ppl is not None else math.inf, -cosine)
+
+
+def recommendations(records: list[dict]) -> dict[str, list[str]]:
+    """Per original model: the best passing candidate per bit width, AngelSlim against our PTQ at the same
+    width, and what fails and why."""
+    by_model: dict[str, list[dict]] = {}
+    for r in records:
+        s = r.get("summary") or {}
+        model = s.get("original_model") or (r.get("original") or {}).get("model") or s.get("reference") or r.get("reference") or "?"
+        by_model.setdefault(model, []).append(r)
+    out: dict[str, list[str]] = {}
+    for model, runs in by_model.items():
+        lines = []
+        widths = sorted({w for r in runs if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
+        for width in widths:
+            at = [r for r in runs if bit_width(r) == width]
+            passing = sorted((r for r in at if _passed(r)), key=_rank)
+            if passing:
+                best = passing[0]
+                lines.append(f"{width}: best passing is {_label(best)} ({_quality(best)}, run {best['run']}).")
+            else:
+                lines.append(f"{width}: no candidate passes.")
+            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != "error" and r.get("summary")), key=_rank)
+            ours = sorted((r for r in at if is_ours(r) and r.get("summary")), key=_rank)
+            if theirs and ours:
+                a, b = theirs[0], ours[0]
+                better = "AngelSlim" if _rank(a) < _rank(b) else "our PTQ"
+                lines.append(f"{width}: {_label(a)} {_quality(a)} vs {_label(b)} {_quality(b)}: {better} is better.")
+        for r in runs:
+            if not _passed(r):
+                why = ((r.get("verdict") or {}).get("reasons") or [r.get("error") or "failed"])[0]
+                lines.append(f"Fails: {_label(r)} (run {r['run']}): {why.splitlines()[0][:300]}")
+        out[model] = lines
+    return out
+
+
+def decide(records: list[dict], environment: dict) -> Decision:
+    outcome, criteria = phase1(records)
+    if outcome == GO:
+        headline = "Phase 1 passed: go to Phase 2 (integrate AngelSlim through its isolated environment)."
+    elif outcome == NO_GO:
+        missing = ", ".join(c.name for c in criteria if not c.met)
+        headline = f"Phase 1 failed ({missing}): keep our PTQ INT8/INT2."
+    else:
+        headline = "No AngelSlim run in this batch: Phase 1 cannot be decided; add an AngelSlim candidate."
+    return Decision(outcome, headline, criteria, phase2(records, environment), recommendations(records))
+
+
+def project_environment(repo: Path) -> dict:
+    """What the project shows for Phase 2, read off this checkout (no AngelSlim import in this process)."""
+    import subprocess
+
+    from .quantize import ANGELSLIM_PYTHON, angelslim_missing
+    from .cli import build_parser
+
+    problem = angelslim_missing()
+    version = None
+    if problem is None:
+        probe = subprocess.run([str(ANGELSLIM_PYTHON), "-c", "import importlib.metadata as m; print(m.version('angelslim'))"],
+                               capture_output=True, text=True, timeout=120)
+        version = probe.stdout.strip() or None
+    help_text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    readme = (repo / "README.md").read_text(encoding="utf-8") if (repo / "README.md").is_file() else ""
+    return {"angelslim_env": problem, "angelslim_version": version, "cli_backend": "angelslim" in help_text,
+            "readme": readme}
+
+
+MARKERS = {"AngelSlim": "^", "our PTQ": "o", "our writer": "s", "other": "D"}
+
+
+def _family(record: dict) -> str:
+    producer = producer_of(record)
+    if producer.startswith("angelslim"):
+        return "AngelSlim"
+    if producer.startswith("llmc ptq"):
+        return "our PTQ"
+    if producer.startswith("llmc writer"):
+        return "our writer"
+    return "other"
+
+
+def size_quality_figure(records: list[dict]):
+    """Bits per weight of the quantized layers against PPL change (cosine loss for encoders), one panel per
+    original model, AngelSlim and our runs told apart by marker, a symmetric log scale where a run explodes,
+    labels kept apart by adjustText. Returns a matplotlib Figure, or None when no run has figures."""
+    import matplotlib.pyplot as plt
+    from adjustText import adjust_text
+
+    by_model: dict[str, list[dict]] = {}
+    for r in records:
+        s = r.get("summary") or {}
+        if _number(s.get("quantized_bits_per_weight")) is None:
+            continue
+        model = s.get("original_model") or s.get("reference") or "?"
+        by_model.setdefault(model, []).append(r)
+    if not by_model:
+        return None
+    fig, axes = plt.subplots(1, len(by_model), figsize=(7.5 * len(by_model), 5.2), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], sorted(by_model.items())):
+        causal = any(_ppl(r) is not None for r in runs)
+        texts = []
+        for r in runs:
+            s = r["summary"]
+            x = _number(s["quantized_bits_per_weight"])
+            y = _ppl(r) if causal else (1 - (_number(s.get("cosine")) or 0)) * 100
+            if y is None:
+                continue
+            family = _family(r)
+            color = "#2e7d32" if _passed(r) else "#c62828"
+            ax.scatter([x], [y], marker=MARKERS[family], s=70, color=color, edgecolor="black", linewidth=0.6, zorder=3)
+            texts.append(ax.text(x, y, _label(r), fontsize=8))
+        values = [abs(t.get_position()[1]) for t in texts] or [1]
+        if max(values) > 100:  # a run exploded: linear near zero, logarithmic beyond 10 %
+            ax.set_yscale("symlog", linthresh=10)
+        ax.axhline(0, color="#888", linewidth=0.8)
+        ax.set(title=model, xlabel="bits per weight of the quantized layers",
+               ylabel="perplexity change (%)" if causal else "cosine loss (1 - cosine, %)")
+        ax.grid(True, which="both", alpha=0.3)
+        adjust_text(texts, ax=ax, arrowprops=dict(arrowstyle="-", color="#999", lw=0.5))
+    handles = [plt.Line2D([], [], marker=m, linestyle="", color="#777", markeredgecolor="black", label=f)
+               for f, m in MARKERS.items()]
+    handles += [plt.Line2D([], [], marker="o", linestyle="", color=c, label=l)
+                for c, l in (("#2e7d32", "passes"), ("#c62828", "fails"))]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

@@ -1,0 +1,100 @@
+"""The Phase 1 / Phase 2 decision and the recommendations, from run records (one test per outcome)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_compression import phases
+
+ENVIRONMENT = {"angelslim_env": None, "angelslim_version": "0.5.0", "cli_backend": True,
+               "readme": "...\n### AngelSlim backend\n..."}
+
+
+def record(run: str, producer: str, *, cosine=0.999, ppl=2.0, bits=8.0, passed=True, status=None, reasons=(),
+           exact=True, verify=True, model="SmolLM2-135M-Instruct") -> dict:
+    return {
+        "run": run, "status": status or ("passed" if passed else "failed-check"),
+        "parameters": {"cosine_threshold": 0.95},
+        "store": {"export_bit_exact": exact, "checksums_verify": verify, "round_trip": "all 272 tensors bit for bit"},
+        "metrics": {"ppl": {"candidate": None if ppl is None else 13.0 * (1 + ppl / 100)}, "generation": {"agreement": 0.9}},
+        "verdict": {"passed": passed, "reasons": list(reasons)},
+        "summary": {"producer": producer, "original_model": model, "cosine": cosine, "ppl_delta_pct": ppl,
+                    "quantized_bits_per_weight": bits},
+    }
+
+
+def error_record(run: str, producer: str, message: str) -> dict:
+    return {"run": run, "status": "error", "error": message, "verdict": {"passed": False, "reasons": [message]},
+            "summary": {"producer": producer, "original_model": "SmolLM2-135M-Instruct"}}
+
+
+SET = [
+    record("as-fp8", "angelslim 0.5.0 fp8_static", cosine=0.9966, ppl=2.6),
+    record("as-gptq", "angelslim 0.5.0 int4_gptq", cosine=0.982, ppl=15.2, bits=4.27, passed=False,
+           reasons=["perplexity increase 0.152 > 0.15"]),
+    error_record("as-w4a8", "angelslim 0.5.0 w4a8_fp8 (group 64)",
+                 "building builtin:smollm2/angelslim-w4a8_fp8 failed: AngelSlimError: shape '[576, 4, 128]' is invalid"),
+    record("our-int8", "llmc ptq int8 per-channel", cosine=0.9996, ppl=0.08),
+    record("our-gptq", "llmc ptq gptq int4 g128 act-order", cosine=0.969, ppl=22.7, bits=4.27, passed=False,
+           reasons=["perplexity increase 0.227 > 0.15"]),
+    record("our-int2", "llmc ptq int2 g128 asymmetric", cosine=0.198, ppl=31600000.0, bits=2.3, passed=False,
+           reasons=["cosine 0.198 < 0.95"]),
+]
+
+
+def test_go_when_an_angelslim_checkpoint_meets_every_phase1_criterion():
+    decided = phases.decide(SET, ENVIRONMENT)
+    assert decided.outcome == phases.GO and "go to Phase 2" in decided.headline
+    assert all(c.met for c in decided.phase1)
+    assert {c.run for c in decided.phase1} == {"as-fp8"}  # the evidence names the run that shows it
+    assert "cosine 0.9966" in decided.phase1[2].evidence
+    toolchain = decided.phase2[2]
+    assert not toolchain.met and "fails: AngelSlim w4a8_fp8 (group 64)" in toolchain.evidence
+    assert "AngelSlim int4_gptq" in toolchain.evidence
+    assert [c.met for c in decided.phase2] == [True, True, False, True, True]
+
+
+def test_no_go_when_no_angelslim_checkpoint_is_close_enough():
+    weak = [record("as-int4", "angelslim 0.5.0 int4_awq (group 64)", cosine=0.93, ppl=40.0, bits=4.5, passed=False),
+            record("our-int8", "llmc ptq int8 per-channel")]
+    decided = phases.decide(weak, ENVIRONMENT)
+    assert decided.outcome == phases.NO_GO
+    assert "keep our PTQ INT8/INT2" in decided.headline and "cosine similarity above 0.95" in decided.headline
+    assert [c.met for c in decided.phase1] == [True, True, False, True]
+
+
+def test_no_go_when_the_store_copy_is_not_exact():
+    broken = [record("as-fp8", "angelslim 0.5.0 fp8_static", exact=False)]
+    assert phases.decide(broken, ENVIRONMENT).outcome == phases.NO_GO
+
+
+def test_no_angelslim_run_cannot_decide():
+    decided = phases.decide([record("our-int8", "llmc ptq int8 per-channel")], ENVIRONMENT)
+    assert decided.outcome == phases.NO_ANGELSLIM and "cannot be decided" in decided.headline
+    assert not any(c.met for c in decided.phase1)
+
+
+def test_recommendation_compares_angelslim_with_our_ptq_at_each_width():
+    lines = phases.recommendations(SET)["SmolLM2-135M-Instruct"]
+    text = "\n".join(lines)
+    assert "8-bit: best passing is our int8 per-channel (+0.1 % PPL, run our-int8)." in lines
+    assert "4-bit: no candidate passes." in lines
+    assert ("4-bit: AngelSlim int4_gptq +15.2 % PPL vs our GPTQ int4 +22.7 % PPL: AngelSlim is better." in lines)
+    assert "Fails: our int2 (run our-int2): cosine 0.198 < 0.95" in text
+    assert "Fails: AngelSlim w4a8_fp8 (group 64) (run as-w4a8): building builtin" in text
+
+
+@pytest.mark.parametrize("pct, text", [(2.6, "+2.6 %"), (-0.04, "-0.0 %"), (31633168.43, "× 316,333"),
+                                       (999.0, "+999.0 %"), (None, "—"), (float("nan"), "—")])
+def test_exploded_perplexity_reads_as_a_factor(pct, text):
+    assert phases.format_ppl_delta(pct) == text
+
+
+def test_size_quality_figure_has_one_panel_per_original_and_a_log_scale_when_a_run_explodes():
+    minilm = record("mini-int8", "llmc ptq int8 per-channel", cosine=0.99, ppl=None, model="all-MiniLM-L6-v2")
+    fig = phases.size_quality_figure(SET + [minilm])
+    axes = fig.axes
+    assert [a.get_title() for a in axes] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
+    assert axes[0].get_yscale() == "symlog" and axes[1].get_yscale() == "linear"
+    labels = {t.get_text() for t in axes[0].texts}
+    assert {"AngelSlim fp8_static", "our GPTQ int4", "our int2"} <= labels
