@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lab,cluster]'
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-compression --display-name "llm-compression (.venv)" >/dev/null
 	touch $(STAMP)

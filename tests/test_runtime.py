@@ -338,3 +338,15 @@ def test_angelslim_fixture_schemes_and_keep_packed(name):
         rel = float((ref - weight_only(ids).logits).norm() / ref.norm())
     # simulated activation quantization moves the logits a little; weight-only formats not at all
     assert (0 < rel < 0.1) if EXPECTED_SCHEMES[name] else rel == 0.0
+
+
+def test_group_activation_quantization_takes_a_shorter_last_group():
+    from llm_compression.runtime import ActivationScheme, fake_quantize_activation
+
+    scheme = ActivationScheme("fp8", "group", dynamic=True, group_size=128)
+    x = torch.randn(3, 576) * torch.linspace(0.1, 10, 576)  # 576 = 4 full groups and one of 64
+    y = fake_quantize_activation(x, scheme)
+    assert y.shape == x.shape
+    for start, stop in ((0, 128), (512, 576)):  # each group quantized on its own absmax, the short one too
+        alone = fake_quantize_activation(torch.nn.functional.pad(x[:, start:stop], (0, 128 - (stop - start))), scheme)
+        assert torch.equal(y[:, start:stop], alone[:, : stop - start])

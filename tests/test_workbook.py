@@ -59,12 +59,12 @@ def test_batch_writes_reports_and_marks_the_broken_run(batch):
     record = json.loads((reports / "tiny-int8.json").read_text())
     assert record["summary"]["cosine"] > 0.99 and record["store"]["export_bit_exact"] is True
     broken = json.loads((reports / "broken.json").read_text())
-    assert broken["status"] == "error" and "missing" in broken["error"]
-    # the broken run's executed notebook keeps the error cell
-    assert "StoreError" in (reports / "broken.html").read_text()
+    assert broken["status"] == "error" and "missing does not exist" in broken["error"]
+    # the broken run's executed notebook keeps the error cell, one clear error naming the source
+    assert "ParameterError" in (reports / "broken.html").read_text()
     # the meeting version hides code
-    assert "HuggingFaceToParquetConverter" in (reports / "tiny-int8.html").read_text()
-    assert "HuggingFaceToParquetConverter" not in (reports / "tiny-int8.meeting.html").read_text()
+    assert "report.store_candidate" in (reports / "tiny-int8.html").read_text()
+    assert "report.store_candidate" not in (reports / "tiny-int8.meeting.html").read_text()
     index = (reports / "index.html").read_text()
     assert "tiny-int8" in index and "broken" in index and "ERROR" in index and "PASS" in index
     assert (reports / "compare_models.html").is_file()
@@ -74,6 +74,55 @@ def test_rerun_skips_unchanged_inputs_unless_forced(batch):
     reports, _, params = batch
     again = {o.run: o for o in workbook.run_batch([params / "tiny-int8.yaml"], reports=reports, progress=False)}
     assert again["tiny-int8"].status == "skipped"
+
+
+def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, tmp_path):
+    from llm_compression.cli import main
+
+    reports, _, params = batch
+    common = yaml.safe_load((params / "tiny-int8.yaml").read_text())
+    out = tmp_path / "reports"
+    argv = ["evaluate", common["model"], "--reference", common["reference"], "--run", "cli-int8", "--reports", str(out),
+            "-q", "-p", "context_length", "32", "-p", "stride", "32", "-p", "max_eval_tokens", "96", "-p", "gen_tokens",
+            "2", "-p", "measure_perf", "false", "-p", "ppl_threshold", "0.5"]
+    assert main(argv) == 0
+    record = json.loads((out / "cli-int8.json").read_text())
+    assert record["status"] == "passed"
+    assert record["parameters"]["overrides"] == {"context_length": 32, "stride": 32, "max_eval_tokens": 96,
+                                                 "gen_tokens": 2, "measure_perf": False, "ppl_threshold": 0.5}
+    assert record["settings"]["eval_tokens"] == 97 and record["thresholds"]["ppl_increase"] == 0.5
+    for suffix in (".html", ".meeting.html", ".ipynb"):
+        assert (out / f"cli-int8{suffix}").is_file()
+    index = (out / "index.html").read_text()
+    assert "cli-int8" in index and 'id="decision"' in index and "No AngelSlim run in this batch" in index
+
+
+def test_missing_source_is_one_clear_error(tmp_path, capsys):
+    from llm_compression.cli import main
+
+    assert main(["evaluate", str(tmp_path / "nope"), "--reference", "builtin:smollm2", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"candidate: {tmp_path / 'nope'} does not exist" in err[0]
+    assert main(["run", str(tmp_path / "x.yaml"), "-p", "nonsense_key", "1", "--reports", str(tmp_path / "r"), "-q"]) == 0
+    record = json.loads((tmp_path / "r" / "x.json").read_text())
+    assert record["status"] == "error" and "cannot read parameters" in record["error"]
+
+
+def test_override_values_parse_as_yaml():
+    assert workbook.parse_overrides([("a", "0.9"), ("b", "true"), ("c", "null"), ("d", "text"), ("e", "[1, 2]")]) == {
+        "a": 0.9, "b": True, "c": None, "d": "text", "e": [1, 2]}
+
+
+def test_notebook_parameters_cell_matches_the_defaults():
+    import ast
+
+    nb = json.loads(workbook.EVALUATE_NOTEBOOK.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body}
+    examples = {"run", "title", "model", "reference"}
+    assert set(assigned) == set(workbook.DEFAULTS) | {"inputs_digest"}
+    assert {k: v for k, v in assigned.items() if k not in examples | {"inputs_digest"}} == {
+        k: v for k, v in workbook.DEFAULTS.items() if k not in examples}
 
 
 def test_unknown_parameter_is_an_error(tmp_path):

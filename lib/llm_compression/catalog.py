@@ -66,7 +66,7 @@ def summary(loader: WeightLoaderV2) -> dict:
         "stored_arrays": len(loader.rows),
         "parameters": total_numel,
         "stored_bytes": total_bytes,
-        "file_bytes": loader.path.stat().st_size,
+        "file_bytes": loader.file_bytes,
         "bits_per_weight": bpw,
         "compression_vs_bf16": 16.0 / bpw if bpw else 0.0,
         "quantized_tensors": len(quantized),

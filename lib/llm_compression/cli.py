@@ -100,7 +100,7 @@ def _cmd_run(args) -> int:
         find_chromium()  # before hours of runs: say now how to get Chromium if it is missing
     try:
         outcomes = run_batch(args.parameters, reports=args.reports, force=args.force, progress=not args.quiet,
-                             overrides=parse_overrides(args.param))
+                             overrides=parse_overrides(args.param), executor=args.executor, address=args.address)
     except ParameterError as exc:
         raise StoreError(str(exc)) from None
     _print_outcomes(outcomes, args.reports, args.pdf)
@@ -199,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  llmc run parameters/default/*.yaml\n"
                               "  llmc run parameters/default/smollm2-ptq-int8.yaml -p max_eval_tokens 1024 -p measure_perf false\n"
-                              "  llmc run parameters/default/*.yaml --pdf        # also reports/*.pdf (headless Chromium)")
+                              "  llmc run parameters/default/*.yaml --pdf        # also reports/*.pdf (headless Chromium)\n"
+                              "  llmc run parameters/default/*.yaml --executor ray [--address auto]   # runs as Ray tasks")
     p.add_argument("parameters", nargs="+", help="parameters/*.yaml files")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a parameter of every run; VALUE is parsed as YAML (0.9, true, null, text)")
     p.add_argument("--reports", default="reports", help="output directory (default: reports)")
     p.add_argument("--force", action="store_true", help="re-run even when inputs are unchanged")
     p.add_argument("--pdf", action="store_true", help="print the index and each meeting report to PDF (headless Chromium)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one run after another (default); ray: each run a Ray task (pip install -e '.[cluster]')")
+    p.add_argument("--address", help="Ray cluster to join: auto, or ray://HOST:10001 (default: start a local Ray)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
 

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from . import __version__, formats, schema as S
+from . import __version__, formats, remote, schema as S
 from .atomic import temp_path
 from .formats.base import Row, StoreError
 from .gguf_store import convert_gguf, gguf_files, is_gguf_file
@@ -91,8 +92,13 @@ class ConversionReport:
 class StoreWriter:
     """Writes rows to a temp file, one row group per array chunk; ``commit`` renames it into place."""
 
-    def __init__(self, output: Path):
-        self.output = Path(output)
+    def __init__(self, output: str | os.PathLike):
+        self.url = str(output) if remote.is_remote(output) else None
+        if self.url:  # written here, then uploaded to its key in one step by commit
+            remote.check_writable(self.url)
+            self.output = Path(tempfile.mkdtemp(prefix="llmc-upload-")) / Path(self.url).name
+        else:
+            self.output = Path(output)
         if not self.output.parent.is_dir():
             raise StoreError(f"{self.output}: output directory {self.output.parent} does not exist")
         self.tmp = temp_path(self.output)
@@ -167,6 +173,11 @@ class StoreWriter:
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.output)
+        if self.url:
+            try:
+                remote.upload(self.output, self.url)
+            finally:
+                shutil.rmtree(self.output.parent, ignore_errors=True)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -182,6 +193,8 @@ class StoreWriter:
         except BaseException:
             pass
         self.tmp.unlink(missing_ok=True)
+        if self.url:
+            shutil.rmtree(self.output.parent, ignore_errors=True)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -259,7 +272,7 @@ class HuggingFaceToParquetConverter:
         writer = None
         current = "(none)"
         try:
-            writer = StoreWriter(Path(output_parquet))
+            writer = StoreWriter(output_parquet)
             modules = _group_by_module(list(ckpt.tensors))
             bar = tqdm(total=len(ckpt.tensors), desc=f"convert {root.name}", unit="tensor", disable=not self.progress)
             for module, members in modules.items():
@@ -307,7 +320,7 @@ class HuggingFaceToParquetConverter:
             if writer is not None:
                 writer.abort()
             raise
-        return ConversionReport(Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
+        return ConversionReport(writer.url or Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 
 
     def _gguf_source(self, src: str | os.PathLike) -> Path | None:

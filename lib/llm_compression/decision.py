@@ -26,7 +26,8 @@ COLUMNS = {
     "top1_agreement": "top-1 agree",
     "ppl_delta_pct": "PPL change",
     "latency": "latency",
-    "peak_rss_mb": "peak RSS (MB)",
+    "peak_rss_mb": "peak RSS, dequantized (MB)",
+    "peak_rss_packed_mb": "peak RSS, packed (MB)",
     "verdict": "verdict",
     "why": "why it failed",
 }
@@ -70,6 +71,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "ppl_delta_pct": _number(s.get("ppl_delta_pct")),
             "latency": s.get("latency_label", ""),
             "peak_rss_mb": _number(s.get("peak_rss_mb")),
+            "peak_rss_packed_mb": _number(s.get("peak_rss_packed_mb")),
             "verdict": label,
             "why": "" if passed else "; ".join(verdict.get("reasons") or []) or (record.get("error") or "")[:200],
             "_passed": passed,
@@ -96,6 +98,7 @@ def style_decision_table(table: pd.DataFrame):
         COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["quantized_bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
         COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
         COLUMNS["ppl_delta_pct"]: format_ppl_delta, COLUMNS["peak_rss_mb"]: "{:.0f}",
+        COLUMNS["peak_rss_packed_mb"]: "{:.0f}",
     }
     return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
 
@@ -131,6 +134,7 @@ def summarize(record: dict, params: dict) -> dict:
     if embed is not None:
         latency_value, latency_label = embed, f"{embed:.1f} sentences/s"
     peak = _dig(perf, "memory", "inference_peak_rss_bytes")
+    packed = _dig(record, "perf", "candidate_packed", "memory", "inference_peak_rss_bytes")
     return {
         "run": params.get("run"),
         "title": params.get("title"),
@@ -152,5 +156,6 @@ def summarize(record: dict, params: dict) -> dict:
         "latency": latency_value,
         "latency_label": latency_label,
         "peak_rss_mb": peak / 1e6 if peak else None,
+        "peak_rss_packed_mb": packed / 1e6 if packed else None,
         "passed": bool(_dig(record, "verdict", "passed")),
     }

@@ -16,6 +16,7 @@ The record's fields are documented in ``docs/evaluation_record.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -565,6 +566,7 @@ def evaluate(
     perf_models: Sequence[str] = ("original", "candidate"),
     reference_cache: str | os.PathLike | bool | None = None,
     reference_precision: str = "float32",
+    perf_packed: bool = True,
 ) -> EvaluationRecord:
     """Compare ``candidate`` with ``original`` on the same text; return the full record.
 
@@ -578,7 +580,9 @@ def evaluate(
             from the evaluation text; ``gen_tokens`` greedy tokens are compared for each (0: skip).
         dtype, activation_quant, keep_packed, task: passed to ``runtime.load_model`` for both models.
         perf: True, False or a ``perf.PerfSettings``: measure load time, latency and memory, each
-            figure in a fresh subprocess, of the models named in ``perf_models``.
+            figure in a fresh subprocess, of the models named in ``perf_models``. ``perf_packed``: the
+            candidate also with its weights kept packed (``perf["candidate_packed"]``), where it has
+            quantized layers: the memory it would really take, beside the dequantized runtime's.
         thresholds: ``Thresholds`` (or a dict of its fields) for the verdict; default cosine >= 0.95
             and perplexity increase <= 15 %.
         max_sentences, batch_size: encoder sentences used at most, and the batch size for them.
@@ -669,6 +673,13 @@ def evaluate(
         perf_block = {name: perf_module.measure(src, dtype=dtype, task=task, activation_quant=activation_quant,
                                                 keep_packed=keep_packed, settings=perf_settings)
                       for name, src in (("original", original), ("candidate", candidate)) if name in perf_models}
+        if perf_packed and "candidate" in perf_models and not keep_packed and cand_info.quantized_layers:
+            # Memory as a deployment would hold it: the stored codes stay packed, each Linear dequantizes
+            # its weight per call (its latency cost shows here too).
+            packed_settings = dataclasses.replace(perf_settings, compare_hf_load=False)
+            perf_block["candidate_packed"] = perf_module.measure(candidate, dtype=dtype, task=task,
+                                                                 activation_quant=activation_quant, keep_packed=True,
+                                                                 settings=packed_settings)
 
     return EvaluationRecord(
         schema_version=SCHEMA_VERSION,

@@ -313,7 +313,7 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
     writer = None
     current = "(none)"
     try:
-        writer = StoreWriter(Path(output))
+        writer = StoreWriter(output)
         for info, tensor in tqdm(list(zip(src.tensors, src.reader.tensors)), desc=f"convert {src.path.name}",
                                  unit="tensor", disable=not progress):
             current = info["gguf_name"]
@@ -334,7 +334,7 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
         if writer is not None:
             writer.abort()
         raise
-    return ConversionReport(Path(output), len(src.tensors), writer.row_groups, writer.bytes_written, writer.formats)
+    return ConversionReport(writer.url or Path(output), len(src.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 
 
 def _metadata(src: GGUFSource, label: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
-from . import formats, schema as S
+from . import formats, remote, schema as S
 from .formats.base import QuantizedTensor, StoreError
 
 DENSE = "dense"
@@ -33,12 +33,17 @@ class WeightLoaderV2:
     """
 
     def __init__(self, path: str | os.PathLike, verify: bool = True):
-        self.path = Path(path)
+        self.remote = remote.is_remote(path)
+        self.path = str(path) if self.remote else Path(path)  # s3:// and hf:// stay URLs
         self.verify = verify
-        if not self.path.is_file():
+        if not self.remote and not self.path.is_file():
             raise StoreError(f"{self.path}: no such file")
         try:
-            self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)
+            if self.remote:  # ranged reads: the footer, the index columns, then one tensor's bytes at a time
+                self._remote_file = remote.open_read(self.path)
+                self._file = pq.ParquetFile(self._remote_file, page_checksum_verification=True)
+            else:
+                self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)
             arrow_schema = self._file.schema_arrow
             self.version = S.detect_version(arrow_schema)
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -120,7 +125,7 @@ class WeightLoaderV2:
             start = chunk.data_page_offset + chunk.total_compressed_size - size
             if start - 4 < chunk.data_page_offset:
                 return None
-            if int.from_bytes(os.pread(self._handle.fileno(), 4, start - 4), "little") != size:
+            if int.from_bytes(self._pread(start - 4, 4), "little") != size:
                 return None
             spans.append((start, size))
         return spans
@@ -134,6 +139,19 @@ class WeightLoaderV2:
     @cached_property
     def _handle(self):
         return open(self.path, "rb")
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        if not self.remote:
+            return os.pread(self._handle.fileno(), size, offset)
+        self._remote_file.seek(offset)
+        data = self._remote_file.read(size)
+        if len(data) != size:
+            raise StoreError(f"{self.path}: short read ({len(data)} of {size} bytes at offset {offset})")
+        return data
+
+    @property
+    def file_bytes(self) -> int:
+        return remote.size(self.path) if self.remote else self.path.stat().st_size
 
     def _map(self, start: int, size: int) -> torch.Tensor:
         """``size`` bytes at ``start`` as a uint8 tensor over a private copy-on-write mapping (like
@@ -151,6 +169,14 @@ class WeightLoaderV2:
         if tensor_name not in self._spans:
             self._spans[tensor_name] = self._payload_spans(info)
         spans = self._spans[tensor_name]
+        if spans is not None and self.remote:  # one range request per chunk, exactly its bytes
+            out = torch.empty(info.nbytes, dtype=torch.uint8)
+            pos = 0
+            for start, size in spans:
+                if size:
+                    out[pos : pos + size] = torch.frombuffer(bytearray(self._pread(start, size)), dtype=torch.uint8)
+                pos += size
+            return out
         if spans is not None:
             if len(spans) == 1 and spans[0][1] > 0:
                 return self._map(*spans[0])

@@ -43,6 +43,10 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 def source_identity(source: str | os.PathLike) -> dict:
     """What changes when the original's weights change: its files' names, sizes and mtimes, and config.json."""
+    from .remote import identity, is_remote
+
+    if is_remote(str(source)):
+        return identity(str(source))
     path = Path(str(source))
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
     identity = {"source": str(source)}

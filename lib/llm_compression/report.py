@@ -17,6 +17,7 @@ from . import atomic, catalog, decision
 from .converter import HuggingFaceToParquetConverter, export_to_hf
 from .gguf_store import export_gguf, is_gguf_file
 from .loader import WeightLoaderV2
+from .remote import is_remote
 
 
 @dataclass
@@ -44,6 +45,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
     from .sources import open_checkpoint, resolve_source
 
@@ -54,8 +61,7 @@ def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, st
         src = open_checkpoint(resolve_source(source))
         back = open_checkpoint(exported)
         mismatched = [n for n in src.tensors
-                      if n not in back.tensors or not torch.equal(src.read(n).contiguous().view(torch.uint8),
-                                                                  back.read(n).contiguous().view(torch.uint8))]
+                      if n not in back.tensors or not _same_bytes(src.read(n), back.read(n))]
         extra = set(back.tensors) - set(src.tensors)
     finally:
         shutil.rmtree(exported, ignore_errors=True)
@@ -81,7 +87,7 @@ def store_candidate(candidate_src: str | Path, scratch: Path) -> StoreCheck:
     """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
     check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte."""
     if str(candidate_src).endswith(".parquet"):
-        parquet, kind, seconds = Path(candidate_src), "parquet", None
+        parquet, kind, seconds = (str(candidate_src) if is_remote(str(candidate_src)) else Path(candidate_src)), "parquet", None
     else:
         kind = "gguf" if Path(candidate_src).is_file() and is_gguf_file(candidate_src) else "hf"
         parquet = scratch / "candidate.parquet"

@@ -105,7 +105,8 @@ def fake_quantize_activation(x: torch.Tensor, scheme: ActivationScheme, scale: t
     """Quantize-dequantize a Linear input ``[..., in]`` as the serving kernel would.
 
     Dynamic scales: per tensor ``absmax(x) / qmax``; per token ``absmax(row) / qmax``; per group
-    ``absmax(row[g]) / qmax`` (qmax 448 for fp8, 127 for int8). Static: the stored ``scale``.
+    ``absmax(row[g]) / qmax`` (qmax 448 for fp8, 127 for int8; a width that is not a multiple of the group
+    size ends in a shorter group). Static: the stored ``scale``.
     """
     qmax = FP8_MAX if scheme.kind == "fp8" else float(INT8_MAX)
     quant = fp8_fake_quant if scheme.kind == "fp8" else int8_fake_quant
@@ -119,11 +120,14 @@ def fake_quantize_activation(x: torch.Tensor, scheme: ActivationScheme, scale: t
     if scheme.granularity == "token":
         return quant(x, _safe_scale(absx.amax(dim=-1, keepdim=True) / qmax))
     size = scheme.group_size
-    if x.shape[-1] % size:
-        raise ValueError(f"input width {x.shape[-1]} is not a multiple of the activation group size {size}")
+    width = x.shape[-1]
+    pad = -width % size  # a width that is not a multiple takes a shorter last group, as ragged weight blocks do
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+        absx = torch.nn.functional.pad(absx, (0, pad))  # zeros never raise a group's absmax
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
     scales = _safe_scale(absx.reshape(grouped.shape).amax(dim=-1, keepdim=True) / qmax)
-    return quant(grouped, scales).reshape(x.shape)
+    return quant(grouped, scales).reshape(x.shape)[..., :width]
 
 
 class InputQuantizer(nn.Module):
@@ -285,7 +289,10 @@ class ModelInfo:
 
 
 def is_parquet(source: str | os.PathLike) -> bool:
-    return str(source).endswith(".parquet") and Path(source).is_file()
+    """A Parquet weight file: a local one that exists, or an s3:// / hf:// URL ending in .parquet."""
+    from .remote import is_remote
+
+    return str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file())
 
 
 def read_config(source: str | os.PathLike) -> dict:
@@ -480,9 +487,10 @@ def load_model(
     start = time.perf_counter()
     text = str(source)
     if text.endswith(".parquet"):
-        if not Path(source).is_file():
+        if not is_parquet(source):
             raise StoreError(f"{source}: no such Parquet file")
-        model, info = _load_parquet(Path(source), text, dtype, task, activation_quant, keep_packed, converted=False)
+        location = text if text.startswith(("s3://", "hf://")) else Path(source)
+        model, info = _load_parquet(location, text, dtype, task, activation_quant, keep_packed, converted=False)
     else:
         from .sources import resolve_source
 

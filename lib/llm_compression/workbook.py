@@ -49,6 +49,7 @@ DEFAULTS: dict = {
     "measure_perf": True,
     "perf_models": "original,candidate",  # whose speed and memory to measure (each costs fresh processes)
     "perf_hf_load": True,  # also time loading from HF safetensors, for the Parquet/HF load-time ratio
+    "perf_packed": True,  # also measure the candidate with its weights kept packed (memory as deployed)
     "cosine_threshold": 0.95,
     "ppl_threshold": 0.15,
     "kld_threshold": None,
@@ -57,6 +58,7 @@ DEFAULTS: dict = {
     "producer": None,  # who made the candidate; default from the builtin catalogue (defaults.producer)
     "model_name": None,  # the original model's name; default from the builtin catalogue (defaults.model_name)
     "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
+    "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
 }
 
 
@@ -178,6 +180,18 @@ def _error_summary(params: dict) -> dict:
             "producer": producer, "original_model": model, "passed": False}
 
 
+def unchanged(params: dict, reports: Path) -> bool:
+    """Did the last successful run of these parameters (same notebook and package version) already write its reports?"""
+    record = reports / f"{params['run']}.json"
+    if not (record.exists() and (reports / f"{params['run']}.html").exists()):
+        return False
+    try:
+        old = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    return old.get("inputs_digest") == inputs_digest(params) and old.get("status") != "error"
+
+
 RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
 
 
@@ -201,13 +215,8 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     notebook = reports / f"{run}.ipynb"
     record = reports / f"{run}.json"
     digest = inputs_digest(params)
-    if not force and record.exists() and notebook.with_suffix(".html").exists():
-        try:
-            old = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("inputs_digest") == digest and old.get("status") != "error":
-            return RunOutcome(run, "skipped", notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
+    if not force and unchanged(params, reports):
+        return RunOutcome(run, "skipped", notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
     staging = atomic.temp_path(reports / run)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -277,16 +286,28 @@ def batch_lock(reports: Path, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike = "reports", force: bool = False,
-              progress: bool = True, overrides: dict | None = None) -> list[RunOutcome]:
+              progress: bool = True, overrides: dict | None = None, executor: str = "local",
+              address: str | None = None) -> list[RunOutcome]:
     """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
-    the comparison notebook, then write reports/index.html."""
+    the comparison notebook, then write reports/index.html. ``executor="ray"`` runs each as a Ray task
+    (``cluster``), on a local Ray or the cluster at ``address``."""
     reports = Path(reports)
     reports.mkdir(parents=True, exist_ok=True)
     runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
     if not runs:
         raise ParameterError("no parameter files given")
+    if executor not in EXECUTORS:
+        raise ParameterError(f"unknown executor {executor!r}; choose one of {list(EXECUTORS)}")
     with batch_lock(reports):
+        if executor == "ray":
+            from .cluster import run_on_ray
+
+            outcomes = run_on_ray(runs, reports, force, progress, overrides, address)
+            return finish_batch(reports, outcomes)
         return _run_batch(runs, reports, force, progress, overrides)
 
 
@@ -299,10 +320,20 @@ def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides
         try:
             outcomes.append(run_one(param_file, reports, force, overrides))
         except ParameterError as exc:
-            record = reports / f"{name}.json"
-            atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": str(exc),
-                                                  "verdict": {"passed": False, "reasons": [str(exc)]}}, indent=2))
-            outcomes.append(RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, str(exc)))
+            outcomes.append(error_outcome(reports, name, str(exc)))
+    return finish_batch(reports, outcomes)
+
+
+def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
+    """A run that could not start (bad parameters file): its record says why."""
+    record = reports / f"{name}.json"
+    atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": message,
+                                          "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+    return RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, message)
+
+
+def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """The comparison notebook and the index, once, after every run."""
     compare = reports / "compare_models.ipynb"
     with atomic.replacing(compare, fsync=False) as staged:
         staged_nb = staged.with_name(staged.name + ".ipynb")
