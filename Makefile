@@ -37,6 +37,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_scale.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks

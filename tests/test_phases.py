@@ -33,7 +33,7 @@ SET = [
     record("as-gptq", "angelslim 0.5.0 int4_gptq", cosine=0.982, ppl=15.2, bits=4.27, passed=False,
            reasons=["perplexity increase 0.152 > 0.15"]),
     error_record("as-w4a8", "angelslim 0.5.0 w4a8_fp8 (group 64)",
-                 "building builtin:smollm2/angelslim-w4a8_fp8 failed: AngelSlimError: shape '[576, 4, 128]' is invalid"),
+                 "run failed: BuiltinError: building builtin:smollm2/angelslim-w4a8_fp8 from /c/x failed: AngelSlimError: shape invalid"),
     record("our-int8", "llmc ptq int8 per-channel", cosine=0.9996, ppl=0.08),
     record("our-gptq", "llmc ptq gptq int4 g128 act-order", cosine=0.969, ppl=22.7, bits=4.27, passed=False,
            reasons=["perplexity increase 0.227 > 0.15"]),
@@ -81,7 +81,7 @@ def test_recommendation_compares_angelslim_with_our_ptq_at_each_width():
     assert "4-bit: no candidate passes." in lines
     assert ("4-bit: AngelSlim int4_gptq +15.2 % PPL vs our GPTQ int4 +22.7 % PPL: AngelSlim is better." in lines)
     assert "Fails: our int2 (run our-int2): cosine 0.198 < 0.95" in text
-    assert "Fails: AngelSlim w4a8_fp8 (group 64) (run as-w4a8): building builtin" in text
+    assert "Fails: AngelSlim w4a8_fp8 (group 64) (run as-w4a8): AngelSlimError: shape invalid" in text
 
 
 @pytest.mark.parametrize("pct, text", [(2.6, "+2.6 %"), (-0.04, "-0.0 %"), (31633168.43, "× 316,333"),
@@ -98,3 +98,14 @@ def test_size_quality_figure_has_one_panel_per_original_and_a_log_scale_when_a_r
     assert axes[0].get_yscale() == "symlog" and axes[1].get_yscale() == "linear"
     labels = {t.get_text() for t in axes[0].texts}
     assert {"AngelSlim fp8_static", "our GPTQ int4", "our int2"} <= labels
+
+
+def test_w8a8_runs_are_labelled_and_failures_lose_the_cache_path_preamble():
+    w8a8 = record("as-int8", "angelslim 0.5.0 int8_dynamic")
+    w8a8["summary"]["activations"] = "activations quantized, simulated (int8-dynamic-token)"
+    lines = phases.recommendations([w8a8, record("our-int8", "llmc ptq int8 per-channel", ppl=0.08)])["SmolLM2-135M-Instruct"]
+    assert "8-bit: AngelSlim int8_dynamic (W8A8) +2.0 % PPL vs our int8 per-channel +0.1 % PPL: our PTQ is better." in lines
+    failing = error_record("as-w4a8", "angelslim 0.5.0 w4a8_fp8 (group 64)", "run failed: BuiltinError: building "
+                           "builtin:smollm2/angelslim-w4a8_fp8 from /cache/x failed: AngelSlimError: shape invalid")
+    text = "\n".join(phases.recommendations([failing])["SmolLM2-135M-Instruct"])
+    assert "Fails: AngelSlim w4a8_fp8 (group 64) (run as-w4a8): AngelSlimError: shape invalid" in text

@@ -3,7 +3,8 @@ evaluation workbook that measures them against their originals."""
 
 __version__ = "0.2.0"
 
-from .formats.base import QuantizedTensor, StoreError, UnsupportedFormatError  # noqa: E402
+from .errors import StoreError, UnsupportedFormatError  # noqa: E402
+from .formats.base import QuantizedTensor  # noqa: E402
 from .converter import HuggingFaceToParquetConverter, export_to_hf  # noqa: E402
 from .loader import WeightLoaderV2  # noqa: E402
 

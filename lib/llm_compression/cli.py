@@ -7,7 +7,7 @@ import json
 import sys
 
 from .atomic import exit_code, handle_stop_signals
-from .formats.base import StoreError
+from .errors import StoreError
 
 
 def _cmd_convert(args) -> int:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import __version__, formats, remote, schema as S
 from .atomic import temp_path
-from .formats.base import Row, StoreError
+from .errors import StoreError
+from .formats.base import Row
 from .gguf_store import convert_gguf, gguf_files, is_gguf_file
 from .sources import Checkpoint, open_checkpoint, resolve_source
 
@@ -197,6 +198,13 @@ class StoreWriter:
             shutil.rmtree(self.output.parent, ignore_errors=True)
 
 
+def write_error(output, tensor: str, exc: OSError) -> StoreError:
+    """The one error a failed write gives: the output, the tensor it was writing, and why."""
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"{output}: disk full while writing tensor {tensor!r}; no output written")
+    return StoreError(f"{output}: write failed at tensor {tensor!r}: {exc}")
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     # min/max propagate NaN and expose +-Inf: one pass, no temporary (isfinite().all() allocates a
     # bool tensor as large as the weight and is ~10x slower on bf16).
@@ -269,59 +277,54 @@ class HuggingFaceToParquetConverter:
         ckpt = open_checkpoint(root, allow_pickle=self.allow_pickle)
         qconfig = ckpt.quantization_config
         fmt = formats.detect(qconfig, ckpt.tensors, source=str(root / "config.json"))
-        writer = None
-        current = "(none)"
+        self._current = "(none)"  # the tensor being written, for the error message
         try:
-            writer = StoreWriter(output_parquet)
-            modules = _group_by_module(list(ckpt.tensors))
-            bar = tqdm(total=len(ckpt.tensors), desc=f"convert {root.name}", unit="tensor", disable=not self.progress)
-            for module, members in modules.items():
-                infos = {suffix: ckpt.tensors[name] for suffix, name in members.items()}
-                claimed = fmt.claim(qconfig, module, infos)
-                for suffix in members:
-                    if suffix not in claimed and suffix in formats.QUANTIZED_SUFFIXES:
-                        current = members[suffix]
-                        raise formats.UnsupportedFormatError(
-                            f"{ckpt.tensor_file[current]}: tensor {current!r} looks quantized (suffix {suffix!r}) but "
-                            f"the checkpoint's quantization_config ({(qconfig or {}).get('quant_method')}) does not "
-                            f"describe it; supported formats: {formats.supported_names()}"
-                        )
-                if claimed:
-                    current = members[sorted(claimed)[0]]
-                    group = {s: ckpt.read(members[s]) for s in members if s in claimed}
-                    try:
-                        rows = fmt.to_rows(qconfig, module, group)
-                    except StoreError as exc:
-                        raise StoreError(f"{ckpt.tensor_file[current]}: module {module!r}: {exc}") from None
-                    for row in rows:
-                        writer.write(row)
-                    bar.update(len(group))
-                    del group, rows
-                for suffix, name in members.items():
-                    if suffix in claimed:
-                        continue
-                    current = name
-                    tensor = ckpt.read(name)
-                    if not self.allow_nonfinite:
-                        _check_finite(name, tensor, ckpt.tensor_file[name])
-                    for row in formats.dense_rows(name, tensor, qconfig, detect_grids=self.detect_grids):
-                        writer.write(row)
-                    bar.update(1)
-                    del tensor
-            bar.close()
-            writer.commit(source_metadata(ckpt, str(hf_model_path)))
+            with StoreWriter(output_parquet) as writer:  # removed again on any failure or stop signal
+                self._write_rows(ckpt, fmt, qconfig, writer, root)
+                writer.commit(source_metadata(ckpt, str(hf_model_path)))
         except OSError as exc:
-            if writer is not None:
-                writer.abort()
-            if exc.errno == errno.ENOSPC:
-                raise StoreError(f"{output_parquet}: disk full while writing tensor {current!r}; no output written") from None
-            raise StoreError(f"{output_parquet}: write failed at tensor {current!r}: {exc}") from None
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        return ConversionReport(writer.url or Path(output_parquet), len(ckpt.tensors), writer.row_groups, writer.bytes_written, writer.formats)
+            raise write_error(output_parquet, self._current, exc) from None
+        return ConversionReport(writer.url or Path(output_parquet), len(ckpt.tensors), writer.row_groups,
+                                writer.bytes_written, writer.formats)
 
+    def _write_rows(self, ckpt: Checkpoint, fmt, qconfig: dict | None, writer: StoreWriter, root: Path) -> None:
+        """One module's tensors at a time: the format's quantized groups, then the rest dense."""
+        modules = _group_by_module(list(ckpt.tensors))
+        bar = tqdm(total=len(ckpt.tensors), desc=f"convert {root.name}", unit="tensor", disable=not self.progress)
+        for module, members in modules.items():
+            infos = {suffix: ckpt.tensors[name] for suffix, name in members.items()}
+            claimed = fmt.claim(qconfig, module, infos)
+            for suffix in members:
+                if suffix not in claimed and suffix in formats.QUANTIZED_SUFFIXES:
+                    self._current = members[suffix]
+                    raise formats.UnsupportedFormatError(
+                        f"{ckpt.tensor_file[self._current]}: tensor {self._current!r} looks quantized (suffix {suffix!r}) but "
+                        f"the checkpoint's quantization_config ({(qconfig or {}).get('quant_method')}) does not "
+                        f"describe it; supported formats: {formats.supported_names()}"
+                    )
+            if claimed:
+                self._current = members[sorted(claimed)[0]]
+                group = {s: ckpt.read(members[s]) for s in members if s in claimed}
+                try:
+                    rows = fmt.to_rows(qconfig, module, group)
+                except StoreError as exc:
+                    raise StoreError(f"{ckpt.tensor_file[self._current]}: module {module!r}: {exc}") from None
+                for row in rows:
+                    writer.write(row)
+                bar.update(len(group))
+                del group, rows
+            for suffix, name in members.items():
+                if suffix in claimed:
+                    continue
+                self._current = name
+                tensor = ckpt.read(name)
+                if not self.allow_nonfinite:
+                    _check_finite(name, tensor, ckpt.tensor_file[name])
+                for row in formats.dense_rows(name, tensor, qconfig, detect_grids=self.detect_grids):
+                    writer.write(row)
+                bar.update(1)
+                del tensor
+        bar.close()
 
     def _gguf_source(self, src: str | os.PathLike) -> Path | None:
         """The GGUF file to convert: ``src`` itself, or ``gguf_file`` inside a directory or hub repo."""

@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from .phases import format_ppl_delta
+from .phases import first_line, format_ppl_delta
 
 COLUMNS = {
     "run": "run",
@@ -73,7 +73,8 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "peak_rss_mb": _number(s.get("peak_rss_mb")),
             "peak_rss_packed_mb": _number(s.get("peak_rss_packed_mb")),
             "verdict": label,
-            "why": "" if passed else "; ".join(verdict.get("reasons") or []) or (record.get("error") or "")[:200],
+            "why": "" if passed else "; ".join(first_line(r) for r in verdict.get("reasons") or []) or first_line(
+                record.get("error") or ""),
             "_passed": passed,
             "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
         })
@@ -126,13 +127,13 @@ def summarize(record: dict, params: dict) -> dict:
     perf = _dig(record, "perf", "candidate", default={}) or {}
     formats = size.get("formats") or _dig(record, "candidate", "formats", default=[]) or []
     fmt = "+".join(f for f in formats if f != "dense") or "dense"
-    latency_label, latency_value = ("not measured" if not perf else ""), None
+    latency_label, latency_value, latency_metric = ("not measured" if not perf else ""), None, None
     prefill = _dig(perf, "prefill_ms_per_token", "median")
     if prefill is not None:
-        latency_value, latency_label = prefill, f"{prefill:.2f} ms/token (prefill)"
+        latency_value, latency_label, latency_metric = prefill, f"{prefill:.2f} ms/token (prefill)", "prefill_ms_per_token"
     embed = _dig(perf, "embedding_sentences_per_s", "median")
     if embed is not None:
-        latency_value, latency_label = embed, f"{embed:.1f} sentences/s"
+        latency_value, latency_label, latency_metric = embed, f"{embed:.1f} sentences/s (embedding)", "embedding_sentences_per_s"
     peak = _dig(perf, "memory", "inference_peak_rss_bytes")
     packed = _dig(record, "perf", "candidate_packed", "memory", "inference_peak_rss_bytes")
     return {
@@ -155,7 +156,42 @@ def summarize(record: dict, params: dict) -> dict:
         "ppl_delta_pct": _dig(record, "metrics", "ppl", "delta_percent"),
         "latency": latency_value,
         "latency_label": latency_label,
+        "latency_metric": latency_metric,  # what ``latency`` measures: prefill_ms_per_token | embedding_sentences_per_s
         "peak_rss_mb": peak / 1e6 if peak else None,
         "peak_rss_packed_mb": packed / 1e6 if packed else None,
         "passed": bool(_dig(record, "verdict", "passed")),
     }
+
+
+LATENCY_PANELS = {
+    "prefill_ms_per_token": "prefill latency (ms per token, lower is better)",
+    "embedding_sentences_per_s": "embedding throughput (sentences per second, higher is better)",
+}
+
+
+def latency_table(records: list[dict]) -> pd.DataFrame:
+    """run, value, panel: one row per measured run, the panel naming the unit and what was measured."""
+    rows = []
+    for r in records:
+        s = r.get("summary") or {}
+        metric = s.get("latency_metric")
+        value = _number(s.get("latency"))
+        if metric in LATENCY_PANELS and not math.isnan(value):
+            rows.append({"run": r.get("run"), "value": value, "panel": LATENCY_PANELS[metric]})
+    return pd.DataFrame(rows, columns=["run", "value", "panel"])
+
+
+def sqnr_by_layer_type(records: list[dict]) -> pd.DataFrame:
+    """Mean weight SQNR (dB) per run and layer type (q_proj, down_proj, ...), unchanged tensors left out."""
+    cells = []
+    for record in records:
+        for t in ((record.get("metrics") or {}).get("weight_error") or {}).get("tensors") or []:
+            value = _number(t.get("sqnr_db"))  # the record spells infinity "inf": an unchanged tensor
+            if math.isnan(value) or math.isinf(value):
+                continue
+            parts = t["name"].split(".")
+            cells.append({"run": record["run"], "layer type": parts[-2] if len(parts) > 1 else t["name"],
+                          "sqnr_db": value})
+    if not cells:
+        return pd.DataFrame()
+    return pd.DataFrame(cells).pivot_table(index="run", columns="layer type", values="sqnr_db", aggfunc="mean")

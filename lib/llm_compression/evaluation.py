@@ -82,7 +82,7 @@ def judge(metrics: dict, thresholds: Thresholds) -> dict:
     checks = [
         _check("cosine", cos, thresholds.cosine, True, f"cosine {cos:.4f} < {thresholds.cosine} ({basis})" if cos is not None and thresholds.cosine is not None else ""),
         _check("ppl_increase", ppl_frac, thresholds.ppl_increase, False,
-               f"ppl increase {100 * ppl_frac:.2f}% > {100 * thresholds.ppl_increase:.2f}%" if ppl_frac is not None and thresholds.ppl_increase is not None else ""),
+               f"ppl increase {_percent(100 * ppl_frac)} > {100 * thresholds.ppl_increase:.2f}%" if ppl_frac is not None and thresholds.ppl_increase is not None else ""),
         _check("kld", kld, thresholds.kld, False, f"kld mean {kld:.4g} > {thresholds.kld}" if kld is not None and thresholds.kld is not None else ""),
         _check("top1", top1, thresholds.top1, True, f"top-1 agreement {top1:.4f} < {thresholds.top1}" if top1 is not None and thresholds.top1 is not None else ""),
     ]
@@ -179,6 +179,11 @@ class EvaluationFault(ValueError):
     reason instead of raising out of the notebook."""
 
 
+def _percent(pct: float) -> str:
+    """``23.00%``, and an exploded perplexity as ``x 316,333`` rather than ``31633168.43%``."""
+    return f"x {1 + pct / 100:,.0f}" if pct >= 1000 else f"{pct:.2f}%"
+
+
 def check_compatible(original: str, candidate: str, orig_config: dict, cand_config: dict) -> None:
     """EvaluationFault naming both models when their architecture or vocabulary differ."""
     for key in ARCHITECTURE_FIELDS:
@@ -257,20 +262,26 @@ def _safe_exp(x: float) -> float:
         return math.inf
 
 
+def _scored_outputs(model: nn.Module, ids: torch.Tensor, w, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and last hidden state of the tokens a window scores; NaN/Inf logits are an evaluation fault."""
+    out, hidden = _forward(model, input_ids=ids[w.begin : w.end].unsqueeze(0), use_cache=False)
+    off = w.score_from - w.begin
+    logits = out.logits[0, off:]
+    if not bool(torch.isfinite(logits).all()):
+        raise EvaluationFault(f"the {who} computes {int((~torch.isfinite(logits)).sum())} NaN/Inf logits in the window "
+                              f"at tokens {w.begin}-{w.end}: its weights or scales are broken")
+    return logits, hidden[0, off:]
+
+
 def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[torch.Tensor],
                     gen_tokens: int, precision: str = "float32") -> tuple[dict[str, torch.Tensor], float]:
     """The original's outputs on every window and prompt (see ``reference``), and its summed NLL."""
     tensors: dict[str, torch.Tensor] = {}
     nll = 0.0
     for i, w in enumerate(windows):
-        out, hidden = _forward(orig, input_ids=ids[w.begin : w.end].unsqueeze(0), use_cache=False)
-        off = w.score_from - w.begin
-        logits = out.logits[0, off:]
-        if not bool(torch.isfinite(logits).all()):
-            raise EvaluationFault(f"the original computes {int((~torch.isfinite(logits)).sum())} NaN/Inf logits in the "
-                                  f"window at tokens {w.begin}-{w.end}")
+        logits, hidden = _scored_outputs(orig, ids, w, "original")
         nll += _window_nll(logits, ids[w.score_from : w.end + 1])
-        tensors.update({f"{k}.{i}": v for k, v in reference.window_outputs(logits, hidden[0, off:], precision).items()})
+        tensors.update({f"{k}.{i}": v for k, v in reference.window_outputs(logits, hidden, precision).items()})
     if gen_tokens > 0:
         for j, prompt in enumerate(prompts):
             tensors[f"gen.{j}"] = M.greedy_generate(orig, prompt, gen_tokens).to(torch.int64)
@@ -283,15 +294,10 @@ def _causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.
     hidden_cos, logit_cos, klds, matches = [], [], [], []
     nll_cand = 0.0
     for i, w in enumerate(windows):
-        out_b, h_b = _forward(cand, input_ids=ids[w.begin : w.end].unsqueeze(0), use_cache=False)
-        off = w.score_from - w.begin
-        lb = out_b.logits[0, off:]
-        if not bool(torch.isfinite(lb).all()):
-            raise EvaluationFault(f"the candidate computes {int((~torch.isfinite(lb)).sum())} NaN/Inf logits in the "
-                                  f"window at tokens {w.begin}-{w.end}: its weights or scales are broken")
+        lb, hb = _scored_outputs(cand, ids, w, "candidate")
         side = ref.window(i)
         la = reference.logits_of(side)
-        hidden_cos.append(M.token_cosine(side["hidden"], h_b[0, off:].float()))
+        hidden_cos.append(M.token_cosine(side["hidden"], hb.float()))
         logit_cos.append(M.token_cosine(la, lb.float()))
         kld, _ = M.token_kl_divergence(la, lb)
         klds.append(kld)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import errno
 import json
 import os
 import tempfile
@@ -25,7 +24,7 @@ from . import __version__
 from . import schema as S
 from .atomic import temp_path
 from .formats import gguf as fmt
-from .formats.base import StoreError
+from .errors import StoreError
 
 META_GGUF = S.META_GGUF
 HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # GGUFReader's pseudo-fields
@@ -307,33 +306,24 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
     """Store every tensor of a GGUF file as its GGML blocks, with the file's metadata in the footer."""
     from tqdm.auto import tqdm
 
-    from .converter import ConversionReport, StoreWriter
+    from .converter import ConversionReport, StoreWriter, write_error
 
     src = open_gguf(path)
-    writer = None
     current = "(none)"
     try:
-        writer = StoreWriter(output)
-        for info, tensor in tqdm(list(zip(src.tensors, src.reader.tensors)), desc=f"convert {src.path.name}",
-                                 unit="tensor", disable=not progress):
-            current = info["gguf_name"]
-            params = {
-                "gguf_name": info["gguf_name"], "ggml_type": info["ggml_type"],
-                "ggml_type_name": fmt.ggml_type(info["ggml_type"]).name, "gguf_shape": info["gguf_shape"],
-                "arch": src.arch, "processor_config": src.processor_config,
-            }
-            writer.write(fmt.make_row(info["hf_name"] or info["gguf_name"], _raw_bytes(tensor), params))
-        writer.commit(_metadata(src, label or str(path)))
+        with StoreWriter(output) as writer:  # removed again on any failure or stop signal
+            for info, tensor in tqdm(list(zip(src.tensors, src.reader.tensors)), desc=f"convert {src.path.name}",
+                                     unit="tensor", disable=not progress):
+                current = info["gguf_name"]
+                params = {
+                    "gguf_name": info["gguf_name"], "ggml_type": info["ggml_type"],
+                    "ggml_type_name": fmt.ggml_type(info["ggml_type"]).name, "gguf_shape": info["gguf_shape"],
+                    "arch": src.arch, "processor_config": src.processor_config,
+                }
+                writer.write(fmt.make_row(info["hf_name"] or info["gguf_name"], _raw_bytes(tensor), params))
+            writer.commit(_metadata(src, label or str(path)))
     except OSError as exc:
-        if writer is not None:
-            writer.abort()
-        if exc.errno == errno.ENOSPC:
-            raise StoreError(f"{output}: disk full while writing tensor {current!r}; no output written") from None
-        raise StoreError(f"{output}: write failed at tensor {current!r}: {exc}") from None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        raise write_error(output, current, exc) from None
     return ConversionReport(writer.url or Path(output), len(src.tensors), writer.row_groups, writer.bytes_written, writer.formats)
 
 

@@ -18,7 +18,8 @@ import torch
 import xxhash
 
 from . import formats, remote, schema as S
-from .formats.base import QuantizedTensor, StoreError
+from .errors import StoreError
+from .formats.base import QuantizedTensor
 
 DENSE = "dense"
 LEGACY = "v2_int"

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .formats.base import StoreError
+from .errors import StoreError
 from .loader import WeightLoaderV2
 
 
@@ -28,7 +28,8 @@ def plain_config(loader: WeightLoaderV2):
         raise StoreError(f"{loader.path}: transformers cannot build a {model_type!r} config ({exc})") from None
 
 
-def _model_class(config, task: str | None):
+def model_class(config, task: str | None):
+    """The transformers class a file's config builds: its ``architectures``, else the task's auto class."""
     import transformers
 
     if task is None:
@@ -56,7 +57,7 @@ def model_from_parquet(
 
     loader = path if isinstance(path, WeightLoaderV2) else WeightLoaderV2(path)
     config = plain_config(loader)
-    cls = _model_class(config, task)
+    cls = model_class(config, task)
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype)
     state = loader.state_dict(dtype=dtype)

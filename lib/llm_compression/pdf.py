@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from . import atomic
-from .formats.base import StoreError
+from .errors import StoreError
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts, which this

@@ -250,10 +250,10 @@ def _load(spec: dict):
     if spec["via"] == "hf":
         from transformers import AutoConfig
 
-        from .modeling import _model_class
+        from .modeling import model_class
 
         config = AutoConfig.from_pretrained(spec["source"])
-        return _model_class(config, spec["task"]).from_pretrained(spec["source"], dtype=dtype).eval()
+        return model_class(config, spec["task"]).from_pretrained(spec["source"], dtype=dtype).eval()
     from .runtime import load_model
 
     model, _ = load_model(spec["source"], dtype=dtype, task=spec["task"], activation_quant=spec["activation_quant"],
@@ -349,14 +349,14 @@ def _preimport(source: str, task: str | None) -> None:
 
     from transformers import AutoConfig
 
-    from .modeling import _model_class
+    from .modeling import model_class
     from .runtime import read_config
 
     raw = copy.deepcopy(read_config(source))
     raw.pop("quantization_config", None)
     model_type = raw.pop("model_type", None)
     if model_type:
-        _model_class(AutoConfig.for_model(model_type, **raw), task)
+        model_class(AutoConfig.for_model(model_type, **raw), task)
 
 
 def _perf_sentences(count: int) -> list[str]:

@@ -11,6 +11,7 @@ If Phase 1 fails, the recommendation is to keep our PTQ INT8/INT2. Nothing here 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,15 +74,33 @@ def bit_width(record: dict) -> str | None:
 
 
 def _label(record: dict) -> str:
+    """Who made it, short: ``AngelSlim int4_awq (group 64)``, ``our GPTQ int4``, ``nvfp4 (our writer)``; W8A8
+    runs say so, since quantized activations make another comparison than weight-only."""
     producer = producer_of(record)
     if producer.startswith("angelslim"):
-        parts = producer.split()
-        return "AngelSlim " + " ".join(parts[2:])  # drop the version
-    if producer.startswith("llmc ptq"):
-        return "our " + producer.removeprefix("llmc ptq ").split(" g")[0].replace("gptq int4", "GPTQ int4")
-    if producer.startswith("llmc writer"):
-        return producer.removeprefix("llmc writer ") + " (our writer)"
-    return record.get("run") or "?"
+        label = "AngelSlim " + " ".join(producer.split()[2:])  # drop the version
+    elif producer.startswith("llmc ptq"):
+        label = "our " + producer.removeprefix("llmc ptq ").split(" g")[0].replace("gptq int4", "GPTQ int4")
+    elif producer.startswith("llmc writer"):
+        label = producer.removeprefix("llmc writer ") + " (our writer)"
+    elif producer and not producer.startswith("external"):
+        label = producer.split(" (")[0]
+    else:
+        label = record.get("run") or "?"
+    activations = (record.get("summary") or {}).get("activations") or ""
+    return label + (" (W8A8)" if activations.startswith("activations quantized") else "")
+
+
+def first_line(text: str) -> str:
+    """The first line of a failure, without the builtin-build preamble that names cache paths."""
+    first = (text or "failed").splitlines()[0]
+    return re.sub(r"^(run failed: )?BuiltinError: building builtin:\S+ from \S+ failed: ", "", first)[:300]
+
+
+def _method(record: dict) -> str:
+    """The algorithm family, to pair AngelSlim's GPTQ with ours: gptq, awq or rtn."""
+    producer = producer_of(record).lower()
+    return "gptq" if "gptq" in producer else "awq" if "awq" in producer else "rtn"
 
 
 def _inference_works(record: dict) -> tuple[bool, str]:
@@ -136,7 +155,7 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
     else why not), ``angelslim_version``, ``cli_backend`` (bool), ``readme`` (its text)."""
     runs = [r for r in records if is_angelslim(r)]
     works = sorted({_label(r) for r in runs if r.get("status") != "error"})
-    fails = [(_label(r), (r.get("error") or "").splitlines()[0][:240]) for r in runs if r.get("status") == "error"]
+    fails = [(_label(r), first_line(r.get("error") or "")) for r in runs if r.get("status") == "error"]
     env_problem = environment.get("angelslim_env")
     version = environment.get("angelslim_version")
     readme = environment.get("readme") or ""
@@ -197,16 +216,20 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                 lines.append(f"{width}: best passing is {_label(best)} ({_quality(best)}, run {best['run']}).")
             else:
                 lines.append(f"{width}: no candidate passes.")
-            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != "error" and r.get("summary")), key=_rank)
-            ours = sorted((r for r in at if is_ours(r) and r.get("summary")), key=_rank)
-            if theirs and ours:
-                a, b = theirs[0], ours[0]
+            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != "error" and _quality(r) != "no figures"),
+                            key=_rank)
+            ours = sorted((r for r in at if is_ours(r) and _quality(r) != "no figures"), key=_rank)
+            for a in theirs:  # each AngelSlim method against our best at its width (same algorithm first)
+                same = [b for b in ours if _method(b) == _method(a)]
+                b = (same or ours or [None])[0]
+                if b is None:
+                    continue
                 better = "AngelSlim" if _rank(a) < _rank(b) else "our PTQ"
                 lines.append(f"{width}: {_label(a)} {_quality(a)} vs {_label(b)} {_quality(b)}: {better} is better.")
         for r in runs:
             if not _passed(r):
                 why = ((r.get("verdict") or {}).get("reasons") or [r.get("error") or "failed"])[0]
-                lines.append(f"Fails: {_label(r)} (run {r['run']}): {why.splitlines()[0][:300]}")
+                lines.append(f"Fails: {_label(r)} (run {r['run']}): {first_line(why)}")
         out[model] = lines
     return out
 

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .formats._codec import trivial_g_idx
+
 __all__ = [
     "DEFAULT_SKIP",
     "GPTQError",
@@ -177,12 +179,6 @@ def _quantize_values(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return torch.clamp(torch.round(values / scale) + zero, 0, _max_code(bits))
 
 
-def _trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return (torch.arange(in_features) // group_size).to(torch.int32)
-
-
 # --------------------------------------------------------------------------------------------------
 # Round to nearest
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +214,7 @@ def quantize_rtn(
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
-        g_idx=_trivial_g_idx(in_features, group_size),
+        g_idx=trivial_g_idx(in_features, group_size),
         method="rtn",
     )
 

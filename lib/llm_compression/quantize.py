@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,7 +49,8 @@ import torch
 from . import __version__, corpus, ptq, schema as S
 from .converter import HuggingFaceToParquetConverter, StoreWriter, export_to_hf, source_metadata, staged_directory
 from .formats import get_format, ptq as ptq_format
-from .formats.base import Row, StoreError
+from .errors import StoreError
+from .formats.base import Row
 from .loader import DENSE, WeightLoaderV2
 
 PTQ_METHODS = ("int8", "int4", "int2", "gptq")
@@ -560,14 +562,79 @@ def _write_gptq_dir(source: _Source, results: dict[str, ptq.QuantizedLinear], op
 def _quantize_ptq(src, out: Path, options: _Options, out_format: str, progress: bool) -> QuantizeResult:
     start = time.perf_counter()
     source = _open_source(src, out.parent, progress)
+    streamed = options.method != "gptq" and out_format == "parquet"
     try:
-        results = _run_ptq(source, options, out_format, progress)
+        # RTN needs no calibration: one weight at a time is read, quantized, written and dropped, so memory
+        # stays near the largest tensor. GPTQ needs the model's activations and loads it.
+        results = _StreamedRTN(source, options) if streamed else _run_ptq(source, options, out_format, progress)
         writer = _write_parquet if out_format == "parquet" else _write_gptq_dir
         bpw = writer(source, results, options, out, progress)
     finally:
         source.close()
     return QuantizeResult(out, "ptq", options.method, out_format, options.as_dict(), sorted(results), bpw,
-                          time.perf_counter() - start, results)
+                          time.perf_counter() - start, None if streamed else results)
+
+
+class _StreamedRTN(Mapping):
+    """Layer -> its RTN ``QuantizedLinear``, computed when asked for and not kept (see ``_quantize_ptq``).
+
+    Which Linears to quantize comes from the architecture built on the meta device (no weights), with
+    the same skip list and tied-embedding check as the in-memory path."""
+
+    def __init__(self, source: _Source, options: _Options):
+        self.source, self.options = source, options
+        model = _meta_model(source)
+        targets = ptq.find_quantizable_linears(model, options.skip)
+        if not targets:
+            raise QuantizeError(f"{source.label}: no nn.Linear left to quantize after skip={list(options.skip)}")
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for name, module in targets.items():
+            if embeddings is not None and module.weight is getattr(embeddings, "weight", None):
+                raise QuantizeError(f"{source.label}: {name!r} shares its weight with the input embeddings "
+                                    f"(tie_word_embeddings); keep it in skip (e.g. 'lm_head')")
+        self.names = list(targets)
+
+    def __getitem__(self, layer: str) -> ptq.QuantizedLinear:
+        if layer not in self.names:
+            raise KeyError(layer)
+        groups = self.source.groups()
+        if layer in groups:  # stored quantized in the source: its dequantized weight
+            weight = self.source.loader.load_weight(layer, "weight", dtype=torch.float32)
+        else:
+            weight = self.source.read(f"{layer}.weight").to(torch.float32)
+        try:
+            return ptq.quantize_rtn(weight, self.options.bits, self.options.group_size, self.options.symmetric,
+                                    name=layer)
+        except ValueError as exc:
+            raise QuantizeError(f"{self.source.label}: {exc}") from None
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _meta_model(source: _Source) -> torch.nn.Module:
+    """The source's architecture with no weights (the meta device), to find its Linears: the class its
+    ``architectures`` name, as ``source.model()`` builds it (an HF directory loads as a causal LM)."""
+    import transformers
+
+    raw = json.loads(json.dumps(source.config))
+    raw.pop("quantization_config", None)
+    model_type = raw.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **raw)
+        if isinstance(source, _ParquetSource):
+            from .modeling import model_class
+
+            cls = model_class(config, None)
+        else:
+            cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception as exc:
+        raise QuantizeError(f"{source.label}: transformers cannot build the architecture ({exc})") from None
 
 
 # ==================================================================================================

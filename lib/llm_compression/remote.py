@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .formats.base import StoreError
+from .errors import StoreError
 
 SCHEMES = ("s3://", "hf://")
 

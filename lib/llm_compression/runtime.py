@@ -34,14 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import formats
-from .formats.base import QuantizedTensor, StoreError
+from .formats._codec import FP8_MAX
+from .errors import StoreError
+from .formats.base import QuantizedTensor
 from .formats.fp8 import CT_METHOD, ct_scheme_for
 from .loader import DENSE, LazyStateDict, WeightLoaderV2
 from .metrics import l2_normalize, mean_pooling
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 INT8_MIN, INT8_MAX = -128, 127
 
 
@@ -518,10 +519,10 @@ def load_model(
 def _load_hf(root: Path, source: str, dtype: torch.dtype, task: str | None, keep_packed: bool) -> tuple[nn.Module, ModelInfo]:
     from transformers import AutoConfig
 
-    from .modeling import _model_class
+    from .modeling import model_class
 
     config = AutoConfig.from_pretrained(root)
-    cls = _model_class(config, task)
+    cls = model_class(config, task)
     model = cls.from_pretrained(root, dtype=dtype).eval()
     info = ModelInfo(
         source=source, kind=_kind(model), architecture=type(model).__name__, parquet=None, converted=False,

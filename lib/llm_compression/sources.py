@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .formats.base import StoreError, TensorInfo
+from .errors import StoreError
+from .formats.base import TensorInfo
 from .schema import dtype_code
 
 INDEX_FILE = "model.safetensors.index.json"

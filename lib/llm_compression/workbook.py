@@ -334,15 +334,22 @@ def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
 
 def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
     """The comparison notebook and the index, once, after every run."""
+    import papermill
+
     compare = reports / "compare_models.ipynb"
-    with atomic.replacing(compare, fsync=False) as staged:
-        staged_nb = staged.with_name(staged.name + ".ipynb")
-        try:
-            execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO)
-        finally:
-            if staged_nb.exists():
-                os.replace(staged_nb, staged)
-    render_html(compare)
+    try:
+        with atomic.replacing(compare, fsync=False) as staged:
+            staged_nb = staged.with_name(staged.name + ".ipynb")
+            try:
+                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO)
+            except papermill.PapermillExecutionError as exc:  # its report shows the error; the index still follows
+                print(f"compare_models.ipynb failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
+            finally:
+                if staged_nb.exists():
+                    os.replace(staged_nb, staged)
+    finally:
+        if compare.exists():
+            render_html(compare)
     write_index(reports, outcomes)
     return outcomes
 

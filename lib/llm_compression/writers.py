@@ -23,7 +23,7 @@ Formats (see ``FORMATS``; AngelSlim section numbers refer to shared/reference/an
   the config AngelSlim v0.5 writes; codes from a real GPTQ run (``ptq.quantize_model``, act-order
   with static groups as AngelSlim runs it) on calibration windows of the offline corpus.
 * ``awq_int4`` (§1.6): AutoAWQ GEMM layout, asymmetric RTN group 128 from ``ptq.quantize_rtn``
-  (no activation-aware scale search), packed along ``out`` with ``AWQ_ORDER``; F16 scales.
+  (no activation-aware scale search), packed along ``out`` in AutoAWQ's order (``formats.awq.ORDER``); F16 scales.
 * ``seq_2bit`` (§1.9, HY-1.8B-2Bit style): no quantization_config; every decoder Linear weight is
   replaced by its 2-bit SEQ fake-quant (per row ``(s/2)·{−1.5, −0.5, 0.5, 1.5}``, ``s`` by MSE
   search), stored as ordinary bf16 values.
@@ -47,6 +47,8 @@ from safetensors.torch import load_file, save_file
 
 from . import ptq
 from .converter import staged_directory
+from .formats._codec import E2M1_VALUES, FP8_MAX
+from .formats.awq import ORDER as AWQ_ORDER, pack_awq
 
 __all__ = [
     "AWQ_ORDER",
@@ -61,14 +63,11 @@ __all__ = [
     "write_checkpoint",
 ]
 
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 FP4_MAX = 6.0
 INT8_MAX = 127
 # Decoder Linears AngelSlim quantizes for Qwen/Llama-style models (qwen.py ``observed_names``).
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DECODER_PREFIX = "model.layers."
-# Output column held by nibble slot k of an AWQ GEMM word (AutoAWQ / AngelSlim ``order_map``).
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 WEIGHT_FILE = "model.safetensors"
 # Files of the source directory that are not copied: weights, their index, the rewritten config, and
 # our toy LM's training log (it describes the original, not the quantized copy).
@@ -155,28 +154,12 @@ def int8_channel_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return packed["weight"].to(torch.int8).contiguous(), scale.contiguous()
 
 
-def _int32_words(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 with the same bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def awq_pack(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Pack unsigned ``[rows, cols]`` codes along dim 1 into int32 ``[rows, cols * bits / 32]``, AWQ order.
-
-    Nibble slot ``k`` (bits ``4k .. 4k+3``) of word ``c`` holds column ``8c + AWQ_ORDER[k]``, as
-    AutoAWQ's ``WQLinear_GEMM.from_linear`` packs ``qweight`` and ``qzeros``.
-    """
+    """Pack unsigned ``[rows, cols]`` codes along dim 1 into int32 ``[rows, cols / 8]`` in AutoAWQ's order
+    (the reader's own packer, ``formats.awq.pack_awq``: one codec, two directions)."""
     if bits != 4:
         raise ValueError(f"awq_pack: only 4-bit AWQ GEMM packing exists, got bits={bits}")
-    rows, cols = values.shape
-    per_word = 32 // bits
-    if cols % per_word:
-        raise ValueError(f"awq_pack: {cols} columns are not a multiple of {per_word}")
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) > 15):
-        raise ValueError("awq_pack: codes must lie in [0, 15]")
-    grouped = values.to(torch.int64).reshape(rows, cols // per_word, per_word)[:, :, list(AWQ_ORDER)]
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    return _int32_words((grouped << shifts).sum(dim=-1))
+    return pack_awq(values)
 
 
 def awq_quantize(weight: torch.Tensor, group_size: int = 128, name: str = "weight") -> dict[str, torch.Tensor]:
@@ -233,7 +216,6 @@ def seq_2bit_fake_quantize(weight: torch.Tensor, candidates: int = 64) -> tuple[
     return _seq_levels(w, quarter), (4.0 * quarter).squeeze(1)
 
 
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:

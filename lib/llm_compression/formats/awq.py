@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from ._codec import int32_words
 
 NAME = "awq"
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -114,8 +115,7 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_awq: codes must lie in [0, 15]")
     slots = codes.to(torch.int64).reshape(codes.shape[0], -1, PACK)[..., list(ORDER)]
     shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
-    words = (slots << shifts).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return int32_words((slots << shifts).sum(dim=-1))
 
 
 def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..errors import StoreError, UnsupportedFormatError  # noqa: F401 - re-exported for the formats
+
 # Keys under which quantization_configs list modules left unquantized: compressed-tensors (`ignore`),
 # AngelSlim v0.1 / vLLM fp8 (`ignored_layers`), transformers GPTQ/AWQ (`modules_to_not_convert`),
 # ModelOpt (`exclude_modules`).
@@ -58,14 +60,6 @@ def entry_matches(entry: str, module: str) -> bool:
 def is_ignored(qconfig: dict | None, module: str) -> bool:
     """Does any ignore list of the config name this module (left dense)?"""
     return any(entry_matches(entry, module) for entry in ignore_entries(qconfig))
-
-
-class StoreError(ValueError):
-    """Bad input or a broken file; the message names the file and the tensor."""
-
-
-class UnsupportedFormatError(StoreError):
-    """A checkpoint or tensor whose quantization format we do not read."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from ._codec import int32_words, trivial_g_idx
 
 NAME = "gptq"
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -42,11 +43,6 @@ ZERO_OFFSET = 1
 # --------------------------------------------------------------------------------------------------
 
 _WORD_MASK = 0xFFFFFFFF
-
-
-def _words_to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 with the same bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,7 +63,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if bool(spill.any()):
         rest = 32 - shift[spill]
         acc.index_add_(0, word[spill] + 1, v[spill] >> rest.view(-1, *([1] * (v.dim() - 1))))
-    return _words_to_int32(acc & _WORD_MASK)
+    return int32_words(acc & _WORD_MASK)
 
 
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,11 +106,6 @@ class GPTQUnpacked:
         return (scales * diff).t().contiguous().to(dtype)
 
 
-def _trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    size = in_features if group_size in (-1, 0, None) else group_size
-    return (torch.arange(in_features, dtype=torch.int32) // size).to(torch.int32)
-
-
 def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int = -1) -> GPTQUnpacked:
     """Codes, true zero points (stored + 1), scales and g_idx from v1 tensors (``qweight``, ``qzeros``, ``scales``[, ``g_idx``])."""
     codes = unpack_bits(tensors["qweight"], bits).t().contiguous()  # [out, in]
@@ -122,7 +113,7 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int = -
     in_features = codes.shape[1]
     g_idx = tensors.get("g_idx")
     if g_idx is None:
-        g_idx = _trivial_g_idx(in_features, group_size)
+        g_idx = trivial_g_idx(in_features, group_size)
     return GPTQUnpacked(codes, zeros, tensors["scales"], g_idx)
 
 

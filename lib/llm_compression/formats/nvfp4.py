@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from ._codec import E2M1_VALUES
 from .fp8 import (
     CT_METHOD,
     ct_detect,
@@ -37,7 +38,6 @@ from .fp8 import (
 NAME = "nvfp4"
 MODELOPT = "modelopt"
 COMPRESSED = CT_METHOD
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 DEFAULT_GROUP = 16
 # suffix of the packed codes and of the global scale, per layout
 LAYOUT_TENSORS = {MODELOPT: ("weight", "weight_scale_2"), COMPRESSED: ("weight_packed", "weight_global_scale")}

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo
+from ._codec import trivial_g_idx
 
 NAME = "ptq"
 SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_g_idx")
@@ -116,11 +117,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
-def _trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    size = in_features if group_size == -1 else group_size
-    return (torch.arange(in_features) // size).to(torch.int32)
-
-
 def uses_int8_rows(bits: int, n_groups: int) -> bool:
     """8-bit codes with one group per output row are stored as legacy-readable int8 rows."""
     return bits == 8 and n_groups == 1
@@ -178,7 +174,7 @@ def encode(module: str, quantized: Any, original_dtype: str | None = None) -> li
     rows = [codes_row, Row(f"{module}.weight_scale", scales32, NAME, dict(params))]
     if not omit_zero:
         rows.append(Row(f"{module}.weight_zero", zeros.to(torch.uint8).contiguous(), NAME, dict(params)))
-    if not torch.equal(g_idx.to(torch.int32), _trivial_g_idx(in_features, group_size)):
+    if not torch.equal(g_idx.to(torch.int32), trivial_g_idx(in_features, group_size)):
         rows.append(Row(f"{module}.weight_g_idx", g_idx.to(torch.int32).contiguous(), NAME, dict(params)))
     return rows
 
@@ -248,7 +244,7 @@ def decode(record: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
         if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise StoreError(f"tensor {layer}.weight_g_idx: values outside [0, {n_groups})")
     else:
-        g_idx = _trivial_g_idx(in_features, group_size)
+        g_idx = trivial_g_idx(in_features, group_size)
     return codes, scales, zeros, g_idx
 
 

@@ -1,0 +1,10 @@
+"""The package's errors, in one place that imports nothing: every layer raises them, none depends on
+another just to do so."""
+
+
+class StoreError(ValueError):
+    """Bad input or a broken file; the message names the file and the tensor."""
+
+
+class UnsupportedFormatError(StoreError):
+    """A checkpoint or tensor whose quantization format we do not read."""
