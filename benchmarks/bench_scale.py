@@ -183,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-            if args.work_dir.is_dir() and not any(args.work_dir.iterdir()):
-                args.work_dir.rmdir()
     return 0
 
 

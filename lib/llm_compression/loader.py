@@ -39,9 +39,10 @@ class WeightLoaderV2:
         self.verify = verify
         if not self.remote and not self.path.is_file():
             raise StoreError(f"{self.path}: no such file")
+        if self.remote:  # ranged reads: the footer, the index columns, then one tensor's bytes at a time
+            self._remote_file = remote.open_read(self.path)  # a missing object or bucket: its own clear error
         try:
-            if self.remote:  # ranged reads: the footer, the index columns, then one tensor's bytes at a time
-                self._remote_file = remote.open_read(self.path)
+            if self.remote:
                 self._file = pq.ParquetFile(self._remote_file, page_checksum_verification=True)
             else:
                 self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)

@@ -12,6 +12,7 @@ interrupted upload leaves no object under the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import StoreError
@@ -27,13 +28,14 @@ def _explain(url: str, exc: BaseException) -> StoreError:
     """One clear error for the usual ways object storage fails."""
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
-    if isinstance(exc, PermissionError) or any(k in lowered for k in ("accessdenied", "invalidaccesskeyid",
-                                                                       "signaturedoesnotmatch", "forbidden", "403")):
-        why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the Hub token)"
-    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+    codes = set(re.findall(r"\b(\d{3})\b", lowered))
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "specified bucket does not exist" in lowered:
         why = "no such bucket"
-    elif isinstance(exc, FileNotFoundError) or "nosuchkey" in lowered or "404" in lowered:
+    elif isinstance(exc, FileNotFoundError) or "nosuchkey" in lowered or "404" in codes:
         why = "no such object"
+    elif isinstance(exc, PermissionError) or "403" in codes or any(
+            k in lowered for k in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")):
+        why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the Hub token)"
     elif any(k in lowered for k in ("could not connect", "connection", "timed out", "endpoint", "name or service")):
         why = f"network error reaching the endpoint (AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL', 'unset')})"
     else:
