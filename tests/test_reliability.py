@@ -234,8 +234,10 @@ def many_tensor_checkpoint(directory: Path, count: int = 4000) -> Path:
 def test_stop_signal_during_convert_cleans_up(tmp_path, sig):
     src = many_tensor_checkpoint(tmp_path / "src")
     out = tmp_path / "m.parquet"
+    # Started as a background job of a non-interactive shell is: with SIGINT ignored (inherited).
     proc = subprocess.Popen([*LLMC, "convert", str(src), str(out), "-q", "--no-grid-detection"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.time() + 60
     while not leftovers(tmp_path) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)

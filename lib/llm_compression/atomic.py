@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# SIGINT too: a process started in the background of a non-interactive shell inherits SIGINT ignored, and
+# Python then never raises KeyboardInterrupt, so Ctrl-C from a job controller would kill nothing cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -32,7 +34,7 @@ def _raise_interrupted(signum, _frame):
 
 
 def handle_stop_signals() -> None:
-    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread, as SIGINT raises KeyboardInterrupt."""
+    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (a KeyboardInterrupt) in the main thread."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_interrupted)
 
