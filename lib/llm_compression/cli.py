@@ -162,8 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmc", description="Lossless Parquet weight store and quantized-model evaluation workbook.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="convert an HF checkpoint (directory or hub id) into a Parquet weight file",
-                       description="Convert an HF checkpoint into a self-contained Parquet V2.1 weight file, bit-exactly.")
+    p = sub.add_parser("convert", help="convert an HF checkpoint (directory or hub id) or a GGUF into a Parquet weight file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert an HF checkpoint or a GGUF file into a self-contained Parquet V2.1 weight file, bit-exactly.",
+                       epilog="examples:\n"
+                              "  llmc convert path/to/hf-model model.parquet\n"
+                              "  llmc convert tencent/Hunyuan-1.8B-Instruct-FP8 hy-fp8.parquet      # hub id (or its local cache)\n"
+                              "  llmc convert model.Q4_K_M.gguf model.parquet\n"
+                              "  llmc convert owner/repo-GGUF model.parquet --gguf-file model-Q4_K_M.gguf\n"
+                              "  llmc convert path/to/hf-model s3://bucket/models/model.parquet   # AWS_ENDPOINT_URL etc.")
     p.add_argument("src", help="local HF directory, hub id (owner/name) or .gguf file")
     p.add_argument("out", help="output .parquet path (written atomically)")
     p.add_argument("--gguf-file", metavar="NAME", help="the GGUF file to convert inside an HF directory or hub repo")
@@ -175,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="write an HF directory (safetensors + config + tokenizer) or a GGUF from a Parquet file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  llmc export model.parquet exported/\n"
+                              "  llmc export model.parquet back.gguf --format gguf\n  llmc export s3://bucket/m.parquet exported/",
                        description="Export a Parquet weight file back to an HF directory (tensors equal the source bit for bit; "
                                    "a GGUF-derived file gives dense float32 weights) or, with --format gguf, to the GGUF it came from.")
     p.add_argument("parquet")
@@ -184,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="list a Parquet file's tensors, formats, bits per weight and totals",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  llmc inspect model.parquet\n  llmc inspect model.parquet --verify --json\n"
+                              "  llmc inspect s3://bucket/m.parquet --verify",
                        description="Table of tensors (name, format, dtype, shape, bytes, bits/weight) and totals.")
     p.add_argument("parquet")
     p.add_argument("--verify", action="store_true", help="read every tensor and verify its checksum")
@@ -238,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "quantized Linears hold codes packed at their real bit width (format 'ptq'), or with --format gptq "
                     "an AutoGPTQ v1 HF directory. Backend angelslim runs AngelSlim's PTQ in .venv-angelslim "
                     "(make angelslim-env) and converts its output. Calibration text: the offline corpus's train split.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  llmc quantize path/to/bf16-model int4.parquet --method int4\n"
+               "  llmc quantize path/to/bf16-model gptq.parquet --method gptq --act-order --calib-samples 128\n"
+               "  llmc quantize path/to/bf16-model awq.parquet --backend angelslim --method int4_awq --group-size 64\n"
+               "  llmc quantize path/to/bf16-model cmp.parquet --method int8 --compare-backends ptq,angelslim",
     )
     p.add_argument("src", help="HF checkpoint directory, hub id (owner/name, from the local cache) or .parquet file")
     p.add_argument("out", help="output .parquet file, or with --format gptq a new (or empty) directory; written atomically")
