@@ -380,8 +380,8 @@ def _calibration_ids(source: _Source, options: _Options) -> torch.Tensor:
         raise QuantizeError(f"{source.label}: calibration data: {exc}") from None
 
 
-def _run_ptq(source: _Source, options: _Options, out_format: str, progress: bool) -> dict[str, ptq.QuantizedLinear]:
-    model = source.model()
+def _quantizable_linears(source: _Source, model: torch.nn.Module, options: _Options) -> dict:
+    """The Linears to quantize (not skipped), refusing one that shares its weight with the input embeddings."""
     targets = ptq.find_quantizable_linears(model, options.skip)
     if not targets:
         raise QuantizeError(f"{source.label}: no nn.Linear left to quantize after skip={list(options.skip)}")
@@ -390,6 +390,13 @@ def _run_ptq(source: _Source, options: _Options, out_format: str, progress: bool
         if embeddings is not None and module.weight is getattr(embeddings, "weight", None):
             raise QuantizeError(f"{source.label}: {name!r} shares its weight with the input embeddings "
                                 f"(tie_word_embeddings); keep it in skip (e.g. 'lm_head')")
+    return targets
+
+
+def _run_ptq(source: _Source, options: _Options, out_format: str, progress: bool) -> dict[str, ptq.QuantizedLinear]:
+    model = source.model()
+    targets = _quantizable_linears(source, model, options)
+    for name, module in targets.items():
         if out_format == "gptq":
             out_f, in_f = module.weight.shape
             if (in_f * options.bits) % 32 or (out_f * options.bits) % 32:
@@ -583,16 +590,7 @@ class _StreamedRTN(Mapping):
 
     def __init__(self, source: _Source, options: _Options):
         self.source, self.options = source, options
-        model = _meta_model(source)
-        targets = ptq.find_quantizable_linears(model, options.skip)
-        if not targets:
-            raise QuantizeError(f"{source.label}: no nn.Linear left to quantize after skip={list(options.skip)}")
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        for name, module in targets.items():
-            if embeddings is not None and module.weight is getattr(embeddings, "weight", None):
-                raise QuantizeError(f"{source.label}: {name!r} shares its weight with the input embeddings "
-                                    f"(tie_word_embeddings); keep it in skip (e.g. 'lm_head')")
-        self.names = list(targets)
+        self.names = list(_quantizable_linears(source, _meta_model(source), options))
 
     def __getitem__(self, layer: str) -> ptq.QuantizedLinear:
         if layer not in self.names:
