@@ -151,6 +151,10 @@ class WeightLoaderV2:
             raise StoreError(f"{self.path}: short read ({len(data)} of {size} bytes at offset {offset})")
         return data
 
+    def _fetch(self, start: int, size: int) -> torch.Tensor:
+        """``size`` bytes at ``start`` of a remote file, read by one range request."""
+        return torch.frombuffer(bytearray(self._pread(start, size)), dtype=torch.uint8)
+
     @property
     def file_bytes(self) -> int:
         return remote.size(self.path) if self.remote else self.path.stat().st_size
@@ -171,22 +175,16 @@ class WeightLoaderV2:
         if tensor_name not in self._spans:
             self._spans[tensor_name] = self._payload_spans(info)
         spans = self._spans[tensor_name]
-        if spans is not None and self.remote:  # one range request per chunk, exactly its bytes
-            out = torch.empty(info.nbytes, dtype=torch.uint8)
-            pos = 0
-            for start, size in spans:
-                if size:
-                    out[pos : pos + size] = torch.frombuffer(bytearray(self._pread(start, size)), dtype=torch.uint8)
-                pos += size
-            return out
         if spans is not None:
+            # Local files are mapped copy-on-write; remote ones read by one range request per chunk.
+            chunk = self._fetch if self.remote else self._map
             if len(spans) == 1 and spans[0][1] > 0:
-                return self._map(*spans[0])
+                return chunk(*spans[0])
             out = torch.empty(info.nbytes, dtype=torch.uint8)  # several chunks: one copy joins them
             pos = 0
             for start, size in spans:
                 if size:
-                    out[pos : pos + size] = self._map(start, size)
+                    out[pos : pos + size] = chunk(start, size)
                 pos += size
             return out
         try:
