@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,18 +145,17 @@ def _check_spans(path: Path, reader, alignment: int) -> None:
                 f"(truncated file or a GGML type id gguf-py sizes differently)")
 
 
+@contextmanager
 def _quiet_transformers():
+    """transformers' logging at error level while it reads a GGUF (it logs every key it does not map)."""
     from transformers.utils import logging as hf_logging
 
-    class _Quiet:
-        def __enter__(self):
-            self.level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-
-        def __exit__(self, *exc):
-            hf_logging.set_verbosity(self.level)
-
-    return _Quiet()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def write_metadata_gguf(path: Path, kv: list[dict], tensor_names: list[str] = (), sanitize: bool = False) -> Path:
