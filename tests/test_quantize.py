@@ -245,6 +245,49 @@ def test_gptq_v1_directory_reads_back_exactly(tiny, tmp_path):
             assert torch.equal(again.load_weight(layer, "weight"), expected)
 
 
+def test_gptq_from_a_quantized_parquet_source_matches_the_in_memory_model(tiny, outputs, tmp_path):
+    """The layer-by-layer path reads each layer from the file (quantized rows dequantized): the same codes
+    as ptq.quantize_model on the whole model built from that file."""
+    from transformers import AutoTokenizer
+
+    source = outputs["int8"][0]
+    result = quantize(source, tmp_path / "gptq.parquet", "gptq", progress=False, **CALIB)
+    ids = corpus.calibration_samples(AutoTokenizer.from_pretrained(str(tiny)), CALIB["calib_samples"],
+                                     CALIB["calib_seq_len"], seed=0)
+    expected = ptq.quantize_model(model_from_parquet(source), "gptq", ids, bits=4, group_size=128, progress=False)
+    assert sorted(expected) == result.layers
+    for name, q in expected.items():
+        assert torch.equal(result.quantized[name].codes, q.codes), name
+        assert torch.equal(result.quantized[name].scales, q.scales), name
+
+
+def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
+    from llm_compression import quantize as quantize_module
+
+    seen: list[int] = []
+    real_load = quantize_module._SourceLayers.load
+
+    def load(self, prefix, layer):
+        model_layers = self_layers[0]
+        resident = [i for i, other in enumerate(model_layers) if not any(p.is_meta for p in other.parameters())]
+        seen.append(len(resident))
+        real_load(self, prefix, layer)
+
+    self_layers: list = []
+    real_skeleton = quantize_module._skeleton_model
+
+    def skeleton(source):
+        model = real_skeleton(source)
+        self_layers.append(ptq.find_decoder_layers(model)[1])
+        assert all(p.is_meta for p in model.get_output_embeddings().parameters())
+        return model
+
+    monkeypatch.setattr(quantize_module._SourceLayers, "load", load)
+    monkeypatch.setattr(quantize_module, "_skeleton_model", skeleton)
+    quantize(tiny, tmp_path / "gptq.parquet", "gptq", progress=False, **CALIB)
+    assert seen == [0, 0]  # when layer i loads, no other layer holds weights
+
+
 def test_gptq_int4_beats_rtn_int4_on_heldout_logits(tiny, outputs):
     ids = heldout_ids(tiny)
     with torch.no_grad():

@@ -35,7 +35,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -48,8 +48,10 @@ __all__ = [
     "GPTQError",
     "GPTQResult",
     "HessianAccumulator",
+    "LayerWeights",
     "QuantizedLinear",
     "fake_quantize_model",
+    "find_decoder_layers",
     "find_quantizable_linears",
     "gptq_quantize",
     "quantize_model",
@@ -279,16 +281,41 @@ class GPTQResult:
     dead_columns: int
 
 
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, damp_percent: float, name: str, max_tries: int = 5) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising damping ten-fold on failure."""
-    mean_diag = float(torch.diagonal(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+def _float64_hessian(hessian: torch.Tensor, dead: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``hessian`` in float64 (Cholesky of an ill-conditioned H is fragile in float32), dead inputs set to
+    ``H_jj = 1``, rows and columns in processing order."""
+    if order is not None:  # permuted in float32, then cast: the same values with one float64 matrix alive
+        hessian = hessian.detach()[order.unsqueeze(1), order]
+        dead = torch.argsort(order)[dead]
+    h = hessian.detach().to(torch.float64, copy=True)
+    h[dead, dead] = 1.0
+    return h
+
+
+def _upper_cholesky_of_inverse(
+    hessian: torch.Tensor, dead: torch.Tensor, order: torch.Tensor | None, damp_percent: float, name: str,
+    max_tries: int = 5,
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` for H as ``_float64_hessian`` makes it,
+    raising damping ten-fold on failure.
+
+    The float64 H is rebuilt for each attempt rather than kept beside its factors: for a 14 k-wide
+    down_proj each [in, in] float64 matrix is 1.5 GB, and at most two exist at once.
+    """
+    mean_diag = None
     damp = damp_percent
     for attempt in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        damped = _float64_hessian(hessian, dead, order)
+        if mean_diag is None:
+            mean_diag = float(torch.diagonal(damped).mean())
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if attempt:
                     warnings.warn(f"{name}: Hessian needed damp_percent={damp:g} (asked {damp_percent:g})", stacklevel=3)
@@ -347,9 +374,9 @@ def run_gptq(
         raise ValueError(f"{name}: Hessian contains NaN/inf")
 
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float64).clone()  # float64: Cholesky of an ill-conditioned H is fragile
-    dead = torch.nonzero(torch.diagonal(h) == 0).squeeze(1)
-    h[dead, dead] = 1.0
+    diagonal = torch.diagonal(hessian).detach().to(torch.float64, copy=True)
+    dead = torch.nonzero(diagonal == 0).squeeze(1)
+    diagonal[dead] = 1.0
 
     size = in_features if group_size == -1 else group_size
     n_groups = math.ceil(in_features / size)
@@ -361,20 +388,20 @@ def run_gptq(
         padded = torch.nn.functional.pad(w, (0, n_groups * size - in_features)).view(out_features, n_groups, size)
         scales, zeros = _group_params(padded, bits, symmetric)
 
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(in_features)
-    w = w[:, order]
-    h = h[order][:, order]
+    order = torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(in_features)
+    if act_order:
+        w = w[:, order]
     # Group of each position in processing order.
     if params_ready:
         group_of_position = order // size
     else:
         group_of_position = torch.arange(in_features) // size
 
-    upper_f64, damp_used = _upper_cholesky_of_inverse(h, damp_percent, name)
+    upper_f64, damp_used = _upper_cholesky_of_inverse(hessian, dead, order if act_order else None, damp_percent, name)
     upper = upper_f64.to(torch.float32)
-    del h, upper_f64
+    del upper_f64
 
-    codes = torch.zeros(out_features, in_features, dtype=torch.float32)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     dequant = torch.zeros(out_features, in_features, dtype=torch.float32)
     loss = torch.zeros((), dtype=torch.float64)
     for start in range(0, in_features, block_size):
@@ -406,7 +433,7 @@ def run_gptq(
 
     inverse_order = torch.argsort(order)
     quantized = QuantizedLinear(
-        codes=codes[:, inverse_order].to(torch.uint8),
+        codes=codes[:, inverse_order],
         scales=scales.to(torch.float32),
         zeros=zeros.to(torch.int32),
         bits=bits,
@@ -495,7 +522,7 @@ def find_quantizable_linears(model: nn.Module, skip: Sequence[str] = DEFAULT_SKI
     }
 
 
-def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in _DECODER_LAYER_PATHS:
         try:
             layers = model.get_submodule(path)
@@ -529,6 +556,16 @@ def _calibration_chunks(input_ids: torch.Tensor | Sequence[torch.Tensor], batch_
     if not chunks:
         raise ValueError("calibration_input_ids is empty")
     return chunks
+
+
+class LayerWeights(Protocol):
+    """Where the weights of a decoder layer come from when the model keeps them on the meta device."""
+
+    def load(self, prefix: str, layer: nn.Module) -> None:
+        """Give every parameter of ``layer`` (named ``prefix.<name>`` in the source) its float32 value."""
+
+    def release(self, layer: nn.Module) -> None:
+        """Move the parameters of ``layer`` back to the meta device."""
 
 
 @dataclass
@@ -691,6 +728,7 @@ def quantize_model(
     true_sequential: bool = True,
     calibration_batch_size: int = 8,
     progress: bool = True,
+    layer_weights: LayerWeights | None = None,
 ) -> dict[str, QuantizedLinear]:
     """Quantize every ``nn.Linear`` of a HF causal LM not matched by ``skip``; returns codes by module name.
 
@@ -704,6 +742,10 @@ def quantize_model(
     collected with the layer's earlier groups already quantized (``true_sequential=False``: all
     Linears of the layer from the float layer at once).  The layer's outputs, computed with its
     dequantized weights, feed the next layer; then its original weights are restored.
+
+    ``layer_weights`` (GPTQ only): the decoder layers of ``model`` hold no weights (the meta device) and
+    each is loaded through it before its turn and released after, so one layer is resident at a time;
+    the weights outside the layers (embeddings) are released once layer 0's inputs are captured.
     """
     resolved_bits = _resolve_bits(method, bits)
     _check_bits(resolved_bits)
@@ -729,7 +771,7 @@ def quantize_model(
     model.eval()
     try:
         with torch.no_grad():
-            return _quantize_model_gptq(model, linears, chunks, options, true_sequential, progress)
+            return _quantize_model_gptq(model, linears, chunks, options, true_sequential, progress, layer_weights)
     finally:
         model.train(was_training)
 
@@ -750,8 +792,9 @@ def _quantize_model_gptq(
     options: dict[str, Any],
     true_sequential: bool,
     progress: bool,
+    layer_weights: LayerWeights | None,
 ) -> dict[str, QuantizedLinear]:
-    prefix, layers = _find_decoder_layers(model)
+    prefix, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [
         {name: m for name, m in linears.items() if name.startswith(f"{prefix}.{index}.")} for index in range(len(layers))
     ]
@@ -763,12 +806,18 @@ def _quantize_model_gptq(
 
     captured = [_capture_layer_calls(model, layers, chunk) for chunk in chunks]
     states = [hidden for hidden, _ in captured]
+    if layer_weights is not None:
+        layer_weights.release(model)  # the embeddings are not needed past layer 0's inputs
     results: dict[str, QuantizedLinear] = {}
     with tqdm(range(len(layers)), desc=f"GPTQ int{options['bits']}", disable=not progress) as bar:
         for index in bar:
             layer, targets = layers[index], per_layer[index]
             calls = [layer_calls[index] for _, layer_calls in captured]
-            originals = {name: module.weight.detach().clone() for name, module in targets.items()}
+            if layer_weights is not None:
+                layer_weights.load(f"{prefix}.{index}", layer)
+                originals = {}
+            else:
+                originals = {name: module.weight.detach().clone() for name, module in targets.items()}
             try:
                 if targets:
                     bar.set_postfix_str(f"{len(targets)} linears")
@@ -776,8 +825,11 @@ def _quantize_model_gptq(
                 # The next layer sees this one's output with its quantized weights, as in GPTQ.
                 states = [_run_layer(layer, chunk_states, call) for chunk_states, call in zip(states, calls)]
             finally:
+                if layer_weights is not None:
+                    layer_weights.release(layer)
                 for name, module in targets.items():
-                    module.weight.data.copy_(originals[name])
+                    if name in originals:
+                        module.weight.data.copy_(originals[name])
     return results
 
 
