@@ -205,7 +205,7 @@ def write_error(output, tensor: str, exc: OSError) -> StoreError:
     return StoreError(f"{output}: write failed at tensor {tensor!r}: {exc}")
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     # min/max propagate NaN and expose +-Inf: one pass, no temporary (isfinite().all() allocates a
     # bool tensor as large as the weight and is ~10x slower on bf16).
     if tensor.numel() == 0:
@@ -215,7 +215,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
-    if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not _all_finite(tensor):
+    if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise StoreError(f"{path}: tensor {name!r} holds {bad} NaN/Inf values (pass allow_nonfinite to store it anyway)")
 

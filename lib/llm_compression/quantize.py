@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__, corpus, ptq, schema as S
-from .converter import HuggingFaceToParquetConverter, StoreWriter, export_to_hf, source_metadata, staged_directory
+from .converter import HuggingFaceToParquetConverter, StoreWriter, all_finite, export_to_hf, source_metadata, staged_directory
 from .formats import get_format, ptq as ptq_format
 from .errors import StoreError
 from .formats.base import Row
@@ -196,7 +196,7 @@ def _dtype_code_of_config(config: dict) -> str | None:
 
 
 def _check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise QuantizeError(f"{where}: tensor {name!r} holds {bad} NaN/Inf values")
 
