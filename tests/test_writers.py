@@ -21,6 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from format_fixtures import cosine, round_trip  # noqa: E402
 from llm_compression import WeightLoaderV2, catalog, toy_models, writers  # noqa: E402
+from llm_compression.formats import awq  # noqa: E402
 from llm_compression.modeling import model_from_parquet  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEAD_DIM = 128, 256, 64
@@ -223,11 +224,11 @@ def test_gptq_layout_and_config(written, original_tensors) -> None:
 def test_awq_pack_hand_checked_vector() -> None:
     # codes 0..7 in columns 0..7: slot k holds column ORDER[k] = 0,2,4,6,1,3,5,7 -> nibbles read 0x75316420
     codes = torch.arange(8).view(1, 8)
-    assert int(writers.awq_pack(codes)) == 0x75316420
+    assert int(awq.pack_awq(codes)) == 0x75316420
     # column 7 alone at 15 lands in slot 7 (bits 28..31): the sign bit of the int32 word
     single = torch.zeros(1, 8, dtype=torch.int64)
     single[0, 7] = 15
-    assert int(writers.awq_pack(single)) == -(1 << 31) + (7 << 28)
+    assert int(awq.pack_awq(single)) == -(1 << 31) + (7 << 28)
 
 
 def test_awq_layout_config_and_reader_agree(written, original_tensors) -> None:

@@ -48,13 +48,11 @@ from safetensors.torch import load_file, save_file
 from . import ptq
 from .converter import staged_directory
 from .formats._codec import E2M1_VALUES, FP8_MAX
-from .formats.awq import ORDER as AWQ_ORDER, pack_awq
+from .formats.awq import pack_awq
 
 __all__ = [
-    "AWQ_ORDER",
     "FORMATS",
     "QUANTIZED_LINEARS",
-    "awq_pack",
     "fp8_block_quantize",
     "fp8_per_tensor_quantize",
     "int8_channel_quantize",
@@ -154,14 +152,6 @@ def int8_channel_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return packed["weight"].to(torch.int8).contiguous(), scale.contiguous()
 
 
-def awq_pack(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Pack unsigned ``[rows, cols]`` codes along dim 1 into int32 ``[rows, cols / 8]`` in AutoAWQ's order
-    (the reader's own packer, ``formats.awq.pack_awq``: one codec, two directions)."""
-    if bits != 4:
-        raise ValueError(f"awq_pack: only 4-bit AWQ GEMM packing exists, got bits={bits}")
-    return pack_awq(values)
-
-
 def awq_quantize(weight: torch.Tensor, group_size: int = 128, name: str = "weight") -> dict[str, torch.Tensor]:
     """AWQ GEMM ``qweight`` [in, out/8], ``qzeros`` [in/gs, out/8], ``scales`` F16 [in/gs, out].
 
@@ -170,8 +160,8 @@ def awq_quantize(weight: torch.Tensor, group_size: int = 128, name: str = "weigh
     """
     rtn = ptq.quantize_rtn(weight, bits=4, group_size=group_size, symmetric=False, name=name)
     return {
-        "qweight": awq_pack(rtn.codes.t().contiguous()),
-        "qzeros": awq_pack(rtn.zeros.t().contiguous()),
+        "qweight": pack_awq(rtn.codes.t().contiguous()),
+        "qzeros": pack_awq(rtn.zeros.t().contiguous()),
         "scales": rtn.scales.t().contiguous().to(torch.float16),
     }
 

@@ -8,11 +8,6 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes by 3-bit index
 
 
-def int32_words(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 with the same bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def trivial_g_idx(in_features: int, group_size: int | None) -> torch.Tensor:
     """The group of each input column without act-order: ``column // group_size``; -1, 0 or None is one
     group per row (per channel)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
-from ._codec import int32_words
+from . import _bitpack
 
 NAME = "awq"
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -102,8 +102,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """int32 ``[rows, cols/8]`` in AWQ interleaved order -> int32 codes ``[rows, cols]`` in natural column order."""
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
-    slots = (packed.unsqueeze(-1) >> shifts) & 0xF  # [rows, cols/8, slot]
+    slots = _bitpack.unpack(packed, BITS, packed.shape[-1] * PACK, 32).view(packed.shape[0], -1, PACK)
     return slots[..., list(READ_ORDER)].reshape(packed.shape[0], -1)
 
 
@@ -113,9 +112,8 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_awq: expected [rows, cols] with cols a multiple of {PACK}, got {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise ValueError("pack_awq: codes must lie in [0, 15]")
-    slots = codes.to(torch.int64).reshape(codes.shape[0], -1, PACK)[..., list(ORDER)]
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
-    return int32_words((slots << shifts).sum(dim=-1))
+    slots = codes.reshape(codes.shape[0], -1, PACK)[..., list(ORDER)]
+    return _bitpack.pack(slots.reshape(codes.shape[0], -1), BITS, 32)
 
 
 def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
-from ._codec import int32_words, trivial_g_idx
+from . import _bitpack
+from ._codec import trivial_g_idx
 
 NAME = "gptq"
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -42,9 +43,6 @@ ZERO_OFFSET = 1
 # Bit packing (shared by qweight, along dim 0, and qzeros, along dim 1)
 # --------------------------------------------------------------------------------------------------
 
-_WORD_MASK = 0xFFFFFFFF
-
-
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ``bits``-wide integers along dim 0 into int32 words, LSB first, as one bit stream.
 
@@ -53,36 +51,12 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     n = values.shape[0]
     if (n * bits) % 32:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
-    v = values.to(torch.int64)
-    offsets = torch.arange(n, dtype=torch.int64) * bits
-    word, shift = offsets // 32, offsets % 32
-    acc = torch.zeros((n * bits // 32,) + tuple(v.shape[1:]), dtype=torch.int64)
-    # Fields never overlap inside a word, so adding them equals OR-ing them.
-    acc.index_add_(0, word, v << shift.view(-1, *([1] * (v.dim() - 1))))
-    spill = (shift + bits) > 32  # a 3-bit value crossing into the next word
-    if bool(spill.any()):
-        rest = 32 - shift[spill]
-        acc.index_add_(0, word[spill] + 1, v[spill] >> rest.view(-1, *([1] * (v.dim() - 1))))
-    return int32_words(acc & _WORD_MASK)
+    return _bitpack.pack(values.t(), bits, 32).t().contiguous()
 
 
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: int32 ``[n_words, m]`` -> int32 ``[n_words * 32 / bits, m]`` in [0, 2^bits)."""
-    mask = (1 << bits) - 1
-    n = words.shape[0] * 32 // bits
-    if 32 % bits == 0:
-        per_word = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, per_word, *([1] * (words.dim() - 1)))
-        fields = (words.unsqueeze(1) >> shifts) & mask  # arithmetic shift, then mask: sign bits drop out
-        return fields.reshape((n,) + tuple(words.shape[1:]))
-    w = words.to(torch.int64) & _WORD_MASK
-    offsets = torch.arange(n, dtype=torch.int64) * bits
-    word, shift = offsets // 32, offsets % 32
-    view = (-1,) + (1,) * (words.dim() - 1)
-    low = w[word] >> shift.view(view)
-    nxt = torch.clamp(word + 1, max=w.shape[0] - 1)
-    high = torch.where((shift + bits > 32).view(view), w[nxt] << (32 - shift).view(view), torch.zeros_like(low))
-    return ((low | high) & mask).to(torch.int32)
+    return _bitpack.unpack(words.t(), bits, words.shape[0] * 32 // bits, 32).t()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import xxhash
 
+from . import _bitpack
 from .base import QuantizedTensor, Row, StoreError, TensorInfo
 from ..schema import dtype_code, torch_dtype
 
@@ -69,17 +70,12 @@ def _int_view(tensor: torch.Tensor) -> torch.Tensor:
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """int codes ``[out, in]`` in [0, 3] -> uint8 ``[out, ceil(in/4)]``, 4 per byte, LSB first."""
-    out_features, in_features = codes.shape
-    pad = (-in_features) % 4
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(out_features, -1, 4)
-    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+    return _bitpack.pack(codes, 2)
 
 
 def _unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 ``[out, ceil(in/4)]`` -> uint8 codes ``[out, in]``."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-    codes = (packed.unsqueeze(-1) >> shifts) & 3
-    return codes.reshape(packed.shape[0], -1)[:, :in_features]
+    return _bitpack.unpack(packed, 2, in_features).to(torch.uint8)
 
 
 def _checksum(tensor: torch.Tensor) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import _bitpack
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 from ._codec import E2M1_VALUES
 from .fp8 import (
@@ -149,7 +150,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """[rows, n/2] bytes -> [rows, n] float32 E2M1 values (low nibble = even index, bit 3 = sign)."""
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).long()
+    nibbles = _bitpack.unpack(packed, 4, 2 * packed.shape[-1]).long()
     magnitude = torch.tensor(E2M1_VALUES, dtype=torch.float32)[nibbles & 0x7]
     return torch.where((nibbles & 0x8).bool(), -magnitude, magnitude)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import _bitpack
 from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 from .fp8 import (
     CT_METHOD,
@@ -69,16 +70,12 @@ def claim(qconfig: dict | None, module: str, members: dict[str, TensorInfo]) -> 
 
 def packed_width(count: int, bits: int) -> int:
     """int32 words holding ``count`` codes of ``bits`` bits."""
-    return math.ceil(count * bits / 32)
+    return _bitpack.words_for(count, bits, 32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Unsigned codes (int32) from words packed along the last dim, LSB first; ``count`` codes per row."""
-    per_word = 32 // bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # read the words as unsigned
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.int32)
+    return _bitpack.unpack(packed.to(torch.int32), bits, count, 32)
 
 
 def _weight_shape(module: str, tensor: torch.Tensor) -> tuple[int, int]:

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from . import _bitpack
 from .base import QuantizedTensor, Row, StoreError, TensorInfo
 from ._codec import trivial_g_idx
 
@@ -67,7 +68,7 @@ HF_QUANT_METHOD = "llmc-ptq"
 
 def packed_row_bytes(in_features: int, bits: int) -> int:
     """Bytes one output row of ``in_features`` codes takes at ``bits`` bits each."""
-    return math.ceil(in_features * bits / 8)
+    return _bitpack.words_for(in_features, bits)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -78,38 +79,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"pack_codes: expected uint8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
     if codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"pack_codes: codes must lie in [0, {(1 << bits) - 1}], max is {int(codes.max())}")
-    out_features, in_features = codes.shape
-    if bits == 8:
-        return codes.contiguous().clone()
-    if 8 % bits == 0:  # whole codes per byte: shift and add
-        per_byte = 8 // bits
-        padded = torch.nn.functional.pad(codes.to(torch.int32), (0, (-in_features) % per_byte))
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-        return (padded.view(out_features, -1, per_byte) << shifts).sum(dim=-1).to(torch.uint8)
-    # General case: expand every code to its bits, then regroup the stream by 8.
-    bit_weights = 1 << torch.arange(bits, dtype=torch.int32)
-    stream = ((codes.to(torch.int32).unsqueeze(-1) & bit_weights) != 0).reshape(out_features, -1)
-    n_bytes = packed_row_bytes(in_features, bits)
-    stream = torch.nn.functional.pad(stream.to(torch.int32), (0, n_bytes * 8 - stream.shape[1]))
-    byte_weights = 1 << torch.arange(8, dtype=torch.int32)
-    return (stream.view(out_features, n_bytes, 8) * byte_weights).sum(dim=-1).to(torch.uint8)
+    return _bitpack.pack(codes, bits)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 ``[out, ceil(in * bits / 8)]`` -> uint8 codes ``[out, in]``."""
-    out_features = packed.shape[0]
-    if bits == 8:
-        return packed[:, :in_features].contiguous()
-    p = packed.to(torch.int32)
-    if 8 % bits == 0:
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-        fields = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return fields.reshape(out_features, -1)[:, :in_features].to(torch.uint8).contiguous()
-    stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-    stream = stream.reshape(out_features, -1)[:, : in_features * bits].view(out_features, in_features, bits)
-    bit_weights = 1 << torch.arange(bits, dtype=torch.int32)
-    return (stream * bit_weights).sum(dim=-1).to(torch.uint8)
+    return _bitpack.unpack(packed, bits, in_features).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Two flavours, told apart by config.json:
   We dequantize to the former (``int4_scale_factor = [8, 7]`` in the row params).
 
 Which tensors a module has decides its kind (int4 or FP8 block); anything else stays dense. The FP8 block
-dequantization is implemented here (formats.fp8 did not exist when this was written).
+scales expand through ``formats.fp8.expand_grid``, as compressed-tensors' block scales do.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import math
 
 import torch
 
+from . import _bitpack
 from .base import QuantizedTensor, Row, StoreError, TensorInfo
+from .fp8 import expand_grid
 
 NAME = "w4a8"
 TRTLLM_METHOD = "w4a8_awq"
@@ -93,8 +95,7 @@ def claim(qconfig: dict | None, module: str, members: dict[str, TensorInfo]) -> 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int8/uint8 ``[out, in/2]`` -> int8 codes ``[out, in]`` in [-8, 7]; low nibble = even column."""
-    raw = packed.view(torch.uint8).to(torch.int16)
-    nibbles = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(packed.shape[0], -1)
+    nibbles = _bitpack.unpack(packed, 4, 2 * packed.shape[-1])
     return (nibbles - ((nibbles & 0x8) << 1)).to(torch.int8)  # sign-extend 4 bits
 
 
@@ -104,8 +105,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int4: expected [out, in] with even in, got {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
         raise ValueError("pack_int4: codes must lie in [-8, 7]")
-    nib = codes.to(torch.int16) & 0xF
-    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return _bitpack.pack(codes.to(torch.int16) & 0xF, 4).view(torch.int8)
 
 
 def _int4_geometry(module: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> tuple[int, int, int, str]:
@@ -205,10 +205,8 @@ def _fp8_rows(qconfig: dict, module: str, tensors: dict[str, torch.Tensor]) -> l
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """DeepSeek-style block FP8: ``weight * scale_inv[block]`` in float32 (edge blocks cropped)."""
     out_features, in_features = weight.shape
-    grid = (math.ceil(out_features / block[0]), math.ceil(in_features / block[1]))
-    scale = scale_inv.to(torch.float32).reshape(grid)
-    scale = scale.repeat_interleave(block[0], dim=0)[:out_features].repeat_interleave(block[1], dim=1)[:, :in_features]
-    return weight.to(torch.float32) * scale
+    layout = {"strategy": "block", "block_size": list(block)}
+    return weight.to(torch.float32) * expand_grid(scale_inv, layout, out_features, in_features)
 
 
 # --------------------------------------------------------------------------------------------------
