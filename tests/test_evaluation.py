@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm_compression import HuggingFaceToParquetConverter
-from llm_compression.evaluation import EvaluationRecord, Thresholds, evaluate, judge
+from llm_compression.evaluation.compare import EvaluationRecord, Thresholds, evaluate, judge
 
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
 
@@ -19,7 +19,7 @@ SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_pr
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     """A random Qwen3 (hidden 256, 2 layers) with the BPE tokenizer trained on pydoc, saved bf16."""
-    from llm_compression.toy_models import make_tiny_model
+    from llm_compression.fixtures.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 
@@ -56,9 +56,9 @@ def test_identical_models_through_parquet(tiny_lm, tmp_path):
 
 def test_perplexity_matches_metrics_reference_with_overlapping_windows(tiny_lm):
     """The single pass that also gathers cosine/KLD scores the same tokens as metrics.perplexity."""
-    from llm_compression import metrics
+    from llm_compression.evaluation import metrics
     from llm_compression.corpus import TEXT_SEPARATOR, encode_text, load_texts
-    from llm_compression.runtime import load_model, load_tokenizer
+    from llm_compression.runtime.simulate import load_model, load_tokenizer
 
     texts = load_texts("pydoc", "eval")[:3]
     record = evaluate(tiny_lm, tiny_lm, texts=texts, **{**SMALL, "stride": 40})
@@ -89,7 +89,6 @@ def test_record_json_round_trip(tiny_lm, tmp_path):
 
 def test_quantized_candidate_weight_error_and_sizes(tiny_lm, tmp_path):
     """An FP8 (e4m3, per tensor) candidate: every quantized weight compared, SQNR near e4m3's ~31 dB."""
-    pytest.importorskip("llm_compression.formats.fp8", reason="fp8 format module not available yet")
     from test_runtime import write_fp8_static  # the AngelSlim fp8_static layout, built by hand
 
     fp8 = write_fp8_static(tiny_lm, tmp_path / "fp8")
@@ -181,7 +180,7 @@ def test_angelslim_int8_dynamic_fixture_end_to_end():
 
 
 def _int4_candidate(tiny_lm: Path, out: Path) -> Path:
-    from llm_compression.quantize import quantize
+    from llm_compression.quantize.run import quantize
 
     quantize(tiny_lm, out, method="int4", progress=False)
     return out
@@ -233,7 +232,7 @@ def test_corrupted_reference_file_is_refused(tiny_lm, tmp_path):
 def test_nan_candidate_is_an_evaluation_fault(tiny_lm, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from llm_compression.evaluation import EvaluationFault
+    from llm_compression.evaluation.compare import EvaluationFault
 
     broken = tmp_path / "nan"
     shutil.copytree(tiny_lm, broken)

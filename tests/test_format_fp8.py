@@ -35,7 +35,7 @@ from format_fixtures import (
 from llm_compression import StoreError, WeightLoaderV2, formats
 from llm_compression.formats import fp8
 from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
-from llm_compression.modeling import model_from_parquet
+from llm_compression.runtime.model import model_from_parquet
 
 FP8_MAX = 448.0
 

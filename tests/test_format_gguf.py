@@ -18,10 +18,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
 
 from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2  # noqa: E402
-from llm_compression.catalog import entries, summary  # noqa: E402
+from llm_compression.store.inventory import entries, summary  # noqa: E402
 from llm_compression.cli import main  # noqa: E402
-from llm_compression.gguf_store import export_gguf  # noqa: E402
-from llm_compression.modeling import model_from_parquet  # noqa: E402
+from llm_compression.store.gguf import export_gguf  # noqa: E402
+from llm_compression.runtime.model import model_from_parquet  # noqa: E402
 
 
 def sha256(path: Path) -> str:
@@ -217,7 +217,7 @@ def test_export_refuses_a_non_gguf_file(qwen3_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> tuple[Path, WeightLoaderV2]:
-    from llm_compression.defaults import BuiltinError, smollm2_gguf_path
+    from llm_compression.workbook.builtins import BuiltinError, smollm2_gguf_path
 
     try:
         src = smollm2_gguf_path()

@@ -23,10 +23,10 @@ from format_fixtures import (
     token_batch,
 )
 from llm_compression import StoreError, WeightLoaderV2, export_to_hf, formats
-from llm_compression.catalog import entries
+from llm_compression.store.inventory import entries
 from llm_compression.formats import grid
 from llm_compression.formats.base import QuantizedTensor
-from llm_compression.modeling import model_from_parquet
+from llm_compression.runtime.model import model_from_parquet
 
 BUDGET_BITS = 2.3
 

@@ -32,7 +32,7 @@ from format_fixtures import (
 from llm_compression import StoreError, WeightLoaderV2
 from llm_compression.formats import int8
 from llm_compression.formats.base import QuantizedTensor, TensorInfo
-from llm_compression.modeling import model_from_parquet
+from llm_compression.runtime.model import model_from_parquet
 
 TOKEN_ACTS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
 # AngelSlim's int8_dynamic quantization_config (docs/source/features/quantization/int8.md, save.py)

@@ -1,4 +1,4 @@
-"""Tests for llm_compression.metrics: expected values are worked out by hand or by an independent oracle."""
+"""Tests for llm_compression.evaluation.metrics: expected values are worked out by hand or by an independent oracle."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm_compression import metrics
-from llm_compression.metrics import (
+from llm_compression.evaluation import metrics
+from llm_compression.evaluation.metrics import (
     cosine_stats,
     embedding_cosine,
     generation_agreement,

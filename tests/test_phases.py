@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_compression import phases
+from llm_compression.workbook import decision as phases
 
 ENVIRONMENT = {"angelslim_env": None, "angelslim_version": "0.5.0", "cli_backend": True,
                "readme": "...\n### AngelSlim backend\n..."}

@@ -8,12 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from llm_compression.ptq import (
+from llm_compression.quantize import (
     GPTQError,
     HessianAccumulator,
     QuantizedLinear,
-    _LayerCall,
-    _sequential_groups,
     fake_quantize_model,
     find_quantizable_linears,
     gptq_quantize,
@@ -21,6 +19,7 @@ from llm_compression.ptq import (
     quantize_rtn,
     run_gptq,
 )
+from llm_compression.quantize.model import _LayerCall, _sequential_groups
 
 # ---------------------------------------------------------------------------------------------
 # helpers

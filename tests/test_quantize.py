@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, WeightLoaderV2, corpus, export_to_hf, ptq, toy_models
+from llm_compression import HuggingFaceToParquetConverter, WeightLoaderV2, corpus, export_to_hf
+from llm_compression import quantize as ptq
+from llm_compression.fixtures import toy_models
 from llm_compression.cli import main as llmc
 from llm_compression.formats import ptq as ptq_format
 from llm_compression.formats.base import QuantizedTensor, StoreError
-from llm_compression.modeling import model_from_parquet
-from llm_compression.quantize import (
-    QuantizeError, angelslim_missing, backend_output, quantize,
-)
+from llm_compression.runtime.model import model_from_parquet
+from llm_compression.quantize.run import QuantizeError, angelslim_missing, backend_output, quantize
 
 # The defaults the brief specifies: method -> (bits, group_size, symmetric).
 SPEC_DEFAULTS = {"int8": (8, -1, True), "int4": (4, 128, True), "int2": (2, 128, False), "gptq": (4, 128, True)}
@@ -262,10 +262,10 @@ def test_gptq_from_a_quantized_parquet_source_matches_the_in_memory_model(tiny, 
 
 
 def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
-    from llm_compression import quantize as quantize_module
+    from llm_compression.quantize import run as quantize_module
 
     seen: list[int] = []
-    real_load = quantize_module._SourceLayers.load
+    real_load = quantize_module.SourceLayers.load
 
     def load(self, prefix, layer):
         model_layers = self_layers[0]
@@ -274,7 +274,7 @@ def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
         real_load(self, prefix, layer)
 
     self_layers: list = []
-    real_skeleton = quantize_module._skeleton_model
+    real_skeleton = quantize_module.skeleton_model
 
     def skeleton(source):
         model = real_skeleton(source)
@@ -282,8 +282,8 @@ def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
         assert all(p.is_meta for p in model.get_output_embeddings().parameters())
         return model
 
-    monkeypatch.setattr(quantize_module._SourceLayers, "load", load)
-    monkeypatch.setattr(quantize_module, "_skeleton_model", skeleton)
+    monkeypatch.setattr(quantize_module.SourceLayers, "load", load)
+    monkeypatch.setattr(quantize_module, "skeleton_model", skeleton)
     quantize(tiny, tmp_path / "gptq.parquet", "gptq", progress=False, **CALIB)
     assert seen == [0, 0]  # when layer i loads, no other layer holds weights
 

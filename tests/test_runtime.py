@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
-from llm_compression.modeling import model_from_parquet
-from llm_compression.runtime import (
+from llm_compression.runtime.model import model_from_parquet
+from llm_compression.runtime.simulate import (
     ActivationScheme,
     PackedLinear,
     QuantInputLinear,
@@ -341,7 +341,7 @@ def test_angelslim_fixture_schemes_and_keep_packed(name):
 
 
 def test_group_activation_quantization_takes_a_shorter_last_group():
-    from llm_compression.runtime import ActivationScheme, fake_quantize_activation
+    from llm_compression.runtime.simulate import ActivationScheme, fake_quantize_activation
 
     scheme = ActivationScheme("fp8", "group", dynamic=True, group_size=128)
     x = torch.randn(3, 576) * torch.linspace(0.1, 10, 576)  # 576 = 4 full groups and one of 64

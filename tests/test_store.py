@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
 from llm_compression import schema as S
-from llm_compression.modeling import model_from_parquet
+from llm_compression.runtime.model import model_from_parquet
 
 from conftest import make_checkpoint
 

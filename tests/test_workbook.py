@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from llm_compression import workbook
+from llm_compression.workbook import run as workbook
 
 from conftest import REPO, make_checkpoint
 

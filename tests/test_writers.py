@@ -20,9 +20,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from format_fixtures import cosine, round_trip  # noqa: E402
-from llm_compression import WeightLoaderV2, catalog, toy_models, writers  # noqa: E402
+from llm_compression import WeightLoaderV2  # noqa: E402
+from llm_compression.store import inventory as catalog
+from llm_compression.fixtures import toy_models
+from llm_compression.fixtures import checkpoints as writers
 from llm_compression.formats import awq  # noqa: E402
-from llm_compression.modeling import model_from_parquet  # noqa: E402
+from llm_compression.runtime.model import model_from_parquet  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEAD_DIM = 128, 256, 64
 K_PROJ = "model.layers.0.self_attn.k_proj"  # [64, 128]
@@ -232,7 +235,7 @@ def test_awq_pack_hand_checked_vector() -> None:
 
 
 def test_awq_layout_config_and_reader_agree(written, original_tensors) -> None:
-    from llm_compression import ptq
+    from llm_compression import quantize as ptq
     from llm_compression.formats import awq
 
     out = written["awq_int4"]

@@ -3,15 +3,21 @@ evaluation workbook that measures them against their originals."""
 
 __version__ = "0.2.0"
 
-from .errors import StoreError, UnsupportedFormatError  # noqa: E402
-from .formats.base import QuantizedTensor  # noqa: E402
-from .converter import HuggingFaceToParquetConverter, export_to_hf  # noqa: E402
-from .loader import WeightLoaderV2  # noqa: E402
+from pathlib import Path as _Path
+
+# The checkout this package runs from (lib/llm_compression/..): where .cache, .venv-angelslim,
+# notebooks/ and parameters/ live.
+REPO_ROOT = _Path(__file__).resolve().parents[2]
+
+from llm_compression.errors import StoreError, UnsupportedFormatError  # noqa: E402
+from llm_compression.formats.base import QuantizedTensor  # noqa: E402
+from llm_compression.store.convert import HuggingFaceToParquetConverter, export_to_hf  # noqa: E402
+from llm_compression.store.loader import WeightLoaderV2  # noqa: E402
 
 _LAZY = {
-    "PrecisionValidator": ("validator", "PrecisionValidator"),
-    "evaluate": ("evaluation", "evaluate"),
-    "load_model": ("runtime", "load_model"),
+    "PrecisionValidator": ("evaluation.validator", "PrecisionValidator"),
+    "evaluate": ("evaluation.compare", "evaluate"),
+    "load_model": ("runtime.simulate", "load_model"),
 }
 
 

@@ -1,3 +1,3 @@
-from .cli import main
+from llm_compression.cli import main
 
 raise SystemExit(main())

@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 
-from .atomic import exit_code, handle_stop_signals
-from .errors import StoreError
+from llm_compression.store.atomic import exit_code, handle_stop_signals
+from llm_compression.errors import StoreError
 
 
 def _cmd_convert(args) -> int:
-    from .converter import HuggingFaceToParquetConverter
+    from llm_compression.store.convert import HuggingFaceToParquetConverter
 
     report = HuggingFaceToParquetConverter(
         allow_pickle=args.allow_pickle,
@@ -28,8 +28,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .converter import export_to_hf
-    from .gguf_store import export_gguf
+    from llm_compression.store.convert import export_to_hf
+    from llm_compression.store.gguf import export_gguf
 
     if args.format == "gguf":
         differences = export_gguf(args.parquet, args.out_dir, progress=not args.quiet)
@@ -45,8 +45,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from . import catalog
-    from .loader import WeightLoaderV2
+    from llm_compression.store import inventory as catalog
+    from llm_compression.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(args.parquet)
     items = catalog.entries(loader)
@@ -85,17 +85,17 @@ def _print_outcomes(outcomes, reports: str, pdf: bool) -> None:
         print(f"{o.run:<{width}}  {o.status:<12} {o.html or o.record}{'  ' + message if message else ''}")
     print(f"index: {reports}/index.html")
     if pdf:
-        from .pdf import print_reports
+        from llm_compression.workbook.pdf import print_reports
 
         for path in print_reports(reports, [o.run for o in outcomes]):
             print(f"pdf: {path}")
 
 
 def _cmd_run(args) -> int:
-    from .workbook import ParameterError, parse_overrides, run_batch
+    from llm_compression.workbook.run import ParameterError, parse_overrides, run_batch
 
     if args.pdf:
-        from .pdf import find_chromium
+        from llm_compression.workbook.pdf import find_chromium
 
         find_chromium()  # before hours of runs: say now how to get Chromium if it is missing
     try:
@@ -108,7 +108,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .workbook import ParameterError, check_parameters, check_source, parse_overrides, run_batch
+    from llm_compression.workbook.run import ParameterError, check_parameters, check_source, parse_overrides, run_batch
 
     try:
         check_source("candidate", args.candidate)
@@ -117,7 +117,7 @@ def _cmd_evaluate(args) -> int:
                "run": args.run or _run_name(args.candidate)}
         params = check_parameters(raw, "llmc evaluate", parse_overrides(args.param))
         if args.pdf:
-            from .pdf import find_chromium
+            from llm_compression.workbook.pdf import find_chromium
 
             find_chromium()
         outcomes = run_batch([params], reports=args.reports, force=True, progress=not args.quiet)
@@ -135,7 +135,7 @@ def _run_name(source: str) -> str:
 
 
 def _cmd_quantize(args) -> int:
-    from .quantize import ComparisonResult, quantize
+    from llm_compression.quantize.run import ComparisonResult, quantize
 
     backends = [b.strip() for b in args.compare_backends.split(",") if b.strip()] if args.compare_backends else None
     result = quantize(
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate", help="HF directory, hub id, .parquet, .gguf or builtin:<name>")
     p.add_argument("--reference", required=True, help="the original it is compared with (same kinds of source)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                   help="set a parameter (see llm_compression.workbook.DEFAULTS); VALUE is parsed as YAML")
+                   help="set a parameter (see llm_compression.workbook.run.DEFAULTS); VALUE is parsed as YAML")
     p.add_argument("--run", help="name of the run (default: from the candidate)")
     p.add_argument("--reports", default="reports", help="output directory (default: reports)")
     p.add_argument("--pdf", action="store_true", help="also print the index and the meeting report to PDF")

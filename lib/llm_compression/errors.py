@@ -8,3 +8,11 @@ class StoreError(ValueError):
 
 class UnsupportedFormatError(StoreError):
     """A checkpoint or tensor whose quantization format we do not read."""
+
+
+class QuantizeError(StoreError):
+    """Bad quantize input or a failed quantization; the message names the file, tensor or option."""
+
+
+class AngelSlimError(QuantizeError):
+    """The AngelSlim backend failed; the message carries AngelSlim's own error."""

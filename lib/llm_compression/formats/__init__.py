@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 
 # Most specific first; dense (no quantization_config) last.
 _MODULES = [

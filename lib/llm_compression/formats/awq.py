@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
-from . import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_compression.formats import _bitpack
 
 NAME = "awq"
 SUFFIXES = ("qweight", "qzeros", "scales")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import StoreError, UnsupportedFormatError  # noqa: F401 - re-exported for the formats
+from llm_compression.errors import StoreError, UnsupportedFormatError  # noqa: F401 - re-exported for the formats
 
 # Keys under which quantization_configs list modules left unquantized: compressed-tensors (`ignore`),
 # AngelSlim v0.1 / vLLM fp8 (`ignored_layers`), transformers GPTQ/AWQ (`modules_to_not_convert`),
@@ -99,7 +99,7 @@ class QuantizedTensor:
     params: dict[str, Any]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from . import get_format
+        from llm_compression.formats import get_format
 
         return get_format(self.format).dequantize(self, dtype)
 

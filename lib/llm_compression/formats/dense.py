@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantizedTensor, Row, TensorInfo
+from llm_compression.formats.base import QuantizedTensor, Row, TensorInfo
 
 NAME = "dense"
 

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..schema import dtype_code
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, entry_matches, is_ignored
+from llm_compression.schema import dtype_code
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, entry_matches, is_ignored
 
 NAME = "fp8"
 

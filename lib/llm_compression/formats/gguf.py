@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
 
 NAME = "gguf"
 PER_TENSOR = True
@@ -45,7 +45,7 @@ def claim(qconfig: dict | None, module: str, members: dict[str, TensorInfo]) -> 
 
 
 def to_rows(qconfig, module, tensors):  # pragma: no cover - rows come from gguf_store
-    raise StoreError("gguf rows are written by llm_compression.gguf_store")
+    raise StoreError("gguf rows are written by llm_compression.store.gguf")
 
 
 def ggml_type(type_id: int):

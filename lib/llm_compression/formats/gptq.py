@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
-from . import _bitpack
-from ._codec import trivial_g_idx
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_compression.formats import _bitpack
+from llm_compression.formats._codec import trivial_g_idx
 
 NAME = "gptq"
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")

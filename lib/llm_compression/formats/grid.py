@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import xxhash
 
-from . import _bitpack
-from .base import QuantizedTensor, Row, StoreError, TensorInfo
-from ..schema import dtype_code, torch_dtype
+from llm_compression.formats import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_compression.schema import dtype_code, torch_dtype
 
 NAME = "grid"
 CODES = "grid_codes"

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
-from .fp8 import (
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_compression.formats.fp8 import (
     CT_METHOD,
     FLOAT_CODES,
     INT_CODES,

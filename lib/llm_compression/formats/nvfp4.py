@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from . import _bitpack
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
-from ._codec import E2M1_VALUES
-from .fp8 import (
+from llm_compression.formats import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_compression.formats._codec import E2M1_VALUES
+from llm_compression.formats.fp8 import (
     CT_METHOD,
     ct_detect,
     ct_group_and_weight_args,

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from . import _bitpack
-from .base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
-from .fp8 import (
+from llm_compression.formats import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_compression.formats.fp8 import (
     CT_METHOD,
     FLOAT_CODES,
     check_ct_extras,

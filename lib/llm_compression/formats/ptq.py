@@ -36,7 +36,7 @@ arithmetic as ``ptq.QuantizedLinear.dequantize``, so the stored model equals the
 model bit for bit.
 
 There is no Hugging Face format for these rows: ``detect`` never accepts a checkpoint and ``to_rows``
-refuses (rows come from :func:`encode`, called by ``llm_compression.quantize``). ``to_hf`` returns the
+refuses (rows come from :func:`encode`, called by ``llm_compression.quantize.run``). ``to_hf`` returns the
 stored arrays, so ``llmc export`` of a ``ptq`` file writes them as they are, with the config.json
 ``quantization_config`` ``{"quant_method": "llmc-ptq", ...}`` that ``quantize`` put in the file; that
 directory documents the rows but no HF loader reads it. For a checkpoint transformers/AutoGPTQ can
@@ -50,9 +50,9 @@ from typing import Any
 
 import torch
 
-from . import _bitpack
-from .base import QuantizedTensor, Row, StoreError, TensorInfo
-from ._codec import trivial_g_idx
+from llm_compression.formats import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_compression.formats._codec import trivial_g_idx
 
 NAME = "ptq"
 SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_g_idx")

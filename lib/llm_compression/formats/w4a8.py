@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from . import _bitpack
-from .base import QuantizedTensor, Row, StoreError, TensorInfo
-from .fp8 import expand_grid
+from llm_compression.formats import _bitpack
+from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_compression.formats.fp8 import expand_grid
 
 NAME = "w4a8"
 TRTLLM_METHOD = "w4a8_awq"

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .errors import StoreError
-from .loader import WeightLoaderV2
+from llm_compression.errors import StoreError
+from llm_compression.store.loader import WeightLoaderV2
 
 
 def plain_config(loader: WeightLoaderV2):

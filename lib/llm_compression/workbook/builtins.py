@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from llm_compression import REPO_ROOT
+from llm_compression import __version__
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
 BUILTIN_PREFIX = "builtin:"
 ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
 CACHE_ENV = "LLMC_CACHE_DIR"
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT  # short name used throughout this module
 # Bump when the build code changes in a way that changes the outputs.
 BUILD_VERSION = 1
 
@@ -115,7 +116,7 @@ SMOLLM2_WRITERS = ("fp8_block", "nvfp4", "seq_2bit")
 
 
 def _catalogue() -> dict[str, Builtin]:
-    from .writers import FORMATS
+    from llm_compression.fixtures.checkpoints import FORMATS
 
     entries = [
         Builtin("smollm2", "base", SMOLLM2_LABEL),
@@ -150,14 +151,14 @@ CATALOGUE: dict[str, Builtin] = _catalogue()
 
 # Base models: name -> function(builtin cache dir) -> local HF directory. Tests may point these elsewhere.
 def _toy_lm(root: Path) -> Path:
-    from .toy_models import default_lm_path
+    from llm_compression.fixtures.toy_models import default_lm_path
 
     # toy_models' own cache (<cache>/default_lm-<key>), shared with other callers: trained once.
     return default_lm_path(root.parent)
 
 
 def _minilm(_root: Path) -> Path:
-    from .toy_models import minilm_path
+    from llm_compression.fixtures.toy_models import minilm_path
 
     return minilm_path()
 
@@ -187,8 +188,8 @@ def _smollm2_key() -> str:
 
 def _smollm2_gguf(root: Path) -> Path:
     """The shipped GGUF as a Parquet weight file (GGML blocks as they are)."""
-    from .converter import HuggingFaceToParquetConverter
-    from .toy_models import file_lock
+    from llm_compression.store.convert import HuggingFaceToParquetConverter
+    from llm_compression.fixtures.toy_models import file_lock
 
     gguf = smollm2_gguf_path()
     target = root / f"smollm2--gguf-{_smollm2_key()}.parquet"
@@ -203,8 +204,8 @@ def _smollm2(root: Path) -> Path:
     """The GGUF dequantized (exactly as transformers loads it) and cast to bf16, as an HF directory."""
     import torch
 
-    from .converter import export_to_hf
-    from .toy_models import file_lock
+    from llm_compression.store.convert import export_to_hf
+    from llm_compression.fixtures.toy_models import file_lock
 
     target = root / f"smollm2-bf16-{_smollm2_key()}"
     if not (target / "config.json").is_file():
@@ -300,7 +301,7 @@ def resolve(source: str | os.PathLike) -> str:
     failure = target.with_name(target.name + ".failed.txt")  # a tool's own error, kept so re-runs are quick
     if _is_built(target):
         return str(target)
-    from .toy_models import file_lock
+    from llm_compression.fixtures.toy_models import file_lock
 
     with file_lock(root / f".{target.name}.lock"):
         if failure.is_file():
@@ -309,7 +310,7 @@ def resolve(source: str | os.PathLike) -> str:
             try:
                 _build(entry, base, target, root)
             except BuiltinError as exc:
-                from .quantize import AngelSlimError
+                from llm_compression.errors import AngelSlimError
 
                 if isinstance(exc.__cause__, AngelSlimError):  # AngelSlim itself failed: same inputs, same error
                     failure.write_text(str(exc), encoding="utf-8")
@@ -355,11 +356,11 @@ def _is_built(target: Path) -> bool:
 def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
     try:
         if entry.kind == "writer":
-            from .writers import write_checkpoint
+            from llm_compression.fixtures.checkpoints import write_checkpoint
 
             write_checkpoint(base, target, entry.method, **entry.options)
         elif entry.kind == "angelslim":
-            from .quantize import run_angelslim
+            from llm_compression.quantize.angelslim import run_angelslim
 
             run_angelslim(base, target, entry.method, progress=False, **entry.options)
         else:
@@ -369,7 +370,7 @@ def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
 
 
 def _build_ptq(entry: Builtin, base: Path, target: Path, root: Path) -> None:
-    from . import quantize
+    from llm_compression.quantize import run as quantize
 
     source = base
     if entry.task == "encoder":
@@ -377,7 +378,7 @@ def _build_ptq(entry: Builtin, base: Path, target: Path, root: Path) -> None:
         # `architectures` (BertModel), so encoders go through a dense Parquet copy of the base.
         source = root / f"{entry.base}-dense-{cache_key(CATALOGUE[entry.base], base)}.parquet"
         if not source.is_file():
-            from .converter import HuggingFaceToParquetConverter
+            from llm_compression.store.convert import HuggingFaceToParquetConverter
 
             HuggingFaceToParquetConverter(progress=False, detect_grids=False).convert(base, source)
     quantize.quantize(source, target, method=entry.method, progress=False, **entry.options)

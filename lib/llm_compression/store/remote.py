@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import StoreError
+from llm_compression.errors import StoreError
 
 SCHEMES = ("s3://", "hf://")
 

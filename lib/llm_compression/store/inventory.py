@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .loader import DENSE, WeightLoaderV2
+from llm_compression.store.loader import DENSE, WeightLoaderV2
 
 
 @dataclass

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
-from . import formats, remote, schema as S
-from .errors import StoreError
-from .formats.base import QuantizedTensor
+from llm_compression import formats, schema as S
+from llm_compression.store import remote
+from llm_compression.errors import StoreError
+from llm_compression.formats.base import QuantizedTensor
 
 DENSE = "dense"
 LEGACY = "v2_int"
@@ -238,7 +239,7 @@ class WeightLoaderV2:
         raw = json.loads(self.metadata.get(S.META_FILES, "{}"))
         files = {name: base64.b64decode(data) for name, data in raw.items()}
         if not files and S.META_GGUF in self.metadata:
-            from .gguf_store import tokenizer_files  # GGUF files derive theirs from the stored key-values
+            from llm_compression.store.gguf import tokenizer_files  # GGUF files derive theirs from the stored key-values
 
             try:
                 files = tokenizer_files(self)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import schema as S
-from .atomic import temp_path
-from .formats import gguf as fmt
-from .errors import StoreError
+from llm_compression import __version__
+from llm_compression import schema as S
+from llm_compression.store.atomic import temp_path
+from llm_compression.formats import gguf as fmt
+from llm_compression.errors import StoreError
 
 META_GGUF = S.META_GGUF
 HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # GGUFReader's pseudo-fields
@@ -306,7 +306,7 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
     """Store every tensor of a GGUF file as its GGML blocks, with the file's metadata in the footer."""
     from tqdm.auto import tqdm
 
-    from .converter import ConversionReport, StoreWriter, write_error
+    from llm_compression.store.convert import ConversionReport, StoreWriter, write_error
 
     src = open_gguf(path)
     current = "(none)"
@@ -361,7 +361,7 @@ def export_gguf(parquet_path: str | os.PathLike, out_path: str | os.PathLike, pr
     Key-values (order, types, bytes) and tensors (names, types, shapes, blocks) always equal the
     source's; the layout equals it when the source was written the way gguf-py writes.
     """
-    from .loader import WeightLoaderV2
+    from llm_compression.store.loader import WeightLoaderV2
 
     gguf = _gguf()
     T = gguf.GGUFValueType

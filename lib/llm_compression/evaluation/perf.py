@@ -79,8 +79,8 @@ def model_size(source: str | os.PathLike) -> dict:
     Parquet files use ``catalog.summary`` (quantized groups counted by their dequantized shape);
     an HF directory counts its safetensors files (exact for unquantized checkpoints).
     """
-    from . import catalog
-    from .loader import WeightLoaderV2
+    from llm_compression.store import inventory as catalog
+    from llm_compression.store.loader import WeightLoaderV2
 
     if str(source).endswith(".parquet"):
         s = catalog.summary(WeightLoaderV2(source))
@@ -88,8 +88,8 @@ def model_size(source: str | os.PathLike) -> dict:
                 "parameters": s["parameters"], "bits_per_weight": s["bits_per_weight"],
                 "compression_vs_bf16": s["compression_vs_bf16"], "quantized_bits_per_weight": s["quantized_bits_per_weight"],
                 "formats": s["formats"]}
-    from .schema import torch_dtype
-    from .sources import open_checkpoint, resolve_source
+    from llm_compression.schema import torch_dtype
+    from llm_compression.store.sources import open_checkpoint, resolve_source
 
     root = resolve_source(source)
     ckpt = open_checkpoint(root)
@@ -120,7 +120,7 @@ def _run_child(spec: dict, timeout: float) -> dict:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    code = "from llm_compression.perf import _child_main; _child_main()"
+    code = "from llm_compression.evaluation.perf import _child_main; _child_main()"
     try:
         proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                               timeout=timeout, env=env)
@@ -136,11 +136,11 @@ def _run_child(spec: dict, timeout: float) -> dict:
 def _counterparts(source: str, workdir: Path) -> tuple[str, str]:
     """(parquet, hf_dir) holding the same checkpoint; the missing one is written into ``workdir``."""
     if source.endswith(".parquet"):
-        from .converter import export_to_hf
+        from llm_compression.store.convert import export_to_hf
 
         return source, str(export_to_hf(source, workdir / "hf", progress=False))
-    from .converter import HuggingFaceToParquetConverter
-    from .sources import resolve_source
+    from llm_compression.store.convert import HuggingFaceToParquetConverter
+    from llm_compression.store.sources import resolve_source
 
     root = resolve_source(source)
     parquet = workdir / "model.parquet"
@@ -250,11 +250,11 @@ def _load(spec: dict):
     if spec["via"] == "hf":
         from transformers import AutoConfig
 
-        from .modeling import model_class
+        from llm_compression.runtime.model import model_class
 
         config = AutoConfig.from_pretrained(spec["source"])
         return model_class(config, spec["task"]).from_pretrained(spec["source"], dtype=dtype).eval()
-    from .runtime import load_model
+    from llm_compression.runtime.simulate import load_model
 
     model, _ = load_model(spec["source"], dtype=dtype, task=spec["task"], activation_quant=spec["activation_quant"],
                           keep_packed=spec["keep_packed"])
@@ -276,7 +276,7 @@ def _child_load(spec: dict) -> dict:
 
 
 def _decode(model, prompt: torch.Tensor, steps: int) -> None:
-    from .metrics import _cache_of  # the cache keyword differs between transformers 4 and 5
+    from llm_compression.evaluation.metrics import _cache_of  # the cache keyword differs between transformers 4 and 5
 
     with torch.inference_mode():
         out = model(prompt, use_cache=True)
@@ -302,7 +302,7 @@ def _child_run(spec: dict) -> dict:
     # from here the peak counts inference only (the loaded model stays resident, so it is included)
     memory["inference_peak_is_since_load"] = _reset_peak_rss()
     result: dict[str, Any] = {"pid": os.getpid(), "first_load_s": load_seconds}
-    from .runtime import CAUSAL_LM, _kind
+    from llm_compression.runtime.simulate import CAUSAL_LM, _kind
 
     if _kind(model) == CAUSAL_LM:
         n_prompt, n_decode = settings["prompt_tokens"], settings["decode_tokens"]
@@ -328,7 +328,7 @@ def _child_run(spec: dict) -> dict:
             "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
         })
     else:
-        from .runtime import load_tokenizer, sentence_embeddings
+        from llm_compression.runtime.simulate import load_tokenizer, sentence_embeddings
 
         tokenizer = load_tokenizer(spec["source"], model)
         sentences = _perf_sentences(settings["sentences"])
@@ -349,8 +349,8 @@ def _preimport(source: str, task: str | None) -> None:
 
     from transformers import AutoConfig
 
-    from .modeling import model_class
-    from .runtime import read_config
+    from llm_compression.runtime.model import model_class
+    from llm_compression.runtime.simulate import read_config
 
     raw = copy.deepcopy(read_config(source))
     raw.pop("quantization_config", None)
@@ -363,7 +363,7 @@ def _perf_sentences(count: int) -> list[str]:
     """Fixed English sentences of varied length from CPython's pydoc topics (no corpus split needed)."""
     from pydoc_data.topics import topics
 
-    from .runtime import split_sentences
+    from llm_compression.runtime.simulate import split_sentences
 
     sentences = split_sentences([topics[key] for key in sorted(topics)[:40]])
     return [sentences[i % len(sentences)] for i in range(count)]

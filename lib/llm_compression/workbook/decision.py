@@ -250,8 +250,8 @@ def project_environment(repo: Path) -> dict:
     """What the project shows for Phase 2, read off this checkout (no AngelSlim import in this process)."""
     import subprocess
 
-    from .quantize import ANGELSLIM_PYTHON, angelslim_missing
-    from .cli import build_parser
+    from llm_compression.quantize.angelslim import ANGELSLIM_PYTHON, angelslim_missing
+    from llm_compression.cli import build_parser
 
     problem = angelslim_missing()
     version = None

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, catalog, decision
-from .converter import HuggingFaceToParquetConverter, export_to_hf
-from .gguf_store import export_gguf, is_gguf_file
-from .loader import WeightLoaderV2
-from .remote import is_remote
+from llm_compression.store import atomic
+from llm_compression.store import inventory as catalog
+from llm_compression.workbook import tables as decision
+from llm_compression.store.convert import HuggingFaceToParquetConverter, export_to_hf
+from llm_compression.store.gguf import export_gguf, is_gguf_file
+from llm_compression.store.loader import WeightLoaderV2
+from llm_compression.store.remote import is_remote
 
 
 @dataclass
@@ -52,7 +54,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
-    from .sources import open_checkpoint, resolve_source
+    from llm_compression.store.sources import open_checkpoint, resolve_source
 
     exported = scratch / "exported"
     shutil.rmtree(exported, ignore_errors=True)

@@ -31,11 +31,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import metrics as M
-from . import reference
-from .loader import WeightLoaderV2
-from .runtime import (CAUSAL_LM, PackedLinear, is_parquet, load_model, load_tokenizer, pool_embeddings, read_config,
-                      split_sentences)
+from llm_compression.evaluation import metrics as M
+from llm_compression.evaluation import reference
+from llm_compression.store.loader import WeightLoaderV2
+from llm_compression.runtime.simulate import (
+    CAUSAL_LM,
+    PackedLinear,
+    is_parquet,
+    load_model,
+    load_tokenizer,
+    pool_embeddings,
+    read_config,
+    split_sentences,
+)
 
 SCHEMA_VERSION = "1.0"
 # Config fields that must agree for two checkpoints to be the same architecture.
@@ -338,7 +346,7 @@ def _original_side(original: str, ids: torch.Tensor, windows, prompts: list[torc
                    load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32"):
     """The original's side: read from the cache when the same inputs were scored before, else computed
     (with only the original in memory) and stored. Returns (side, the original's ModelInfo, cache note)."""
-    from .runtime import ModelInfo
+    from llm_compression.runtime.simulate import ModelInfo
 
     payload = {
         "original": reference.source_identity(original),
@@ -369,7 +377,7 @@ def _original_side(original: str, ids: torch.Tensor, windows, prompts: list[torc
 
 
 def _default_cache_dir() -> Path:
-    from .defaults import cache_dir
+    from llm_compression.workbook.builtins import cache_dir
 
     return cache_dir().parent / "reference"
 
@@ -427,7 +435,7 @@ class _OriginalWeights:
             self.loader = WeightLoaderV2(source)
             self.names = set(self.loader.keys())
         else:
-            from .sources import open_checkpoint, resolve_source
+            from llm_compression.store.sources import open_checkpoint, resolve_source
 
             self.loader = open_checkpoint(resolve_source(source))
             self.names = set(self.loader.tensors)
@@ -487,7 +495,7 @@ def _weight_errors(orig: "nn.Module | _OriginalWeights", cand: nn.Module, cand_q
 
 
 def _token_stream(tokenizer, texts: list[str], max_eval_tokens: int, context_length: int) -> torch.Tensor:
-    from .corpus import TEXT_SEPARATOR, encode_text
+    from llm_compression.corpus import TEXT_SEPARATOR, encode_text
 
     ids = encode_text(tokenizer, TEXT_SEPARATOR.join(texts))
     if len(ids) < context_length + 1:
@@ -524,7 +532,7 @@ def _sizes(orig_info, cand_info) -> dict:
 def _size(info) -> dict:
     """Size on disk of the model as given; bits per weight from the Parquet file when there is one
     (a quantized HF directory's temporary conversion counts quantized groups by their real shape)."""
-    from . import perf as perf_module
+    from llm_compression.evaluation import perf as perf_module
 
     size = perf_module.model_size(info.source)
     if info.converted and info.parquet and Path(info.parquet).is_file():
@@ -537,7 +545,7 @@ def _size(info) -> dict:
 def _versions() -> dict:
     import transformers
 
-    from . import __version__
+    from llm_compression import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llm_compression": __version__}
@@ -616,7 +624,7 @@ def evaluate(
     check_compatible(original, candidate, orig_config, read_config(candidate))
     load = dict(dtype=dtype, task=task, activation_quant=activation_quant, keep_packed=keep_packed)
 
-    from . import corpus as corpus_module
+    from llm_compression import corpus as corpus_module
 
     source_texts = user_texts or corpus_module.load_texts(corpus, "eval")
     settings: dict[str, Any] = {
@@ -632,7 +640,7 @@ def evaluate(
         if isinstance(generation_prompts, int):
             prompts = _default_prompts(ids, generation_prompts, prompt_tokens)
         else:
-            from .corpus import encode_text
+            from llm_compression.corpus import encode_text
 
             prompts = [torch.tensor(encode_text(tokenizer, p), dtype=torch.long) for p in generation_prompts]
             empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
@@ -670,7 +678,7 @@ def evaluate(
         sizes = _sizes(orig_info, cand_info)
         del orig_model, cand_model  # free memory before the perf subprocesses run
 
-    from . import perf as perf_module
+    from llm_compression.evaluation import perf as perf_module
 
 
     perf_block = None

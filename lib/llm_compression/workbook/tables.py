@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from .phases import first_line, format_ppl_delta
+from llm_compression.workbook.decision import first_line, format_ppl_delta
 
 COLUMNS = {
     "run": "run",

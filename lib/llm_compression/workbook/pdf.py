@@ -8,8 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import atomic
-from .errors import StoreError
+from llm_compression.store import atomic
+from llm_compression.errors import StoreError
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts, which this

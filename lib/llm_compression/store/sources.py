@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import StoreError
-from .formats.base import TensorInfo
-from .schema import dtype_code
+from llm_compression.errors import StoreError
+from llm_compression.formats.base import TensorInfo
+from llm_compression.schema import dtype_code
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -123,7 +123,7 @@ def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
 
 def _code(st_dtype: str, path: Path, name: str) -> str:
     # safe_open reports codes like "BF16", "F8_E4M3"; check they are ones we can store.
-    from .schema import DTYPE_CODES
+    from llm_compression.schema import DTYPE_CODES
 
     if st_dtype not in DTYPE_CODES:
         raise StoreError(f"{path}: tensor {name!r} has dtype {st_dtype}, which the store does not support")

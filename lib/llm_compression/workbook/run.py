@@ -21,9 +21,11 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__, atomic
+from llm_compression import REPO_ROOT
+from llm_compression import __version__
+from llm_compression.store import atomic
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT  # short name used throughout this module
 NOTEBOOKS = REPO / "notebooks"
 EVALUATE_NOTEBOOK = NOTEBOOKS / "evaluate_model.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOKS / "compare_models.ipynb"
@@ -110,8 +112,8 @@ def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> d
 
 def check_source(key: str, source: str) -> None:
     """One clear error naming a source that does not exist (builtins and hub ids are checked where resolved)."""
-    from . import defaults
-    from .sources import HUB_ID
+    from llm_compression.workbook import builtins as defaults
+    from llm_compression.store.sources import HUB_ID
 
     if defaults.is_builtin(source):
         defaults.describe(source)  # an unknown builtin name raises, listing the known ones
@@ -169,7 +171,7 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
 
 def _error_summary(params: dict) -> dict:
     """Who made the candidate and which model it is, for a run that stopped before its record was written."""
-    from . import defaults
+    from llm_compression.workbook import builtins as defaults
 
     try:
         producer = params.get("producer") or defaults.producer(params["model"])
@@ -304,7 +306,7 @@ def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.Pat
         raise ParameterError(f"unknown executor {executor!r}; choose one of {list(EXECUTORS)}")
     with batch_lock(reports):
         if executor == "ray":
-            from .cluster import run_on_ray
+            from llm_compression.workbook.cluster import run_on_ray
 
             outcomes = run_on_ray(runs, reports, force, progress, overrides, address)
             return finish_batch(reports, outcomes)
@@ -394,7 +396,7 @@ def _criteria_html(criteria, reports: Path) -> str:
 def decision_html(records: list[dict], reports: Path) -> str:
     """The index's opening: the Phase 1 verdict with its evidence, the Phase 2 checklist, a recommendation
     per original model and the size/quality picture, all computed from the records (``phases``)."""
-    from . import phases
+    from llm_compression.workbook import decision as phases
 
     decided = phases.decide(records, phases.project_environment(REPO))
     css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
@@ -414,7 +416,7 @@ def decision_html(records: list[dict], reports: Path) -> str:
 
 def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
     """reports/index.html: the decision, the decision table and links to every run's reports."""
-    from .decision import decision_table, style_decision_table
+    from llm_compression.workbook.tables import decision_table, style_decision_table
 
     records = load_records(reports)  # every run in the directory, not only this batch's
     table = decision_table(records)

@@ -33,13 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import formats
-from .formats._codec import FP8_MAX
-from .errors import StoreError
-from .formats.base import QuantizedTensor
-from .formats.fp8 import CT_METHOD, ct_scheme_for
-from .loader import DENSE, LazyStateDict, WeightLoaderV2
-from .metrics import l2_normalize, mean_pooling
+from llm_compression import formats
+from llm_compression.formats._codec import FP8_MAX
+from llm_compression.errors import StoreError
+from llm_compression.formats.base import QuantizedTensor
+from llm_compression.formats.fp8 import CT_METHOD, ct_scheme_for
+from llm_compression.store.loader import DENSE, LazyStateDict, WeightLoaderV2
+from llm_compression.evaluation.metrics import l2_normalize, mean_pooling
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -291,7 +291,7 @@ class ModelInfo:
 
 def is_parquet(source: str | os.PathLike) -> bool:
     """A Parquet weight file: a local one that exists, or an s3:// / hf:// URL ending in .parquet."""
-    from .remote import is_remote
+    from llm_compression.store.remote import is_remote
 
     return str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file())
 
@@ -305,7 +305,7 @@ def read_config(source: str | os.PathLike) -> dict:
         return config
     if str(source).endswith(".parquet"):
         raise StoreError(f"{source}: no such Parquet file")
-    from .sources import resolve_source
+    from llm_compression.store.sources import resolve_source
 
     path = resolve_source(source) / "config.json"
     if not path.is_file():
@@ -446,7 +446,7 @@ def _apply_activation_quant(model: nn.Module, loader: WeightLoaderV2, layers: di
 
 def _load_parquet(path: Path, source: str, dtype: torch.dtype, task: str | None, activation_quant: bool,
                   keep_packed: bool, converted: bool) -> tuple[nn.Module, ModelInfo]:
-    from .modeling import model_from_parquet
+    from llm_compression.runtime.model import model_from_parquet
 
     loader = _PackedSkeletonLoader(path) if keep_packed else WeightLoaderV2(path)
     model = model_from_parquet(loader, dtype=dtype, task=task)
@@ -493,12 +493,12 @@ def load_model(
         location = text if text.startswith(("s3://", "hf://")) else Path(source)
         model, info = _load_parquet(location, text, dtype, task, activation_quant, keep_packed, converted=False)
     else:
-        from .sources import resolve_source
+        from llm_compression.store.sources import resolve_source
 
         root = resolve_source(source)
         config = read_config(root)
         if config.get("quantization_config"):
-            from .converter import HuggingFaceToParquetConverter
+            from llm_compression.store.convert import HuggingFaceToParquetConverter
 
             tmp = Path(tempfile.mkdtemp(prefix="llmc-runtime-"))
             parquet = tmp / "model.parquet"
@@ -519,7 +519,7 @@ def load_model(
 def _load_hf(root: Path, source: str, dtype: torch.dtype, task: str | None, keep_packed: bool) -> tuple[nn.Module, ModelInfo]:
     from transformers import AutoConfig
 
-    from .modeling import model_class
+    from llm_compression.runtime.model import model_class
 
     config = AutoConfig.from_pretrained(root)
     cls = model_class(config, task)
@@ -542,7 +542,7 @@ def load_tokenizer(source: str | os.PathLike, model: nn.Module | None = None):
         return WeightLoaderV2(source).tokenizer()
     from transformers import AutoTokenizer
 
-    from .sources import resolve_source
+    from llm_compression.store.sources import resolve_source
 
     root = resolve_source(source)
     try:

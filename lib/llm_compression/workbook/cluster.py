@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import atomic
-from .workbook import RUN_FILES, ParameterError, RunOutcome, error_outcome, load_parameters, unchanged
+from llm_compression.store import atomic
+from llm_compression.workbook.run import RUN_FILES, ParameterError, RunOutcome, error_outcome, load_parameters, unchanged
 
 INSTALL_HINT = "Ray is an optional extra: pip install -e '.[cluster]' (make setup installs it)"
 
@@ -32,7 +32,7 @@ def _ray():
 
 def execute_run(params: dict) -> dict:
     """The body of one Ray task: run the notebook in a scratch directory, return the files it wrote."""
-    from .workbook import run_one
+    from llm_compression.workbook.run import run_one
 
     threads = str(int((params.get("resources") or {}).get("num_cpus") or 1))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the kernel inherits these: no oversubscription

@@ -22,12 +22,13 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from . import __version__, formats, remote, schema as S
-from .atomic import temp_path
-from .errors import StoreError
-from .formats.base import Row
-from .gguf_store import convert_gguf, gguf_files, is_gguf_file
-from .sources import Checkpoint, open_checkpoint, resolve_source
+from llm_compression import __version__, formats, schema as S
+from llm_compression.store import remote
+from llm_compression.store.atomic import temp_path
+from llm_compression.errors import StoreError
+from llm_compression.formats.base import Row
+from llm_compression.store.gguf import convert_gguf, gguf_files, is_gguf_file
+from llm_compression.store.sources import Checkpoint, open_checkpoint, resolve_source
 
 
 def checksum(buffer) -> str:
@@ -374,7 +375,7 @@ def export_to_hf(parquet_path: str | os.PathLike, out_dir: str | os.PathLike, pr
     """
     from safetensors.torch import save_file
 
-    from .loader import WeightLoaderV2
+    from llm_compression.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(parquet_path)
     out = Path(out_dir)

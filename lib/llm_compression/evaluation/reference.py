@@ -32,7 +32,8 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__, atomic
+from llm_compression import __version__
+from llm_compression.store import atomic
 
 FORMAT_VERSION = 1
 
@@ -43,7 +44,7 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 def source_identity(source: str | os.PathLike) -> dict:
     """What changes when the original's weights change: its files' names, sizes and mtimes, and config.json."""
-    from .remote import identity, is_remote
+    from llm_compression.store.remote import identity, is_remote
 
     if is_remote(str(source)):
         return identity(str(source))

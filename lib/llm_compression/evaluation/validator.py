@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .evaluation import EvaluationRecord, Thresholds, evaluate
+from llm_compression.evaluation.compare import EvaluationRecord, Thresholds, evaluate
 
 
 @dataclass
