@@ -67,7 +67,7 @@ def generate(directory: Path, size_mb: float) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_compression.workbook import builtins as defaults
+    from llm_compression.workbook import builtins
 
     config = llama_config(size_mb)
     with torch.device("meta"):
@@ -87,7 +87,7 @@ def generate(directory: Path, size_mb: float) -> Path:
         del tensors
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer_dir = Path(defaults.resolve("builtin:smollm2"))
+    tokenizer_dir = Path(builtins.resolve("builtin:smollm2"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, directory / name)
     return directory

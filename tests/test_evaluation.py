@@ -58,7 +58,7 @@ def test_perplexity_matches_metrics_reference_with_overlapping_windows(tiny_lm):
     """The single pass that also gathers cosine/KLD scores the same tokens as metrics.perplexity."""
     from llm_compression.evaluation import metrics
     from llm_compression.corpus import TEXT_SEPARATOR, encode_text, load_texts
-    from llm_compression.runtime.simulate import load_model, load_tokenizer
+    from llm_compression.runtime.load import load_model, load_tokenizer
 
     texts = load_texts("pydoc", "eval")[:3]
     record = evaluate(tiny_lm, tiny_lm, texts=texts, **{**SMALL, "stride": 40})

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from llm_compression.evaluation import metrics
 from llm_compression.evaluation.metrics import (
     cosine_stats,
@@ -16,8 +15,6 @@ from llm_compression.evaluation.metrics import (
     generation_agreement,
     greedy_generate,
     kl_divergence_stats,
-    l2_normalize,
-    mean_pooling,
     perplexity,
     perplexity_from_logits,
     plan_perplexity_windows,
@@ -25,7 +22,7 @@ from llm_compression.evaluation.metrics import (
     token_kl_divergence,
     weight_error,
 )
-
+from llm_compression.runtime.embeddings import l2_normalize, mean_pooling
 
 # ----------------------------------------------------------------------------- toy models
 

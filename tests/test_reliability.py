@@ -189,19 +189,19 @@ def test_report_publish_failing_keeps_the_previous_reports(tmp_path, monkeypatch
 
 
 def test_cache_entry_is_whole_or_absent(tmp_path, monkeypatch):
-    from llm_compression.workbook import builtins as defaults
+    from llm_compression.workbook import builtins
     from llm_compression.fixtures import toy_models
-    from llm_compression.fixtures import checkpoints as writers
+    from llm_compression.fixtures import checkpoints
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setitem(defaults.BASE_BUILDERS, "toy-lm", lambda root: tiny)
+    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     import safetensors.torch
 
-    monkeypatch.setattr(writers, "save_file", FailAt(safetensors.torch.save_file, 1))
-    with pytest.raises(defaults.BuiltinError, match="injected"):
-        defaults.resolve("builtin:toy-lm/fp8_block")
+    monkeypatch.setattr(checkpoints, "save_file", FailAt(safetensors.torch.save_file, 1))
+    with pytest.raises(builtins.BuiltinError, match="injected"):
+        builtins.resolve("builtin:toy-lm/fp8_block")
     built = tmp_path / "cache" / "builtin"
     assert [p.name for p in built.iterdir() if not p.name.endswith(".lock")] == []
 
@@ -278,24 +278,24 @@ def test_second_batch_into_the_same_reports_waits_for_the_first(tmp_path, capsys
 
 
 def test_two_builds_of_one_cache_entry_build_it_once(tmp_path, monkeypatch):
-    from llm_compression.workbook import builtins as defaults
+    from llm_compression.workbook import builtins
     from llm_compression.fixtures import toy_models
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setitem(defaults.BASE_BUILDERS, "toy-lm", lambda root: tiny)
+    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     builds = []
-    real = defaults._build
+    real = builtins._build
 
     def counting(*args):
         builds.append(args[0].name)
         time.sleep(0.3)
         return real(*args)
 
-    monkeypatch.setattr(defaults, "_build", counting)
+    monkeypatch.setattr(builtins, "_build", counting)
     paths = []
-    threads = [threading.Thread(target=lambda: paths.append(defaults.resolve("builtin:toy-lm/fp8_block")))
+    threads = [threading.Thread(target=lambda: paths.append(builtins.resolve("builtin:toy-lm/fp8_block")))
                for _ in range(2)]
     for t in threads:
         t.start()

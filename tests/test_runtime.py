@@ -13,17 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
 from llm_compression.runtime.model import model_from_parquet
-from llm_compression.runtime.simulate import (
-    ActivationScheme,
-    PackedLinear,
-    QuantInputLinear,
-    declared_activation,
-    fake_quantize_activation,
-    layer_type,
-    load_model,
-    load_tokenizer,
-    sentence_embeddings,
-)
+from llm_compression.runtime.activations import ActivationScheme, QuantInputLinear, declared_activation, fake_quantize_activation, layer_type
+from llm_compression.runtime.packed import PackedLinear
+from llm_compression.runtime.load import load_model, load_tokenizer
+from llm_compression.runtime.embeddings import sentence_embeddings
 
 FP8_MAX = 448.0
 
@@ -341,7 +334,7 @@ def test_angelslim_fixture_schemes_and_keep_packed(name):
 
 
 def test_group_activation_quantization_takes_a_shorter_last_group():
-    from llm_compression.runtime.simulate import ActivationScheme, fake_quantize_activation
+    from llm_compression.runtime.activations import ActivationScheme, fake_quantize_activation
 
     scheme = ActivationScheme("fp8", "group", dynamic=True, group_size=128)
     x = torch.randn(3, 576) * torch.linspace(0.1, 10, 576)  # 576 = 4 full groups and one of 64

@@ -19,7 +19,6 @@ from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoa
 from llm_compression import schema as S
 from llm_compression.runtime.model import model_from_parquet
 
-from conftest import make_checkpoint
 
 LLMC = [sys.executable, "-m", "llm_compression"]
 

@@ -8,6 +8,14 @@ from pathlib import Path as _Path
 # The checkout this package runs from (lib/llm_compression/..): where .cache, .venv-angelslim,
 # notebooks/ and parameters/ live.
 REPO_ROOT = _Path(__file__).resolve().parents[2]
+CACHE_ENV = "LLMC_CACHE_DIR"
+
+
+def cache_root() -> _Path:
+    """Where built models and the originals' stored sides live: ``$LLMC_CACHE_DIR`` or ``<repo>/.cache``."""
+    import os
+
+    return _Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache")
 
 from llm_compression.errors import StoreError, UnsupportedFormatError  # noqa: E402
 from llm_compression.formats.base import QuantizedTensor  # noqa: E402
@@ -17,7 +25,8 @@ from llm_compression.store.loader import WeightLoaderV2  # noqa: E402
 _LAZY = {
     "PrecisionValidator": ("evaluation.validator", "PrecisionValidator"),
     "evaluate": ("evaluation.compare", "evaluate"),
-    "load_model": ("runtime.simulate", "load_model"),
+    "load_model": ("runtime.load", "load_model"),
+    "model_from_parquet": ("runtime.model", "model_from_parquet"),
 }
 
 

@@ -45,17 +45,17 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from llm_compression.store import inventory as catalog
+    from llm_compression.store import inventory
     from llm_compression.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(args.parquet)
-    items = catalog.entries(loader)
-    info = catalog.summary(loader)
+    items = inventory.entries(loader)
+    info = inventory.summary(loader)
     if args.verify:
         problems = loader.verify_all()
         info["checksums"] = "all verify" if not problems else f"{len(problems)} FAILED"
     if args.json:
-        print(json.dumps({"summary": info, "tensors": catalog.as_dicts(items), **({"problems": problems} if args.verify else {})}, indent=2))
+        print(json.dumps({"summary": info, "tensors": inventory.as_dicts(items), **({"problems": problems} if args.verify else {})}, indent=2))
         return 1 if args.verify and problems else 0
     width = max([len(e.name) for e in items] + [6])
     print(f"{'tensor':<{width}}  {'format':<10} {'dtype':<14} {'shape':<16} {'bytes':>12} {'bits/w':>7}")

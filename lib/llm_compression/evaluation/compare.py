@@ -31,19 +31,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from llm_compression import cache_root
 from llm_compression.evaluation import metrics as M
 from llm_compression.evaluation import reference
-from llm_compression.store.loader import WeightLoaderV2
-from llm_compression.runtime.simulate import (
-    CAUSAL_LM,
-    PackedLinear,
+from llm_compression.runtime.embeddings import pool_embeddings, split_sentences
+from llm_compression.runtime.load import (
     is_parquet,
     load_model,
     load_tokenizer,
-    pool_embeddings,
     read_config,
-    split_sentences,
 )
+from llm_compression.runtime.packed import PackedLinear
+from llm_compression.store.loader import WeightLoaderV2
 
 SCHEMA_VERSION = "1.0"
 # Config fields that must agree for two checkpoints to be the same architecture.
@@ -346,7 +345,7 @@ def _original_side(original: str, ids: torch.Tensor, windows, prompts: list[torc
                    load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32"):
     """The original's side: read from the cache when the same inputs were scored before, else computed
     (with only the original in memory) and stored. Returns (side, the original's ModelInfo, cache note)."""
-    from llm_compression.runtime.simulate import ModelInfo
+    from llm_compression.runtime.load import ModelInfo
 
     payload = {
         "original": reference.source_identity(original),
@@ -377,9 +376,7 @@ def _original_side(original: str, ids: torch.Tensor, windows, prompts: list[torc
 
 
 def _default_cache_dir() -> Path:
-    from llm_compression.workbook.builtins import cache_dir
-
-    return cache_dir().parent / "reference"
+    return cache_root() / "reference"
 
 
 def _generation(ref: "reference.ReferenceSide", cand: nn.Module, prompts: list[torch.Tensor],

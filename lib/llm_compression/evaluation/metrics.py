@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+
+from llm_compression.runtime.embeddings import l2_normalize
 
 __all__ = [
     "CosineStats",
@@ -33,8 +34,6 @@ __all__ = [
     "WeightError",
     "token_cosine",
     "cosine_stats",
-    "mean_pooling",
-    "l2_normalize",
     "embedding_cosine",
     "token_kl_divergence",
     "kl_divergence_stats",
@@ -176,30 +175,6 @@ def cosine_stats(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | Non
 
 # --------------------------------------------------------------------------------------------
 # 2. sentence-embedding cosine (all-MiniLM-L6-v2 style)
-
-
-def mean_pooling(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings ``[B, D]`` from token states ``[B, T, D]`` as sentence-transformers does.
-
-    Mask-weighted mean over tokens: ``sum(h * m) / clamp(sum(m), min=1e-9)``, in the dtype of
-    ``last_hidden_state`` (the all-MiniLM-L6-v2 pooling; normalization is a separate step,
-    :func:`l2_normalize`).
-    """
-    if last_hidden_state.dim() != 3:
-        raise ValueError(f"last_hidden_state must be [batch, tokens, dim], got shape {tuple(last_hidden_state.shape)}")
-    if tuple(attention_mask.shape) != tuple(last_hidden_state.shape[:2]):
-        raise ValueError(
-            f"attention_mask must have shape {tuple(last_hidden_state.shape[:2])}, got {tuple(attention_mask.shape)}"
-        )
-    weights = attention_mask.unsqueeze(-1).expand(last_hidden_state.shape).to(last_hidden_state.dtype)
-    summed = (last_hidden_state * weights).sum(dim=1)
-    counts = weights.sum(dim=1).clamp(min=1e-9)
-    return summed / counts
-
-
-def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    """Unit-length rows along the last dim (``F.normalize(p=2, eps=1e-12)``, sentence-transformers' Normalize)."""
-    return F.normalize(embeddings, p=2, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -499,7 +474,7 @@ def ppl_delta_percent(ppl_ref: float, ppl_cand: float) -> float:
 # 5. greedy generation and agreement
 
 
-def _cache_of(output: object) -> tuple[str, object] | None:
+def cache_of(output: object) -> tuple[str, object] | None:
     """The KV cache a model output carries, with the keyword to pass it back under.
 
     transformers >= 5 names it ``cache``; 4.x names it ``past_key_values``.
@@ -546,7 +521,7 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
             next_token = output.logits[:, -1, :].argmax(dim=-1, keepdim=True)
             generated.append(next_token)
             sequence = torch.cat([sequence, next_token], dim=1)
-            cache = _cache_of(output)
+            cache = cache_of(output)
             next_input = next_token if cache is not None else sequence
     if generated:
         new_tokens = torch.cat(generated, dim=1)

@@ -76,14 +76,14 @@ def summarize(values: list[float]) -> dict:
 def model_size(source: str | os.PathLike) -> dict:
     """Bytes on disk, parameters and bits per weight of a Parquet file or an HF checkpoint.
 
-    Parquet files use ``catalog.summary`` (quantized groups counted by their dequantized shape);
+    Parquet files use ``inventory.summary`` (quantized groups counted by their dequantized shape);
     an HF directory counts its safetensors files (exact for unquantized checkpoints).
     """
-    from llm_compression.store import inventory as catalog
+    from llm_compression.store import inventory
     from llm_compression.store.loader import WeightLoaderV2
 
     if str(source).endswith(".parquet"):
-        s = catalog.summary(WeightLoaderV2(source))
+        s = inventory.summary(WeightLoaderV2(source))
         return {"path": str(source), "file_bytes": s["file_bytes"], "stored_bytes": s["stored_bytes"],
                 "parameters": s["parameters"], "bits_per_weight": s["bits_per_weight"],
                 "compression_vs_bf16": s["compression_vs_bf16"], "quantized_bits_per_weight": s["quantized_bits_per_weight"],
@@ -254,7 +254,7 @@ def _load(spec: dict):
 
         config = AutoConfig.from_pretrained(spec["source"])
         return model_class(config, spec["task"]).from_pretrained(spec["source"], dtype=dtype).eval()
-    from llm_compression.runtime.simulate import load_model
+    from llm_compression.runtime.load import load_model
 
     model, _ = load_model(spec["source"], dtype=dtype, task=spec["task"], activation_quant=spec["activation_quant"],
                           keep_packed=spec["keep_packed"])
@@ -276,12 +276,12 @@ def _child_load(spec: dict) -> dict:
 
 
 def _decode(model, prompt: torch.Tensor, steps: int) -> None:
-    from llm_compression.evaluation.metrics import _cache_of  # the cache keyword differs between transformers 4 and 5
+    from llm_compression.evaluation.metrics import cache_of  # the cache keyword differs between transformers 4 and 5
 
     with torch.inference_mode():
         out = model(prompt, use_cache=True)
         for _ in range(steps):
-            cache = _cache_of(out)
+            cache = cache_of(out)
             token = out.logits[:, -1:].argmax(dim=-1)
             out = model(token, use_cache=True, **({cache[0]: cache[1]} if cache else {}))
 
@@ -302,9 +302,9 @@ def _child_run(spec: dict) -> dict:
     # from here the peak counts inference only (the loaded model stays resident, so it is included)
     memory["inference_peak_is_since_load"] = _reset_peak_rss()
     result: dict[str, Any] = {"pid": os.getpid(), "first_load_s": load_seconds}
-    from llm_compression.runtime.simulate import CAUSAL_LM, _kind
+    from llm_compression.runtime.load import CAUSAL_LM, model_kind
 
-    if _kind(model) == CAUSAL_LM:
+    if model_kind(model) == CAUSAL_LM:
         n_prompt, n_decode = settings["prompt_tokens"], settings["decode_tokens"]
         vocab = model.config.vocab_size
         prompt = torch.randint(0, vocab, (1, n_prompt), generator=torch.Generator().manual_seed(0))
@@ -328,7 +328,8 @@ def _child_run(spec: dict) -> dict:
             "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
         })
     else:
-        from llm_compression.runtime.simulate import load_tokenizer, sentence_embeddings
+        from llm_compression.runtime.load import load_tokenizer
+        from llm_compression.runtime.embeddings import sentence_embeddings
 
         tokenizer = load_tokenizer(spec["source"], model)
         sentences = _perf_sentences(settings["sentences"])
@@ -350,7 +351,7 @@ def _preimport(source: str, task: str | None) -> None:
     from transformers import AutoConfig
 
     from llm_compression.runtime.model import model_class
-    from llm_compression.runtime.simulate import read_config
+    from llm_compression.runtime.load import read_config
 
     raw = copy.deepcopy(read_config(source))
     raw.pop("quantization_config", None)
@@ -363,7 +364,7 @@ def _perf_sentences(count: int) -> list[str]:
     """Fixed English sentences of varied length from CPython's pydoc topics (no corpus split needed)."""
     from pydoc_data.topics import topics
 
-    from llm_compression.runtime.simulate import split_sentences
+    from llm_compression.runtime.embeddings import split_sentences
 
     sentences = split_sentences([topics[key] for key in sorted(topics)[:40]])
     return [sentences[i % len(sentences)] for i in range(count)]

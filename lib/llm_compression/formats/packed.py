@@ -20,7 +20,6 @@ packs densely, and a checkpoint does not say which one it used.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

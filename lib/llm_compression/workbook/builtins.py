@@ -28,14 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_compression import REPO_ROOT
-from llm_compression import __version__
+from llm_compression import CACHE_ENV, REPO_ROOT, __version__, cache_root  # noqa: F401 - CACHE_ENV is part of this API
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
 BUILTIN_PREFIX = "builtin:"
 ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
-CACHE_ENV = "LLMC_CACHE_DIR"
 REPO = REPO_ROOT  # short name used throughout this module
 # Bump when the build code changes in a way that changes the outputs.
 BUILD_VERSION = 1
@@ -188,8 +186,8 @@ def _smollm2_key() -> str:
 
 def _smollm2_gguf(root: Path) -> Path:
     """The shipped GGUF as a Parquet weight file (GGML blocks as they are)."""
-    from llm_compression.store.convert import HuggingFaceToParquetConverter
     from llm_compression.fixtures.toy_models import file_lock
+    from llm_compression.store.convert import HuggingFaceToParquetConverter
 
     gguf = smollm2_gguf_path()
     target = root / f"smollm2--gguf-{_smollm2_key()}.parquet"
@@ -204,8 +202,8 @@ def _smollm2(root: Path) -> Path:
     """The GGUF dequantized (exactly as transformers loads it) and cast to bf16, as an HF directory."""
     import torch
 
-    from llm_compression.store.convert import export_to_hf
     from llm_compression.fixtures.toy_models import file_lock
+    from llm_compression.store.convert import export_to_hf
 
     target = root / f"smollm2-bf16-{_smollm2_key()}"
     if not (target / "config.json").is_file():
@@ -236,8 +234,7 @@ def is_builtin(source: str | os.PathLike) -> bool:
 
 def cache_dir() -> Path:
     """Where builtins are cached: ``$LLMC_CACHE_DIR/builtin`` or ``<repo>/.cache/builtin``."""
-    root = Path(os.environ.get(CACHE_ENV) or REPO / ".cache")
-    return root / "builtin"
+    return cache_root() / "builtin"
 
 
 def _lookup(source: str) -> Builtin:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,7 +252,6 @@ def project_environment(repo: Path) -> dict:
     import subprocess
 
     from llm_compression.quantize.angelslim import ANGELSLIM_PYTHON, angelslim_missing
-    from llm_compression.cli import build_parser
 
     problem = angelslim_missing()
     version = None
@@ -259,7 +259,9 @@ def project_environment(repo: Path) -> dict:
         probe = subprocess.run([str(ANGELSLIM_PYTHON), "-c", "import importlib.metadata as m; print(m.version('angelslim'))"],
                                capture_output=True, text=True, timeout=120)
         version = probe.stdout.strip() or None
-    help_text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    # The CLI as a user meets it (the workbook sits below the CLI and does not import it).
+    help_text = subprocess.run([sys.executable, "-m", "llm_compression", "quantize", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
     readme = (repo / "README.md").read_text(encoding="utf-8") if (repo / "README.md").is_file() else ""
     return {"angelslim_env": problem, "angelslim_version": version, "cli_backend": "angelslim" in help_text,
             "readme": readme}

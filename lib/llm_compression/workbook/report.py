@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from llm_compression.store import atomic
-from llm_compression.store import inventory as catalog
-from llm_compression.workbook import tables as decision
+from llm_compression.store import inventory
+from llm_compression.workbook import tables
 from llm_compression.store.convert import HuggingFaceToParquetConverter, export_to_hf
 from llm_compression.store.gguf import export_gguf, is_gguf_file
 from llm_compression.store.loader import WeightLoaderV2
@@ -104,7 +104,7 @@ def store_candidate(candidate_src: str | Path, scratch: Path) -> StoreCheck:
         lossless, detail = _hf_round_trip(Path(candidate_src), parquet, scratch)
     elif kind == "gguf":
         lossless, detail = _gguf_round_trip(Path(candidate_src), parquet, scratch)
-    return StoreCheck(parquet, kind, seconds, problems, lossless, detail, catalog.summary(loader))
+    return StoreCheck(parquet, kind, seconds, problems, lossless, detail, inventory.summary(loader))
 
 
 def store_facts(check: StoreCheck) -> dict:
@@ -140,7 +140,7 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
                        + (f" ({check.lossless_detail})" if check.lossless is False else " (checksums fail)"))
     passed = bool(verdict.get("passed")) and check.ok
     verdict.update(passed=passed, reasons=reasons)
-    summary = decision.summarize(data, params)
+    summary = tables.summarize(data, params)
     summary["passed"] = passed
     return {
         "run": params["run"], "title": params["title"], "status": "passed" if passed else "failed-check",
@@ -163,6 +163,51 @@ def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> 
                       "export_bit_exact": check.lossless}} if check else {}),
         "verdict": {"passed": False, "reasons": [reason], "checks": []}, "summary": summary,
     }
+
+
+def evaluated(record, params: dict) -> dict:
+    """The evaluation record as the run keeps it: who produced the candidate and which model the original is
+    (from the parameters, else the builtin catalogue)."""
+    from llm_compression.workbook import builtins
+
+    data = record.to_dict()
+    data["candidate"]["producer"] = params.get("producer") or builtins.producer(params["model"])
+    data["original"]["model"] = params.get("model_name") or builtins.model_name(params["reference"])
+    return data
+
+
+CHECK_LABELS = {"cosine": "cosine similarity (at least)", "ppl_increase": "perplexity increase, fraction (at most)",
+                "kld": "KL divergence, mean (at most)", "top1": "top-1 agreement (at least)"}
+
+
+def quality_rows(data: dict) -> list[dict]:
+    """One row per verdict check: what it measures, the value, its threshold, and whether it passed."""
+    return [{"check": CHECK_LABELS.get(c["name"], c["name"]), "value": c["value"],
+             "threshold": "none set" if c["threshold"] is None else c["threshold"],
+             "passed": {True: "yes", False: "NO", None: "—"}[c["passed"]]}
+            for c in data["verdict"]["checks"]]
+
+
+def perf_rows(data: dict) -> list[dict]:
+    """Size, load time, speed and peak memory per measured model (the candidate twice when it was also run
+    with its codes kept packed)."""
+    perf = data.get("perf") or {}
+    rows = []
+    for who in ("original", "candidate", "candidate_packed"):
+        measured = perf.get(who) or {}
+        if who == "candidate_packed" and not measured:
+            continue
+        size = data["sizes"]["candidate" if who == "candidate_packed" else who]
+        rows.append({
+            "model": {"candidate_packed": "candidate (packed)"}.get(who, who),
+            "size on disk (MB)": (size.get("file_bytes") or 0) / 1e6,
+            "load time (s)": ((measured.get("load") or {}).get("parquet_s") or {}).get("median"),
+            "prefill (ms/token)": (measured.get("prefill_ms_per_token") or {}).get("median"),
+            "decode (tokens/s)": (measured.get("decode_tokens_per_s") or {}).get("median"),
+            "embedding (sentences/s)": (measured.get("embedding_sentences_per_s") or {}).get("median"),
+            "peak RSS (MB)": ((measured.get("memory") or {}).get("inference_peak_rss_bytes") or 0) / 1e6 or None,
+        })
+    return rows
 
 
 def write_record(out_dir: str | Path, record: dict) -> Path:

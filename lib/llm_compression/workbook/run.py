@@ -57,8 +57,8 @@ DEFAULTS: dict = {
     "kld_threshold": None,
     "top1_threshold": None,
     "output_dir": "reports",
-    "producer": None,  # who made the candidate; default from the builtin catalogue (defaults.producer)
-    "model_name": None,  # the original model's name; default from the builtin catalogue (defaults.model_name)
+    "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
+    "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
     "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
     "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
 }
@@ -112,11 +112,11 @@ def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> d
 
 def check_source(key: str, source: str) -> None:
     """One clear error naming a source that does not exist (builtins and hub ids are checked where resolved)."""
-    from llm_compression.workbook import builtins as defaults
+    from llm_compression.workbook import builtins
     from llm_compression.store.sources import HUB_ID
 
-    if defaults.is_builtin(source):
-        defaults.describe(source)  # an unknown builtin name raises, listing the known ones
+    if builtins.is_builtin(source):
+        builtins.describe(source)  # an unknown builtin name raises, listing the known ones
         return
     text = str(source)
     if Path(text).exists() or text.startswith(("s3://", "hf://")) or HUB_ID.match(text):
@@ -171,12 +171,12 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
 
 def _error_summary(params: dict) -> dict:
     """Who made the candidate and which model it is, for a run that stopped before its record was written."""
-    from llm_compression.workbook import builtins as defaults
+    from llm_compression.workbook import builtins
 
     try:
-        producer = params.get("producer") or defaults.producer(params["model"])
-        model = params.get("model_name") or defaults.model_name(params["reference"])
-    except defaults.BuiltinError:
+        producer = params.get("producer") or builtins.producer(params["model"])
+        model = params.get("model_name") or builtins.model_name(params["reference"])
+    except builtins.BuiltinError:
         producer, model = None, None
     return {"run": params["run"], "title": params["title"], "model": params["model"], "reference": params["reference"],
             "producer": producer, "original_model": model, "passed": False}
@@ -396,9 +396,9 @@ def _criteria_html(criteria, reports: Path) -> str:
 def decision_html(records: list[dict], reports: Path) -> str:
     """The index's opening: the Phase 1 verdict with its evidence, the Phase 2 checklist, a recommendation
     per original model and the size/quality picture, all computed from the records (``phases``)."""
-    from llm_compression.workbook import decision as phases
+    from llm_compression.workbook import decision
 
-    decided = phases.decide(records, phases.project_environment(REPO))
+    decided = decision.decide(records, decision.project_environment(REPO))
     css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
     parts = [f'<div class="headline {css}">{html.escape(decided.headline)}</div>',
              "<h3>Phase 1: validate AngelSlim's checkpoints</h3>", _criteria_html(decided.phase1, reports),
@@ -406,7 +406,7 @@ def decision_html(records: list[dict], reports: Path) -> str:
              "<h3>Recommendation per original model</h3>"]
     for model, lines in decided.recommendations.items():
         parts.append(f"<h4>{html.escape(model)}</h4><ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
-    fig = phases.size_quality_figure(records)
+    fig = decision.size_quality_figure(records)
     if fig is not None:
         parts.append("<h3>Size against quality</h3><p>Bits per weight of the quantized layers against the "
                      "perplexity change (cosine loss for the encoder); green passes, red fails.</p>"

@@ -1,0 +1,73 @@
+"""The package's layout is its architecture: imports flow one way, from errors and the schema to the CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llm_compression"
+
+# Each layer may import its own layer and the ones before it, never one after it.
+LAYERS = [
+    {"__init__", "errors", "schema", "corpus", "inference"},
+    {"formats"},
+    {"store"},
+    {"runtime"},
+    {"evaluation", "quantize"},
+    {"fixtures"},
+    {"workbook"},
+    {"cli", "__main__"},
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def top_part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "llm_compression" and len(parts) > 1 else None
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:
+                raise AssertionError(f"{path}:{node.lineno}: relative import; use llm_compression.…")
+            if node.module == "llm_compression":
+                found += [(node.lineno, f"llm_compression.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+    return found
+
+
+def test_every_module_sits_in_a_layer_and_imports_flow_one_way():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        assert own in RANK, f"{path}: not in any layer of {LAYERS}"
+        for line, module in imports_of(path):
+            target = top_part(module)
+            if target is None or target not in RANK:
+                continue
+            if path == PACKAGE / "__init__.py":
+                continue  # the package root re-exports the documented names, as the seed's did
+            if RANK[target] > RANK[own]:
+                bad.append(f"{path.relative_to(PACKAGE)}:{line} imports {module} (layer {RANK[target]} > {RANK[own]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_compression"):
+                for alias in node.names:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    own_package = ".".join(("llm_compression", *path.relative_to(PACKAGE).parts[:-1]))
+                    # a private module of one's own package (formats/_bitpack, formats/_codec) is fine
+                    if private and not (node.module == own_package or node.module.endswith("._codec")):
+                        bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} imports {node.module}.{alias.name}")
+    assert not bad, "\n".join(bad)
