@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llm_compression import HuggingFaceToParquetConverter
-from llm_compression.evaluation.compare import EvaluationRecord, Thresholds, evaluate, judge
+from llm_compression.evaluation.record import EvaluationRecord, Thresholds, judge
+from llm_compression.evaluation.compare import evaluate
 
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
 
@@ -232,7 +233,7 @@ def test_corrupted_reference_file_is_refused(tiny_lm, tmp_path):
 def test_nan_candidate_is_an_evaluation_fault(tiny_lm, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from llm_compression.evaluation.compare import EvaluationFault
+    from llm_compression.evaluation.record import EvaluationFault
 
     broken = tmp_path / "nan"
     shutil.copytree(tiny_lm, broken)

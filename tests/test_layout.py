@@ -71,3 +71,30 @@ def test_no_module_imports_a_private_name_of_another():
                     if private and not (node.module == own_package or node.module.endswith("._codec")):
                         bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} imports {node.module}.{alias.name}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_registered_format_has_the_required_verbs_and_defaults_for_the_optional_ones():
+    import copy
+    import types
+
+    import torch
+
+    from llm_compression import formats
+    from llm_compression.formats.base import Format, QuantizedTensor
+
+    names = [f.NAME for f in formats.all_formats()]
+    assert len(names) == len(set(names)) and "dense" in names and "ptq" in names
+    dense = formats.get_format("dense")
+    record = QuantizedTensor("dense", "layer", {"weight": torch.ones(2, 2)}, {})
+    assert dense.to_hf(record).keys() == {"weight"}  # the default: the stored arrays as they are
+    assert dense.hf_names({}, ["weight"]) == ["weight"] and dense.encode_dense("w", torch.ones(1)) is None
+    assert formats.get_format("gguf").per_tensor and not dense.per_tensor
+    assert copy.deepcopy(dense).NAME == "dense"
+    broken = types.ModuleType("broken")
+    broken.NAME = "broken"
+    try:
+        Format(broken)
+    except TypeError as exc:
+        assert "detect" in str(exc)
+    else:
+        raise AssertionError("a module without the verbs was accepted")

@@ -62,7 +62,8 @@ def test_measure_encoder_throughput(minilm_dir):
 def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     """The candidate's perf block inside an evaluation record: load from Parquet vs from_pretrained on
     the exported safetensors, prefill and decode, memory; every figure from a child process."""
-    from llm_compression.evaluation.compare import EvaluationRecord, evaluate
+    from llm_compression.evaluation.record import EvaluationRecord
+    from llm_compression.evaluation.compare import evaluate
 
     parquet = tmp_path / "m.parquet"
     HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, parquet)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_compression.evaluation.compare import EvaluationRecord, Thresholds, evaluate
+from llm_compression.evaluation.record import EvaluationRecord, Thresholds
+from llm_compression.evaluation.compare import evaluate
 
 
 @dataclass

@@ -6,10 +6,10 @@ Adding a format means one new module with the verbs listed in ``base`` and one e
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import ModuleType
 
-from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_compression.formats.base import Format, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 
 # Most specific first; dense (no quantization_config) last.
 _MODULES = [
@@ -35,15 +35,16 @@ QUANTIZED_SUFFIXES = {
 }
 
 
-def _load(name: str) -> ModuleType:
-    return importlib.import_module(f"{__name__}.{name}")
+@functools.cache
+def _load(name: str) -> Format:
+    return Format(importlib.import_module(f"{__name__}.{name}"))
 
 
-def all_formats() -> list[ModuleType]:
+def all_formats() -> list[Format]:
     return [_load(name) for name in _MODULES]
 
 
-def get_format(name: str) -> ModuleType:
+def get_format(name: str) -> Format:
     for module in all_formats():
         if module.NAME == name:
             return module
@@ -53,7 +54,7 @@ def get_format(name: str) -> ModuleType:
 def is_per_tensor(name: str) -> bool:
     """Does every stored array of this format dequantize on its own (no layer groups)?"""
     try:
-        return bool(getattr(get_format(name), "PER_TENSOR", False))
+        return get_format(name).per_tensor
     except UnsupportedFormatError:
         return False
 
@@ -76,7 +77,7 @@ def dense_rows(name: str, tensor, qconfig: dict | None, detect_grids: bool = Tru
     return [Row(name, tensor, "dense")]
 
 
-def detect(qconfig: dict | None, tensors: dict[str, TensorInfo], source: str = "") -> ModuleType:
+def detect(qconfig: dict | None, tensors: dict[str, TensorInfo], source: str = "") -> Format:
     """The format module for a whole checkpoint, or one clear error listing what is supported."""
     for module in all_formats():
         if module.detect(qconfig, tensors):
@@ -90,6 +91,6 @@ def detect(qconfig: dict | None, tensors: dict[str, TensorInfo], source: str = "
 
 
 __all__ = [
-    "QUANTIZED_SUFFIXES", "QuantizedTensor", "Row", "StoreError", "TensorInfo",
+    "QUANTIZED_SUFFIXES", "Format", "QuantizedTensor", "Row", "StoreError", "TensorInfo",
     "UnsupportedFormatError", "all_formats", "dense_rows", "detect", "get_format", "is_per_tensor", "supported_names",
 ]

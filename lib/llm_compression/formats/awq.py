@@ -125,6 +125,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     s = record.tensors["scales"].to(torch.float32).repeat_interleave(size, dim=0)
     return ((q - z).to(torch.float32) * s).t().contiguous().to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

@@ -11,11 +11,16 @@ A format module (one file per source format) exposes the same verbs:
 * ``to_rows(qconfig, module, tensors) -> list[Row]``: the claimed tensors (suffix -> tensor) as
   stored rows, codes and parameters untouched.
 * ``dequantize(record, dtype) -> torch.Tensor``: the float weight, shaped like ``nn.Linear.weight``.
-* ``to_hf(record) -> dict[suffix, torch.Tensor]``: the exact source tensors back, for export.
+* optional ``to_hf(record) -> dict[suffix, torch.Tensor]``: the exact source tensors back, for
+  export; by default the stored arrays as they are.
 * optional ``hf_names(params, stored_names) -> list[suffix]``: the suffixes ``to_hf`` returns,
   when they differ from the stored rows' names (encoders such as ``grid``).
 * optional ``encode_dense(name, tensor) -> list[Row] | None``: for encoders registered in
   ``_DENSE_ENCODERS``: rows that restore ``tensor`` bit-exactly, or None to store it dense.
+* optional ``PER_TENSOR = True``: every stored array dequantizes on its own (no layer groups).
+
+The registry hands out each module wrapped in :class:`Format`, which checks the required verbs once
+and supplies the optional ones' defaults, so no caller probes a module with ``hasattr``.
 """
 
 from __future__ import annotations
@@ -110,3 +115,48 @@ class QuantizedTensor:
 
 def module_params(record: QuantizedTensor, key: str, default: Any = None) -> Any:
     return record.params.get(key, default)
+
+
+REQUIRED_VERBS = ("detect", "claim", "to_rows", "dequantize")
+
+
+class Format:
+    """One storage format: its module's verbs, with the defaults of the optional ones (module docstring).
+
+    Other module attributes (constants, format-specific helpers) are reachable as attributes too.
+    """
+
+    def __init__(self, module):
+        missing = [verb for verb in REQUIRED_VERBS if not callable(getattr(module, verb, None))]
+        if missing or not isinstance(getattr(module, "NAME", None), str):
+            raise TypeError(f"format module {module.__name__} lacks {missing or ['NAME']}")
+        self.module = module
+        self.NAME = module.NAME
+        self.per_tensor = bool(getattr(module, "PER_TENSOR", False))
+        self.detect, self.claim, self.to_rows, self.dequantize = (getattr(module, v) for v in REQUIRED_VERBS)
+        self._to_hf = getattr(module, "to_hf", None)
+        self._hf_names = getattr(module, "hf_names", None)
+        self._encode_dense = getattr(module, "encode_dense", None)
+
+    def to_hf(self, record: QuantizedTensor) -> dict[str, torch.Tensor]:
+        return self._to_hf(record) if self._to_hf else dict(record.tensors)
+
+    def hf_names(self, params: dict, stored_names: list[str]) -> list[str]:
+        return self._hf_names(params, stored_names) if self._hf_names else list(stored_names)
+
+    def encode_dense(self, name: str, tensor: torch.Tensor) -> list[Row] | None:
+        return self._encode_dense(name, tensor) if self._encode_dense else None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "module":  # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def __repr__(self) -> str:
+        return f"Format({self.NAME!r})"
+
+    def __copy__(self) -> "Format":
+        return self  # one per format, never changed: a model holding one deep-copies cheaply
+
+    def __deepcopy__(self, memo: dict) -> "Format":
+        return self

@@ -25,6 +25,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     (tensor,) = record.tensors.values()
     return tensor.to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

@@ -363,6 +363,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     scale = expand_grid(record.tensors[params["scale_name"]], params, out, in_, g_idx)
     return (values * scale).to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

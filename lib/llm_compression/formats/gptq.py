@@ -276,6 +276,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         raise StoreError(f"layer {record.layer_name}: dequantized shape {tuple(weight.shape)} != {[out_features, in_features]}")
     return weight
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

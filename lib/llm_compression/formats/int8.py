@@ -124,6 +124,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         values = values - expand_grid(record.tensors["weight_zero_point"], record.params, out, in_, g_idx)
     return (values * expand_grid(record.tensors["weight_scale"], record.params, out, in_, g_idx)).to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

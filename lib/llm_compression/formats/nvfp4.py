@@ -174,6 +174,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         weight = values * (scale / global_scale)  # the order compressed-tensors uses
     return weight.to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

@@ -164,6 +164,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     scale = expand_grid(record.tensors["weight_scale"], params, out, in_, g_idx)
     return ((codes - zero) * scale).to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

@@ -241,7 +241,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     g = g_idx.long()
     return (scales[:, g] * (codes.to(torch.float32) - zeros.to(torch.float32)[:, g])).to(dtype)
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """The stored arrays as they are: there is no HF format for these rows (see the module docstring)."""
-    return dict(record.tensors)

@@ -230,6 +230,3 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         return dequantize_fp8_block(record.tensors["weight"], record.tensors["weight_scale_inv"], block).to(dtype)
     raise StoreError(f"layer {record.layer_name}: unknown w4a8 kind {kind!r}")
 
-
-def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:
-    return dict(record.tensors)

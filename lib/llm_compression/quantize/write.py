@@ -127,7 +127,7 @@ def _copy_group(source: Source, layer: str, rows: list[str], writer: StoreWriter
         writer.write(Row(name, loader.load_tensor(name), info.format, dict(info.params)))
     fmt = get_format(loader.rows[rows[0]].format)
     stored = [loader.rows[n].weight_name for n in rows]
-    suffixes = fmt.hf_names(params, stored) if hasattr(fmt, "hf_names") else stored
+    suffixes = fmt.hf_names(params, stored)
     return [f"{layer}.{s}" if layer else s for s in suffixes]
 
 

@@ -479,7 +479,7 @@ class SourceTensors(Mapping):
             params: dict = {}
             for row in loader._groups[layer]:
                 params.update(loader.rows[row].params)
-            suffixes = fmt.hf_names(params, [loader.rows[r].weight_name for r in loader._groups[layer]]) if hasattr(fmt, "hf_names") else [loader.rows[r].weight_name for r in loader._groups[layer]]
+            suffixes = fmt.hf_names(params, [loader.rows[r].weight_name for r in loader._groups[layer]])
             for suffix in suffixes:
                 full = f"{layer}.{suffix}" if layer else suffix
                 self._owner[full] = layer
