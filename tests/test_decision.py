@@ -17,7 +17,7 @@ def _record(run: str, *, ppl: float, passed: bool, reasons: list[str] = (), perf
         "perf": perf,
         "verdict": {"passed": passed, "reasons": list(reasons)},
     }
-    summary = tables.summarize(data, {"run": run, "title": run, "model": "m", "reference": "r"})
+    summary = tables.run_summary(data, {"run": run, "title": run, "model": "m", "reference": "r"})
     return {"run": run, "status": "passed" if passed else "failed-check", "verdict": data["verdict"], "summary": summary}
 
 

@@ -22,7 +22,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,159 +123,186 @@ def _machine() -> dict:
             "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
 
 
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How ``evaluate`` compares two models; every field is also a keyword of ``evaluate``.
+
+    texts: evaluation texts; None takes the eval split of ``corpus`` (``corpus.load_texts``).
+    context_length, stride: perplexity windows (tokens per model call; stride defaults to context_length).
+        For encoders, the truncation length of each sentence.
+    max_eval_tokens: tokens scored at most (the text is cut after that many).
+    generation_prompts: prompt strings, or how many prompts of ``prompt_tokens`` tokens to take from the
+        evaluation text; ``gen_tokens`` greedy tokens are compared for each (0: skip).
+    dtype, activation_quant, keep_packed, task: passed to ``runtime.load_model`` for both models.
+    perf: True, False or a ``perf.PerfSettings``: measure load time, latency and memory, each figure in a
+        fresh subprocess, of the models named in ``perf_models``. ``perf_packed``: the candidate also with
+        its weights kept packed (``perf["candidate_packed"]``), where it has quantized layers: the memory
+        it would really take, beside the dequantized runtime's.
+    thresholds: ``Thresholds`` (or a dict of its fields) for the verdict; default cosine >= 0.95 and
+        perplexity increase <= 15 %.
+    max_sentences, batch_size: encoder sentences used at most, and the batch size for them.
+    reference_cache: where the original's side of a causal-LM comparison is kept (``reference``): None
+        takes ``<cache>/reference`` (``$LLMC_CACHE_DIR`` or the repository's ``.cache``), False computes it
+        without storing it. ``reference_precision``: ``float32`` logits (exact) or ``float16`` log-probs
+        (half the disk; KL divergence within 1e-3 relative).
+    """
+
+    texts: Sequence[str] | None = None
+    corpus: str = "pydoc"
+    context_length: int = 256
+    stride: int | None = None
+    max_eval_tokens: int = 2048
+    generation_prompts: Sequence[str] | int = 4
+    gen_tokens: int = 16
+    prompt_tokens: int = 32
+    dtype: torch.dtype = torch.float32
+    activation_quant: bool = True
+    keep_packed: bool = False
+    perf: bool | Any = True
+    thresholds: Thresholds | dict | None = None
+    task: str | None = None
+    max_sentences: int = 128
+    batch_size: int = 16
+    perf_models: Sequence[str] = ("original", "candidate")
+    reference_cache: str | os.PathLike | bool | None = None
+    reference_precision: str = "float32"
+    perf_packed: bool = True
+
+    @property
+    def load(self) -> dict:
+        """How ``runtime.load_model`` loads both models."""
+        return dict(dtype=self.dtype, task=self.task, activation_quant=self.activation_quant,
+                    keep_packed=self.keep_packed)
+
+
 def evaluate(
     original: str | os.PathLike,
     candidate: str | os.PathLike,
-    texts: Sequence[str] | None = None,
-    corpus: str = "pydoc",
-    context_length: int = 256,
-    stride: int | None = None,
-    max_eval_tokens: int = 2048,
-    generation_prompts: Sequence[str] | int = 4,
-    gen_tokens: int = 16,
-    prompt_tokens: int = 32,
-    dtype: torch.dtype = torch.float32,
-    activation_quant: bool = True,
-    keep_packed: bool = False,
-    perf: bool | Any = True,
-    thresholds: Thresholds | dict | None = None,
-    task: str | None = None,
-    max_sentences: int = 128,
-    batch_size: int = 16,
-    perf_models: Sequence[str] = ("original", "candidate"),
-    reference_cache: str | os.PathLike | bool | None = None,
-    reference_precision: str = "float32",
-    perf_packed: bool = True,
+    settings: EvaluationSettings | None = None,
+    **options: Any,
 ) -> EvaluationRecord:
     """Compare ``candidate`` with ``original`` on the same text; return the full record.
 
-    Args:
-        original, candidate: Parquet files, HF directories or hub ids (same architecture and vocabulary).
-        texts: evaluation texts; None takes the eval split of ``corpus`` (``corpus.load_texts``).
-        context_length, stride: perplexity windows (tokens per model call; stride defaults to
-            context_length). For encoders, the truncation length of each sentence.
-        max_eval_tokens: tokens scored at most (the text is cut after that many).
-        generation_prompts: prompt strings, or how many prompts of ``prompt_tokens`` tokens to take
-            from the evaluation text; ``gen_tokens`` greedy tokens are compared for each (0: skip).
-        dtype, activation_quant, keep_packed, task: passed to ``runtime.load_model`` for both models.
-        perf: True, False or a ``perf.PerfSettings``: measure load time, latency and memory, each
-            figure in a fresh subprocess, of the models named in ``perf_models``. ``perf_packed``: the
-            candidate also with its weights kept packed (``perf["candidate_packed"]``), where it has
-            quantized layers: the memory it would really take, beside the dequantized runtime's.
-        thresholds: ``Thresholds`` (or a dict of its fields) for the verdict; default cosine >= 0.95
-            and perplexity increase <= 15 %.
-        max_sentences, batch_size: encoder sentences used at most, and the batch size for them.
-        reference_cache: where the original's side of a causal-LM comparison is kept (``reference``):
-            None takes ``<cache>/reference`` (``$LLMC_CACHE_DIR`` or the repository's ``.cache``), False
-            computes it without storing it. ``reference_precision``: ``float32`` logits (exact) or
-            ``float16`` log-probs (half the disk; KL divergence within 1e-3 relative).
+    ``original``, ``candidate``: Parquet files, HF directories or hub ids (same architecture and
+    vocabulary). ``settings`` and ``options`` (the fields of :class:`EvaluationSettings` as keywords,
+    which override ``settings``) say how.
 
     Raises:
         ValueError: different architectures or vocabularies (naming both models), empty texts, or
             an evaluation text shorter than one window (saying how many tokens are needed).
     """
     start = time.perf_counter()
-    if isinstance(thresholds, dict):
-        thresholds = Thresholds(**thresholds)
-    thresholds = thresholds or Thresholds()
-    user_texts = check_texts(texts)
-    unknown = set(perf_models) - {"original", "candidate"}
+    s = dataclasses.replace(settings or EvaluationSettings(), **options)
+    thresholds = Thresholds(**s.thresholds) if isinstance(s.thresholds, dict) else s.thresholds or Thresholds()
+    user_texts = check_texts(s.texts)
+    unknown = set(s.perf_models) - {"original", "candidate"}
     if unknown:
         raise ValueError(f"perf_models may name 'original' and 'candidate', got {sorted(unknown)}")
-    if context_length < 1:
-        raise ValueError(f"context_length must be >= 1, got {context_length}")
+    if s.context_length < 1:
+        raise ValueError(f"context_length must be >= 1, got {s.context_length}")
     original, candidate = str(original), str(candidate)
     orig_config = read_config(original)
     check_compatible(original, candidate, orig_config, read_config(candidate))
-    load = dict(dtype=dtype, task=task, activation_quant=activation_quant, keep_packed=keep_packed)
 
     from llm_compression import corpus as corpus_module
 
-    source_texts = user_texts or corpus_module.load_texts(corpus, "eval")
-    settings: dict[str, Any] = {
-        "corpus": None if user_texts else corpus, "num_texts": len(source_texts), "dtype": str(dtype).removeprefix("torch."),
-        "activation_quant": activation_quant, "keep_packed": keep_packed, "task": task,
+    source_texts = user_texts or corpus_module.load_texts(s.corpus, "eval")
+    recorded: dict[str, Any] = {
+        "corpus": None if user_texts else s.corpus, "num_texts": len(source_texts),
+        "dtype": str(s.dtype).removeprefix("torch."), "activation_quant": s.activation_quant,
+        "keep_packed": s.keep_packed, "task": s.task,
     }
-    if is_causal(orig_config, task):
-        # One model in memory at a time: the original's side comes from the cache (or is computed and
-        # stored first), then the candidate is loaded and scored against it.
-        tokenizer = load_tokenizer(original)
-        check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate))
-        ids = _token_stream(tokenizer, source_texts, max_eval_tokens, context_length)
-        if isinstance(generation_prompts, int):
-            prompts = _default_prompts(ids, generation_prompts, prompt_tokens)
-        else:
-            from llm_compression.corpus import encode_text
-
-            prompts = [torch.tensor(encode_text(tokenizer, p), dtype=torch.long) for p in generation_prompts]
-            empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
-            if empty:
-                raise ValueError(f"generation_prompts[{empty[0]}] encodes to no tokens")
-        windows = M.plan_perplexity_windows(ids.numel(), context_length, stride)
-        settings.update({"context_length": context_length, "stride": stride or context_length,
-                         "max_eval_tokens": max_eval_tokens, "eval_tokens": int(ids.numel()), "gen_tokens": gen_tokens,
-                         "num_prompts": len(prompts)})
-        ref, orig_info, settings["reference_cache"] = original_side(original, ids, windows, prompts, gen_tokens, load,
-                                                                     reference_cache, reference_precision)
-        settings["reference_precision"] = reference_precision
-        cand_model, cand_info = load_model(candidate, **load)
-        if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
-            raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
-                                  f"as {cand_info.architecture}: different architectures")
-        metrics = causal_metrics(ref, cand_model, ids, windows, prompts, gen_tokens)
-        metrics["weight_error"] = weight_errors(OriginalWeights(original, dtype), cand_model, cand_info.quantized_layers)
-        sizes = _sizes(orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
-        del cand_model
-    else:
-        orig_model, orig_info = load_model(original, **load)
-        cand_model, cand_info = load_model(candidate, **load)
-        if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
-            raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
-                                  f"as {cand_info.architecture}: different architectures")
-        tokenizer = load_tokenizer(original, orig_model)
-        check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate, cand_model))
-        sentences = _sentences(user_texts, max_sentences) if user_texts else split_sentences(source_texts)[:max_sentences]
-        if not sentences:
-            raise ValueError("no usable sentences to embed")
-        settings.update({"max_length": context_length, "num_sentences": len(sentences), "batch_size": batch_size})
-        metrics = encoder_metrics(orig_model, cand_model, tokenizer, sentences, context_length, batch_size)
-        metrics["weight_error"] = weight_errors(orig_model, cand_model, cand_info.quantized_layers)
-        sizes = _sizes(orig_info, cand_info)
-        del orig_model, cand_model  # free memory before the perf subprocesses run
-
-    from llm_compression.evaluation import perf as perf_module
-
-
-    perf_block = None
-    if perf:
-        perf_settings = perf if isinstance(perf, perf_module.PerfSettings) else perf_module.PerfSettings()
-        perf_block = {name: perf_module.measure(src, dtype=dtype, task=task, activation_quant=activation_quant,
-                                                keep_packed=keep_packed, settings=perf_settings)
-                      for name, src in (("original", original), ("candidate", candidate)) if name in perf_models}
-        if perf_packed and "candidate" in perf_models and not keep_packed and cand_info.quantized_layers:
-            # Memory as a deployment would hold it: the stored codes stay packed, each Linear dequantizes
-            # its weight per call (its latency cost shows here too).
-            packed_settings = dataclasses.replace(perf_settings, compare_hf_load=False)
-            perf_block["candidate_packed"] = perf_module.measure(candidate, dtype=dtype, task=task,
-                                                                 activation_quant=activation_quant, keep_packed=True,
-                                                                 settings=packed_settings)
-
+    scored = _score_causal if is_causal(orig_config, s.task) else _score_encoder
+    metrics, orig_info, cand_info, sizes = scored(original, candidate, s, source_texts, user_texts, recorded)
     return EvaluationRecord(
         schema_version=SCHEMA_VERSION,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         kind=orig_info.kind,
         original=orig_info.as_dict(),
         candidate=cand_info.as_dict(),
-        settings=settings,
+        settings=recorded,
         metrics=metrics,
         sizes=sizes,
         thresholds=asdict(thresholds),
         verdict=judge(metrics, thresholds),
-        perf=perf_block,
+        perf=_perf_block(original, candidate, s, cand_info) if s.perf else None,
         versions=_versions(),
         machine=_machine(),
         elapsed_seconds=time.perf_counter() - start,
     )
 
 
-__all__ = ["EvaluationFault", "EvaluationRecord", "SCHEMA_VERSION", "Thresholds", "check_compatible", "evaluate", "judge"]
+def _check_same_kind(original: str, candidate: str, orig_info, cand_info) -> None:
+    if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
+        raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
+                              f"as {cand_info.architecture}: different architectures")
+
+
+def _prompts(tokenizer, ids: torch.Tensor, s: EvaluationSettings) -> list[torch.Tensor]:
+    if isinstance(s.generation_prompts, int):
+        return _default_prompts(ids, s.generation_prompts, s.prompt_tokens)
+    from llm_compression.corpus import encode_text
+
+    prompts = [torch.tensor(encode_text(tokenizer, p), dtype=torch.long) for p in s.generation_prompts]
+    empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
+    if empty:
+        raise ValueError(f"generation_prompts[{empty[0]}] encodes to no tokens")
+    return prompts
+
+
+def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_texts: list[str],
+                  user_texts: list[str] | None, recorded: dict):
+    """One model in memory at a time: the original's side comes from the cache (or is computed and stored
+    first), then the candidate is loaded and scored against it."""
+    tokenizer = load_tokenizer(original)
+    check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate))
+    ids = _token_stream(tokenizer, source_texts, s.max_eval_tokens, s.context_length)
+    prompts = _prompts(tokenizer, ids, s)
+    windows = M.plan_perplexity_windows(ids.numel(), s.context_length, s.stride)
+    recorded.update({"context_length": s.context_length, "stride": s.stride or s.context_length,
+                     "max_eval_tokens": s.max_eval_tokens, "eval_tokens": int(ids.numel()), "gen_tokens": s.gen_tokens,
+                     "num_prompts": len(prompts)})
+    ref, orig_info, recorded["reference_cache"] = original_side(original, ids, windows, prompts, s.gen_tokens, s.load,
+                                                                s.reference_cache, s.reference_precision)
+    recorded["reference_precision"] = s.reference_precision
+    cand_model, cand_info = load_model(candidate, **s.load)
+    _check_same_kind(original, candidate, orig_info, cand_info)
+    metrics = causal_metrics(ref, cand_model, ids, windows, prompts, s.gen_tokens)
+    metrics["weight_error"] = weight_errors(OriginalWeights(original, s.dtype), cand_model, cand_info.quantized_layers)
+    sizes = _sizes(orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
+    return metrics, orig_info, cand_info, sizes
+
+
+def _score_encoder(original: str, candidate: str, s: EvaluationSettings, source_texts: list[str],
+                   user_texts: list[str] | None, recorded: dict):
+    orig_model, orig_info = load_model(original, **s.load)
+    cand_model, cand_info = load_model(candidate, **s.load)
+    _check_same_kind(original, candidate, orig_info, cand_info)
+    tokenizer = load_tokenizer(original, orig_model)
+    check_tokenizers(original, candidate, tokenizer, load_tokenizer(candidate, cand_model))
+    sentences = _sentences(user_texts, s.max_sentences) if user_texts else split_sentences(source_texts)[:s.max_sentences]
+    if not sentences:
+        raise ValueError("no usable sentences to embed")
+    recorded.update({"max_length": s.context_length, "num_sentences": len(sentences), "batch_size": s.batch_size})
+    metrics = encoder_metrics(orig_model, cand_model, tokenizer, sentences, s.context_length, s.batch_size)
+    metrics["weight_error"] = weight_errors(orig_model, cand_model, cand_info.quantized_layers)
+    return metrics, orig_info, cand_info, _sizes(orig_info, cand_info)  # the models go before perf runs
+
+
+def _perf_block(original: str, candidate: str, s: EvaluationSettings, cand_info) -> dict:
+    from llm_compression.evaluation import perf as perf_module
+
+    settings = s.perf if isinstance(s.perf, perf_module.PerfSettings) else perf_module.PerfSettings()
+    block = {name: perf_module.measure(src, **s.load, settings=settings)
+             for name, src in (("original", original), ("candidate", candidate)) if name in s.perf_models}
+    if s.perf_packed and "candidate" in s.perf_models and not s.keep_packed and cand_info.quantized_layers:
+        # Memory as a deployment would hold it: the stored codes stay packed, each Linear dequantizes
+        # its weight per call (its latency cost shows here too).
+        block["candidate_packed"] = perf_module.measure(
+            candidate, **{**s.load, "keep_packed": True},
+            settings=dataclasses.replace(settings, compare_hf_load=False))
+    return block
+
+
+__all__ = ["EvaluationFault", "EvaluationRecord", "EvaluationSettings", "SCHEMA_VERSION", "Thresholds",
+           "check_compatible", "evaluate", "judge"]

@@ -140,7 +140,7 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
                        + (f" ({check.lossless_detail})" if check.lossless is False else " (checksums fail)"))
     passed = bool(verdict.get("passed")) and check.ok
     verdict.update(passed=passed, reasons=reasons)
-    summary = tables.summarize(data, params)
+    summary = tables.run_summary(data, params)
     summary["passed"] = passed
     return {
         "run": params["run"], "title": params["title"], "status": "passed" if passed else "failed-check",

@@ -121,7 +121,7 @@ def activation_label(candidate: dict) -> str:
     return "weight-only"
 
 
-def summarize(record: dict, params: dict) -> dict:
+def run_summary(record: dict, params: dict) -> dict:
     """The flat block the decision table reads, from an evaluation record (``EvaluationRecord.to_dict()``)."""
     size = _dig(record, "sizes", "candidate", default={}) or {}
     perf = _dig(record, "perf", "candidate", default={}) or {}
