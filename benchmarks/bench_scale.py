@@ -5,8 +5,9 @@ default) and measures, each in a fresh process (peak RSS is the child's VmHWM):
 
 * ``quantize_rtn_peak_rss_mb``: ``llmc quantize --method int4`` (streams one tensor at a time);
 * ``quantize_gptq_peak_rss_mb``: ``llmc quantize --method gptq`` (small calibration: memory, not quality);
-* ``eval_peak_rss_mb``: one evaluation of the RTN candidate against the original (the original's side
-  computed and stored first, then only the candidate loaded);
+* ``eval_peak_rss_mb``: the larger of two evaluations against the original: the RTN candidate (the
+  original's side computed and stored first, then only the candidate loaded) and an INT8 one (the stored
+  side reused);
 * ``eval_second_candidate_ratio``: the time of a second candidate of the same original over the first's
   (the second reuses the stored original side);
 * ``model_load_ratio_vs_safetensors``: ``from_pretrained`` + one forward pass over ``model_from_parquet`` +
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         _child_peak([*llmc, "quantize", str(model), str(root / "int8.parquet"), "--method", "int8", "-q"])
         cache = root / "reference"
         first_s, eval_peak = _child_peak([sys.executable, "-c", EVAL, str(model), str(root / "int4.parquet"), str(cache)])
-        second_s, _ = _child_peak([sys.executable, "-c", EVAL, str(model), str(root / "int8.parquet"), str(cache)])
+        second_s, second_peak = _child_peak([sys.executable, "-c", EVAL, str(model), str(root / "int8.parquet"), str(cache)])
+        eval_peak = max(eval_peak, second_peak)  # the goal holds for every run, first or later
         subprocess.run([*llmc, "convert", str(model), str(root / "model.parquet"), "-q"], check=True)
         pairs = []
         for _ in range(args.repeats):

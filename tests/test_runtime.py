@@ -343,3 +343,26 @@ def test_group_activation_quantization_takes_a_shorter_last_group():
     for start, stop in ((0, 128), (512, 576)):  # each group quantized on its own absmax, the short one too
         alone = fake_quantize_activation(torch.nn.functional.pad(x[:, start:stop], (0, 128 - (stop - start))), scheme)
         assert torch.equal(y[:, start:stop], alone[:, : stop - start])
+
+
+def test_an_unquantized_checkpoint_loads_tensor_by_tensor_with_from_pretrained_s_weights(tmp_path):
+    """runtime.model.model_from_checkpoint (what load_model uses for an HF directory) gives exactly the
+    parameters and buffers from_pretrained gives, for a causal LM with tied embeddings and for an encoder."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from llm_compression.fixtures import toy_models
+    from llm_compression.runtime.model import model_from_checkpoint
+    from llm_compression.workbook import builtins
+
+    cases = [
+        (toy_models.make_tiny_model(tmp_path / "tied", tie_word_embeddings=True), AutoModelForCausalLM, None),
+        (Path(builtins.resolve("builtin:minilm")), AutoModel, "base"),
+    ]
+    for root, auto, task in cases:
+        ours = model_from_checkpoint(root, torch.float32, task)
+        theirs = auto.from_pretrained(str(root), dtype=torch.float32).eval()
+        mine, reference = dict(ours.state_dict()), dict(theirs.state_dict())
+        assert mine.keys() == reference.keys(), root
+        for name, tensor in reference.items():
+            assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), (root, name)
+        assert not ours.training

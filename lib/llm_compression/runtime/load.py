@@ -295,15 +295,18 @@ def load_model(
 def _load_hf(root: Path, source: str, dtype: torch.dtype, task: str | None, keep_packed: bool) -> tuple[nn.Module, ModelInfo]:
     from transformers import AutoConfig
 
-    from llm_compression.runtime.model import model_class
+    from llm_compression.runtime.model import model_class, model_from_checkpoint
 
-    config = AutoConfig.from_pretrained(root)
-    cls = model_class(config, task)
-    model = cls.from_pretrained(root, dtype=dtype).eval()
+    try:  # one tensor at a time: the file's pages and the dtype copy are never both resident
+        model, notes = model_from_checkpoint(root, dtype, task), []
+    except StoreError as exc:  # names the model does not use as they are: transformers' own loader maps them
+        model = model_class(AutoConfig.from_pretrained(root), task).from_pretrained(root, dtype=dtype).eval()
+        notes = [f"loaded with from_pretrained ({exc})"]
     info = ModelInfo(
         source=source, kind=model_kind(model), architecture=type(model).__name__, parquet=None, converted=False,
         formats=["dense"], quantized_layers={}, dtype=_dtype_name(dtype), keep_packed=keep_packed, activation_quant=False,
     )
+    info.activation_notes.extend(notes)
     if keep_packed:
         info.activation_notes.append("keep_packed has no effect: the checkpoint is not quantized")
     return model, info

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -53,14 +55,49 @@ def model_from_parquet(
     dequantized straight into it). ``task`` picks the head: None follows ``architectures`` in the
     config, ``"causal-lm"`` or ``"base"`` (encoder / bare model) force one.
     """
-    from transformers.initialization import no_init_weights
-
     loader = path if isinstance(path, WeightLoaderV2) else WeightLoaderV2(path)
     config = plain_config(loader)
-    cls = model_class(config, task)
+    model = _assemble(model_class(config, task), config, loader.state_dict(dtype=dtype), dtype, str(loader.path))
+    model.llmc_loader = loader
+    return model
+
+
+class _CheckpointState(Mapping):
+    """An unquantized checkpoint's tensors by name, each read from its shard and cast when asked for."""
+
+    def __init__(self, checkpoint, dtype: torch.dtype):
+        self.checkpoint, self.dtype = checkpoint, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.checkpoint.read(name)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def __iter__(self):
+        return iter(self.checkpoint.tensors)
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.tensors)
+
+
+def model_from_checkpoint(root: str | os.PathLike, dtype: torch.dtype = torch.float32, task: str | None = None):
+    """``from_pretrained`` of an unquantized HF directory, reading and casting one tensor at a time, so that
+    the file's pages and the ``dtype`` copy are never both resident. Raises ``StoreError`` when the
+    checkpoint's names are not the model's own (``from_pretrained`` renames some legacy ones)."""
+    from transformers import AutoConfig
+
+    from llm_compression.store.sources import open_checkpoint
+
+    checkpoint = open_checkpoint(Path(root))
+    config = AutoConfig.from_pretrained(root)
+    return _assemble(model_class(config, task), config, _CheckpointState(checkpoint, dtype), dtype, str(root))
+
+
+def _assemble(cls, config, state: Mapping, dtype: torch.dtype, where: str):
+    """An eval-mode ``cls`` model built without initializing its weights, then given ``state``'s tensors."""
+    from transformers.initialization import no_init_weights
+
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype)
-    state = loader.state_dict(dtype=dtype)
     expected = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "")
     loaded = {}
@@ -75,7 +112,7 @@ def model_from_parquet(
         tensor = state[name]
         if tuple(tensor.shape) != tuple(expected[target].shape):
             raise StoreError(
-                f"{loader.path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[target].shape)}"
+                f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[target].shape)}"
             )
         loaded[target] = tensor
     missing = model.load_state_dict(loaded, strict=False, assign=True).missing_keys
@@ -85,10 +122,8 @@ def model_from_parquet(
     tied_names = _tied_parameter_names(model)
     persistent_missing = [m for m in persistent_missing if m not in tied_names]
     if persistent_missing:
-        raise StoreError(f"{loader.path}: the file has no weights for {persistent_missing[:5]}")
-    model.eval()
-    model.llmc_loader = loader
-    return model
+        raise StoreError(f"{where}: the file has no weights for {persistent_missing[:5]}")
+    return model.eval()
 
 
 def _tied_parameter_names(model) -> set[str]:
