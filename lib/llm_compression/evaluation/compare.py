@@ -1,6 +1,6 @@
 """Measure a candidate (quantized) model against its original on the same text: one JSON record per run.
 
-``evaluate(original, candidate)`` loads both (``runtime.load_model``: Parquet files, HF directories or
+``evaluate(original, candidate)`` loads both (``runtime.load.load_model``: Parquet files, HF directories or
 hub ids), checks they are comparable, runs them window by window on held-out text and gathers:
 
 * causal LMs: cosine of the last hidden state and of the logits per token, KL divergence and top-1
@@ -133,7 +133,7 @@ class EvaluationSettings:
     max_eval_tokens: tokens scored at most (the text is cut after that many).
     generation_prompts: prompt strings, or how many prompts of ``prompt_tokens`` tokens to take from the
         evaluation text; ``gen_tokens`` greedy tokens are compared for each (0: skip).
-    dtype, activation_quant, keep_packed, task: passed to ``runtime.load_model`` for both models.
+    dtype, activation_quant, keep_packed, task: passed to ``runtime.load.load_model`` for both models.
     perf: True, False or a ``perf.PerfSettings``: measure load time, latency and memory, each figure in a
         fresh subprocess, of the models named in ``perf_models``. ``perf_packed``: the candidate also with
         its weights kept packed (``perf["candidate_packed"]``), where it has quantized layers: the memory
@@ -170,7 +170,7 @@ class EvaluationSettings:
 
     @property
     def load(self) -> dict:
-        """How ``runtime.load_model`` loads both models."""
+        """How ``runtime.load.load_model`` loads both models."""
         return dict(dtype=self.dtype, task=self.task, activation_quant=self.activation_quant,
                     keep_packed=self.keep_packed)
 

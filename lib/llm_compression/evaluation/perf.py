@@ -2,7 +2,7 @@
 
 ``measure(source)`` runs three children (``python -c``, the spec on stdin, one JSON line back):
 
-* ``load`` from Parquet: ``runtime.load_model`` on the Parquet file (warm-up, then repeats);
+* ``load`` from Parquet: ``runtime.load.load_model`` on the Parquet file (warm-up, then repeats);
 * ``load`` from HF safetensors: ``from_pretrained`` on the same checkpoint as an HF directory
   (a Parquet source is exported to a temporary directory, an HF source converted to a temporary
   Parquet file), so the two load times compare the same weights; their ratio is reported;

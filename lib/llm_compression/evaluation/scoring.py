@@ -128,7 +128,7 @@ def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.T
 
 
 def is_causal(config: dict, task: str | None) -> bool:
-    """As ``runtime.load_model`` decides: the task if given, else the architectures (none: a causal LM)."""
+    """As ``runtime.load.load_model`` decides: the task if given, else the architectures (none: a causal LM)."""
     if task is not None:
         return task == "causal-lm"
     architectures = config.get("architectures") or []
@@ -197,7 +197,7 @@ def _generation(ref: "reference.ReferenceSide", cand: nn.Module, prompts: list[t
 def encoder_metrics(orig: nn.Module, cand: nn.Module, tokenizer, sentences: list[str], max_length: int,
                      batch_size: int) -> dict:
     """One pass per batch and model: token-state cosine and sentence-embedding cosine (as
-    ``runtime.sentence_embeddings`` pools them)."""
+    ``runtime.embeddings.sentence_embeddings`` pools them)."""
     emb_a, emb_b, token_cos = [], [], []
     for start in range(0, len(sentences), batch_size):
         batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True,

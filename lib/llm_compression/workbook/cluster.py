@@ -1,6 +1,6 @@
 """Sweeps on Ray: each run of a batch is one Ray task that executes the evaluation notebook (papermill).
 
-A task runs ``workbook.run_one`` in a scratch reports directory on its worker and returns the run's files
+A task runs ``workbook.run.run_one`` in a scratch reports directory on its worker and returns the run's files
 (record, executed notebook, HTML); the driver writes them under ``reports/`` exactly as a sequential run
 does (each atomically, the record last), so a cancelled sweep leaves no half-written report. A task's
 resources come from the run's ``resources`` parameter (default one CPU). Without an address a local Ray
