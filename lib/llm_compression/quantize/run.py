@@ -48,7 +48,7 @@ from llm_compression.quantize.options import (  # noqa: F401 - part of this API
     COUNTERPARTS, OUT_FORMATS, PTQ_METHODS, ComparisonResult, Options, QuantizeResult, check_output,
     ptq_options,
 )
-from llm_compression.quantize.sources import SourceLayers, Source, meta_model, open_source, skeleton_model
+from llm_compression.quantize.sources import Source, SourceLayers, meta_model, open_source, skeleton_model, source_weight
 from llm_compression.quantize.write import write_gptq_dir, write_parquet
 
 # ==================================================================================================
@@ -132,11 +132,7 @@ class _StreamedRTN(Mapping):
     def __getitem__(self, layer: str) -> ptq.QuantizedLinear:
         if layer not in self.names:
             raise KeyError(layer)
-        groups = self.source.groups()
-        if layer in groups:  # stored quantized in the source: its dequantized weight
-            weight = self.source.loader.load_weight(layer, "weight", dtype=torch.float32)
-        else:
-            weight = self.source.read(f"{layer}.weight").to(torch.float32)
+        weight = source_weight(self.source, f"{layer}.weight")  # as GPTQ's layer loader reads it
         try:
             return ptq.quantize_rtn(weight, self.options.bits, self.options.group_size, self.options.symmetric,
                                     name=layer)
