@@ -34,19 +34,20 @@ from llm_compression.evaluation.record import (
     EvaluationFault,
     EvaluationRecord,
     Thresholds,
+    check_compatible,
     check_texts,
     check_tokenizers,
-    check_compatible,
     judge,
 )
 from llm_compression.evaluation.scoring import (
+    OriginalWeights,
     causal_metrics,
     encoder_metrics,
     is_causal,
     original_side,
-    OriginalWeights,
     weight_errors,
 )
+from llm_compression.memory import return_freed_memory
 from llm_compression.runtime.embeddings import split_sentences
 from llm_compression.runtime.load import (
     load_model,
@@ -266,6 +267,7 @@ def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_t
                                                                 s.reference_cache, s.reference_precision)
     recorded["reference_precision"] = s.reference_precision
     cand_model, cand_info = load_model(candidate, **s.load)
+    return_freed_memory()  # what loading it left behind (dequantization temporaries)
     _check_same_kind(original, candidate, orig_info, cand_info)
     metrics = causal_metrics(ref, cand_model, ids, windows, prompts, s.gen_tokens)
     metrics["weight_error"] = weight_errors(OriginalWeights(original, s.dtype), cand_model, cand_info.quantized_layers)

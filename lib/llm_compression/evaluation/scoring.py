@@ -16,6 +16,7 @@ from llm_compression import cache_root
 from llm_compression.evaluation import metrics as M
 from llm_compression.evaluation import reference
 from llm_compression.evaluation.record import EvaluationFault
+from llm_compression.memory import return_freed_memory
 from llm_compression.runtime.embeddings import pool_embeddings
 from llm_compression.runtime.load import (
     is_parquet,
@@ -158,6 +159,7 @@ def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch
     model, info = load_model(original, **load)
     tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
     del model
+    return_freed_memory()  # the candidate's load stands on a clean heap
     meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
     if path is None:
         import tempfile
