@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import llm_compression  # noqa: E402
 from llm_compression import WeightLoaderV2  # noqa: E402
 from llm_compression.workbook import builtins
 from llm_compression.fixtures import toy_models
@@ -36,7 +37,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
-    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny_dir)
     return tmp_path / "cache" / "builtin"
 

@@ -20,7 +20,9 @@ from llm_compression.cli import main as llmc
 from llm_compression.formats import ptq as ptq_format
 from llm_compression.formats.base import QuantizedTensor, StoreError
 from llm_compression.runtime.model import model_from_parquet
-from llm_compression.quantize.run import QuantizeError, angelslim_missing, backend_output, quantize
+from llm_compression.errors import QuantizeError
+from llm_compression.quantize.angelslim import angelslim_missing
+from llm_compression.quantize.run import backend_output, quantize
 
 # The defaults the brief specifies: method -> (bits, group_size, symmetric).
 SPEC_DEFAULTS = {"int8": (8, -1, True), "int4": (4, 128, True), "int2": (2, 128, False), "gptq": (4, 128, True)}

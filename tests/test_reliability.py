@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import llm_compression
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -195,7 +197,7 @@ def test_cache_entry_is_whole_or_absent(tmp_path, monkeypatch):
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     import safetensors.torch
 
@@ -283,7 +285,7 @@ def test_two_builds_of_one_cache_entry_build_it_once(tmp_path, monkeypatch):
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(builtins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     builds = []
     real = builtins._build

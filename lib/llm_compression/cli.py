@@ -135,7 +135,8 @@ def _run_name(source: str) -> str:
 
 
 def _cmd_quantize(args) -> int:
-    from llm_compression.quantize.run import ComparisonResult, quantize
+    from llm_compression.quantize.options import ComparisonResult
+    from llm_compression.quantize.run import quantize
 
     backends = [b.strip() for b in args.compare_backends.split(",") if b.strip()] if args.compare_backends else None
     result = quantize(

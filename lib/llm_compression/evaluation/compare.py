@@ -306,5 +306,4 @@ def _perf_block(original: str, candidate: str, s: EvaluationSettings, cand_info)
     return block
 
 
-__all__ = ["EvaluationFault", "EvaluationRecord", "EvaluationSettings", "SCHEMA_VERSION", "Thresholds",
-           "check_compatible", "evaluate", "judge"]
+__all__ = ["EvaluationSettings", "evaluate"]

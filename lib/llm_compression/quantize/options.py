@@ -10,7 +10,7 @@ import torch
 
 from llm_compression import REPO_ROOT, corpus
 from llm_compression import quantize as ptq
-from llm_compression.errors import AngelSlimError, QuantizeError  # noqa: F401 - part of this API
+from llm_compression.errors import QuantizeError
 
 PTQ_METHODS = ("int8", "int4", "int2", "gptq")
 ANGELSLIM_METHODS = ("fp8_static", "fp8_dynamic", "int8_dynamic", "int4_gptq", "int4_awq", "w4a8_fp8")

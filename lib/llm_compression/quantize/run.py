@@ -39,11 +39,11 @@ import torch
 
 from llm_compression import corpus
 from llm_compression import quantize as ptq
-from llm_compression.errors import AngelSlimError, QuantizeError  # noqa: F401 - part of this API
-from llm_compression.quantize.angelslim import (  # noqa: F401 - part of this API
-    ANGELSLIM_MODULES, angelslim_missing, quantize_angelslim, run_angelslim, write_calibration_jsonl,
+from llm_compression.errors import AngelSlimError, QuantizeError
+from llm_compression.quantize.angelslim import (
+    angelslim_missing, quantize_angelslim, run_angelslim, write_calibration_jsonl,
 )
-from llm_compression.quantize.options import (  # noqa: F401 - part of this API
+from llm_compression.quantize.options import (
     ANGELSLIM_GROUP_METHODS, ANGELSLIM_METHODS, ANGELSLIM_PYTHON, BACKENDS, CALIBRATION_CORPUS,
     COUNTERPARTS, OUT_FORMATS, PTQ_METHODS, ComparisonResult, Options, QuantizeResult, check_output,
     ptq_options,

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_compression import CACHE_ENV, REPO_ROOT, __version__, cache_root  # noqa: F401 - CACHE_ENV is part of this API
+from llm_compression import __version__, cache_root
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
 BUILTIN_PREFIX = "builtin:"
 ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
-REPO = REPO_ROOT  # short name used throughout this module
 # Bump when the build code changes in a way that changes the outputs.
 BUILD_VERSION = 1
 

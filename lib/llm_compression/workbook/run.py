@@ -25,8 +25,7 @@ from llm_compression import REPO_ROOT
 from llm_compression import __version__
 from llm_compression.store import atomic
 
-REPO = REPO_ROOT  # short name used throughout this module
-NOTEBOOKS = REPO / "notebooks"
+NOTEBOOKS = REPO_ROOT / "notebooks"
 EVALUATE_NOTEBOOK = NOTEBOOKS / "evaluate_model.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOKS / "compare_models.ipynb"
 KERNEL = "python3"
@@ -228,7 +227,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     staged_record = staging / f"{run}.json"
     try:
         try:
-            execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO)
+            execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO_ROOT)
         except papermill.PapermillExecutionError as exc:
             status, message = "error", f"{exc.ename}: {exc.evalue}"
         except Exception as exc:  # kernel died, bad notebook...
@@ -343,7 +342,7 @@ def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
         with atomic.replacing(compare, fsync=False) as staged:
             staged_nb = staged.with_name(staged.name + ".ipynb")
             try:
-                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO)
+                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO_ROOT)
             except papermill.PapermillExecutionError as exc:  # its report shows the error; the index still follows
                 print(f"compare_models.ipynb failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
             finally:
@@ -398,7 +397,7 @@ def decision_html(records: list[dict], reports: Path) -> str:
     per original model and the size/quality picture, all computed from the records (``phases``)."""
     from llm_compression.workbook import decision
 
-    decided = decision.decide(records, decision.project_environment(REPO))
+    decided = decision.decide(records, decision.project_environment(REPO_ROOT))
     css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
     parts = [f'<div class="headline {css}">{html.escape(decided.headline)}</div>',
              "<h3>Phase 1: validate AngelSlim's checkpoints</h3>", _criteria_html(decided.phase1, reports),
