@@ -9,11 +9,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llm_compression"
 
 # Each layer may import its own layer and the ones before it, never one after it.
 LAYERS = [
-    {"__init__", "errors", "schema", "corpus", "memory", "inference"},
+    {"__init__", "errors", "logger", "schema", "corpus", "memory"},
     {"formats"},
     {"store"},
     {"runtime"},
     {"evaluation", "quantize"},
+    {"inference"},  # AI-OS's import paths, over store, quantize and evaluation
     {"fixtures"},
     {"workbook"},
     {"cli", "__main__"},

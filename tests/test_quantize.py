@@ -161,37 +161,6 @@ def test_int2_takes_two_bits_per_weight(outputs, capsys):
     print(f"int2 g128 asym: {expected_bpw} bits/weight")
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int8_row_reads_right_with_an_old_v2_reader(tiny, outputs, tmp_path, symmetric):
-    if symmetric:
-        path = outputs["int8"][0]
-    else:
-        path = tmp_path / "int8_asym.parquet"
-        quantize(tiny, path, "int8", symmetric=False, progress=False)
-    name = "model.layers.0.mlp.down_proj"
-    src = source_tensors(tiny)[f"{name}.weight"]
-    expected = ptq.quantize_rtn(src, 8, -1, symmetric).dequantize()
-    # What an old V2 reader does: the row's int8 values, its scales / zero_points columns, (q - zp) * scale per row.
-    table = pq.read_table(path, columns=["tensor_name", "quant_type", "scales", "zero_points", "quant_axis", "shape", "data"])
-    row = table.filter(table.column("tensor_name").to_numpy(zero_copy_only=False) == f"{name}.weight").to_pylist()
-    assert len(row) == 1
-    row = row[0]
-    assert row["quant_type"] == "int8" and row["quant_axis"] == 0 and row["shape"] == [128, 256]
-    q = np.frombuffer(row["data"], dtype=np.int8).reshape(row["shape"]).astype(np.float32)
-    scale = np.asarray(row["scales"], dtype=np.float32)[:, None]
-    zero_point = np.asarray(row["zero_points"], dtype=np.float32)[:, None]
-    if symmetric:
-        assert not zero_point.any()
-    old_reader = torch.from_numpy((q - zero_point) * scale)
-    diff = float((old_reader - expected).abs().max())
-    print(f"int8 symmetric={symmetric}: old V2 reader vs fake quant max diff {diff}")
-    assert diff == 0.0
-    assert torch.equal(WeightLoaderV2(path).load_weight(name, "weight"), expected)
-    # Sub-byte rows are not something an old reader could misread as int8.
-    int4_rows = pq.read_table(outputs["int4"][0], columns=["tensor_name", "quant_type"]).to_pylist()
-    assert {r["quant_type"] for r in int4_rows if r["tensor_name"].endswith("proj.weight")} == {"ptq"}
-
-
 def test_gptq_act_order_stores_g_idx_only_where_needed(outputs):
     path, result = outputs["gptq"]
     loader = WeightLoaderV2(path)

@@ -136,50 +136,7 @@ def test_large_tensor_split_into_chunks(qwen3_dir, tmp_path, monkeypatch):
     info = loader.rows["model.embed_tokens.weight"]
     assert len(info.row_groups) == -(-info.nbytes // 10_000) > 1
     assert_bit_equal(dict(loader.source_tensors()), all_tensors(qwen3_dir))
-    assert pq.ParquetFile(parquet).schema_arrow.field(S.DATA).type == pa.large_binary()
-
-
-def test_schema_keeps_v2_columns_and_old_import_path():
-    from llm_compression.inference.quantization_schema import V2_SCHEMA
-
-    assert V2_SCHEMA.names == ["layer_name", "weight_name", "weight_data", "shape", "quant_type", "scales", "zero_points", "quant_axis"]
-    assert S.STORE_SCHEMA.names[: len(V2_SCHEMA)] == V2_SCHEMA.names
-
-
-def test_old_v1_and_v2_files_load_exactly(tmp_path):
-    from llm_compression.inference.quantization_schema import V2_SCHEMA
-
-    g = torch.Generator().manual_seed(0)
-    w16 = torch.randn(4, 6, generator=g).to(torch.float16)
-    v1 = pa.Table.from_pylist(
-        [{"layer_name": "fc", "weight_name": "weight", "weight_data": w16.flatten().tolist(), "shape": [4, 6]}],
-        schema=S.V1_SCHEMA,
-    )
-    pq.write_table(v1, tmp_path / "v1.parquet")
-    loader = WeightLoaderV2(tmp_path / "v1.parquet")
-    assert loader.version is S.SchemaVersion.V1
-    assert torch.equal(loader.load_weight("fc", "weight"), w16)
-
-    q = torch.randint(-127, 128, (4, 6), generator=g, dtype=torch.int8)
-    scales = [0.5, 0.25, 0.125, 2.0]
-    q2 = torch.randint(-2, 2, (3, 4), generator=g, dtype=torch.int8)
-    rows = [
-        {"layer_name": "a", "weight_name": "weight", "weight_data": q.flatten().tolist(), "shape": [4, 6],
-         "quant_type": "int8", "scales": scales, "zero_points": [0, 1, 0, -1], "quant_axis": 0},
-        {"layer_name": "b", "weight_name": "weight", "weight_data": q2.flatten().tolist(), "shape": [3, 4],
-         "quant_type": "int2", "scales": [0.75], "zero_points": [0], "quant_axis": -1},
-        {"layer_name": "c", "weight_name": "bias", "weight_data": torch.tensor([1.5, -2.0], dtype=torch.float16).view(torch.int8).tolist(),
-         "shape": [2], "quant_type": "fp16", "scales": None, "zero_points": None, "quant_axis": None},
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=V2_SCHEMA), tmp_path / "v2.parquet")
-    loader = WeightLoaderV2(tmp_path / "v2.parquet")
-    assert loader.version is S.SchemaVersion.V2
-    expected_a = (q.float() - torch.tensor([0, 1, 0, -1.0]).view(4, 1)) * torch.tensor(scales).view(4, 1)
-    assert torch.equal(loader.load_weight("a", "weight"), expected_a)
-    assert torch.equal(loader.load_weight("b", "weight"), q2.float() * 0.75)
-    record = loader.load_weight("a", "weight", dequantize=False)
-    assert torch.equal(record.tensors["weight"], q) and record.params["scales"] == scales
-    assert torch.equal(loader.load_weight("c", "bias"), torch.tensor([1.5, -2.0], dtype=torch.float16))
+    assert pq.ParquetFile(parquet).schema_arrow.field(S.DATA).type == pa.binary()  # AI-OS V2 type
 
 
 def test_hub_id_resolves_from_local_cache(qwen3_dir, tmp_path, monkeypatch):
@@ -287,11 +244,11 @@ def test_bad_checksum_mismatch(qwen3_dir, tmp_path):
     target = "model.layers.0.mlp.up_proj.weight"
 
     def flip(table):
-        if table.column(S.TENSOR_NAME)[0].as_py() != target:
+        if table.column(S.LAYER_NAME)[0].as_py() != target:
             return table
         data = bytearray(table.column(S.DATA)[0].as_py())
         data[100] ^= 0x01
-        return table.set_column(table.schema.get_field_index(S.DATA), S.DATA, pa.array([bytes(data)], pa.large_binary()))
+        return table.set_column(table.schema.get_field_index(S.DATA), S.DATA, pa.array([bytes(data)], pa.binary()))
 
     bad = tmp_path / "bad.parquet"
     _rewrite(parquet, bad, flip)

@@ -28,9 +28,17 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from llm_compression.store.aios import export_aios
     from llm_compression.store.convert import export_to_hf
     from llm_compression.store.gguf import export_gguf
 
+    if args.format == "aios-v2":
+        result = export_aios(args.parquet, args.out_dir, progress=not args.quiet)
+        print(f"wrote {result.output} (AI-OS V2: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.rows.items())) + ")")
+        if result.widened:
+            print(f"{len(result.widened)} tensors have no exact AI-OS form and were written as float32 "
+                  f"(equal values, 32 bits per weight), e.g. {', '.join(result.widened[:3])}")
+        return 0
     if args.format == "gguf":
         differences = export_gguf(args.parquet, args.out_dir, progress=not args.quiet)
         print(f"wrote {args.out_dir}")
@@ -53,7 +61,9 @@ def _cmd_inspect(args) -> int:
     info = inventory.summary(loader)
     if args.verify:
         problems = loader.verify_all()
-        info["checksums"] = "all verify" if not problems else f"{len(problems)} FAILED"
+        checked = "all verify" if any(i.checksum for i in loader.rows.values()) else "none stored (AI-OS file); every tensor reads"
+        info["checksums"] = checked if not problems else f"{len(problems)} FAILED"
+        info["aios_loader"] = _aios_verdict(args.parquet, loader) if not problems else "not checked (file unreadable)"
     if args.json:
         print(json.dumps({"summary": info, "tensors": inventory.as_dicts(items), **({"problems": problems} if args.verify else {})}, indent=2))
         return 1 if args.verify and problems else 0
@@ -74,8 +84,28 @@ def _cmd_inspect(args) -> int:
         print(f"checksums             {info['checksums']}")
         for problem in problems:
             print(f"  {problem}")
+        verdict = info["aios_loader"]
+        if isinstance(verdict, dict):
+            print(f"AI-OS's WeightLoader  {verdict['summary']}")
+            for line in verdict["reads_wrong"]:
+                print(f"  reads WRONG: {line}")
+        else:
+            print(f"AI-OS's WeightLoader  {verdict}")
         return 1 if problems else 0
     return 0
+
+
+def _aios_verdict(path: str, loader) -> dict | str:
+    """What AI-OS's own loader would make of the file, tensor by tensor (see store.aios)."""
+    from llm_compression.store import remote
+    from llm_compression.store.aios import aios_findings, summarize_findings
+
+    if remote.is_remote(path):
+        return "not checked for remote files"
+    found = summarize_findings(aios_findings(path, loader))
+    parts = [f"{found.get(k, 0)} {k}" for k in ("reads right", "raises", "reads wrong") if found.get(k)]
+    raises = f" ({', '.join(found['raises_with'])})" if found["raises_with"] else ""
+    return {"summary": ", ".join(parts) + raises + f" of {found['tensors']} rows", **found}
 
 
 def _print_outcomes(outcomes, reports: str, pdf: bool) -> None:
@@ -185,12 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write an HF directory (safetensors + config + tokenizer) or a GGUF from a Parquet file",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  llmc export model.parquet exported/\n"
-                              "  llmc export model.parquet back.gguf --format gguf\n  llmc export s3://bucket/m.parquet exported/",
+                              "  llmc export model.parquet back.gguf --format gguf\n  llmc export model.parquet aios.parquet --format aios-v2\n"
+                              "  llmc export s3://bucket/m.parquet exported/",
                        description="Export a Parquet weight file back to an HF directory (tensors equal the source bit for bit; "
                                    "a GGUF-derived file gives dense float32 weights) or, with --format gguf, to the GGUF it came from.")
     p.add_argument("parquet")
     p.add_argument("out_dir", metavar="out", help="new (or empty) directory; with --format gguf a new .gguf file")
-    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (files converted from a GGUF)")
+    p.add_argument("--format", choices=["hf", "gguf", "aios-v2"], default="hf",
+                   help="hf (default), gguf (files converted from a GGUF), or aios-v2: AI-OS's V2 file (OUT.parquet) "
+                        "or model directory (weights.parquet, metadata.json, tokenizer.json)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
 

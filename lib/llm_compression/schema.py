@@ -1,15 +1,20 @@
-"""The Parquet weight-store schema: columns, key-value metadata keys, dtype codes, version detection.
+"""The Parquet weight-store schema: columns, key-value metadata keys, dtype names, version detection.
 
 Nothing else in the package spells a column name; import the constants from here.
 
-Three schemas exist:
+Our files are AI-OS's ``WEIGHT_SCHEMA_V2`` with AI-OS's column meanings, plus columns for what V2
+cannot hold (AI-OS: github.com/pallasting/ArrowQuant_V2, ``llm_compression/inference/quantization_schema.py``):
 
-* V1 (old, float weights): layer_name, weight_name, weight_data list<float16>, shape.
-* V2 (old, quantized weights): V1 + quant_type, scales, zero_points, quant_axis; weight_data list<int8>.
-* V2.1 (what we write now): every V2 column, plus the columns below. The payload moved from the
-  list-typed ``weight_data`` (null in new files) to ``data`` (large_binary, the tensor's raw
-  little-endian bytes): Parquet's list<int8> encoding writes and reads ~50x slower than a binary
-  value, and cannot hold dtypes such as bf16 or float8 bit-exactly.
+* AI-OS V1 (float weights): ``layer_name`` (the full tensor name), ``shape``, ``dtype`` (a torch dtype
+  string), ``data`` (raw little-endian bytes), ``num_params``.
+* AI-OS V2 (quantized): V1 + ``quant_type`` (int8 | int2 | fp16 | fp32), ``scales`` and ``zero_points``
+  (float32 arrays as bytes), ``quant_axis``, ``group_size``; ``w = (q - zero_point) * scale``.
+* Ours, schema 3: every V2 column, plus ``format``, ``params``, ``nbytes``, ``checksum``, ``chunk`` and
+  ``num_chunks``, and the model's config, tokenizer and layout in the footer. A row AI-OS can read
+  (float32/float16 arrays, AI-OS int8/int2 codes) says so in ``quant_type``; every other row carries our
+  storage name there and null ``scales``, on which AI-OS's loader raises instead of misreading it.
+* Ours, schema 2.1 (older releases of this project): ``layer_name`` = module path plus ``weight_name``,
+  ``tensor_name``, safetensors dtype codes and ``data`` as large_binary. Read, never written.
 """
 
 from __future__ import annotations
@@ -18,68 +23,73 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-# --- columns ---------------------------------------------------------------------------------
-LAYER_NAME = "layer_name"  # module path, e.g. model.layers.0.self_attn.q_proj
-WEIGHT_NAME = "weight_name"  # name inside the module, e.g. weight, bias, qweight, weight_scale
-WEIGHT_DATA = "weight_data"  # V1/V2 payload (list<float16> / list<int8>); null in V2.1 rows
-SHAPE = "shape"
-QUANT_TYPE = "quant_type"  # V2: int8 | int2 | fp16; V2.1: the row's storage format
-SCALES = "scales"  # V2 per-tensor / per-channel scales; filled only for rows old readers understand
-ZERO_POINTS = "zero_points"
-QUANT_AXIS = "quant_axis"
-# V2.1 additions
-TENSOR_NAME = "tensor_name"  # full name of the stored array, as in the source checkpoint
-DTYPE = "dtype"  # safetensors dtype code of the stored array (BF16, F8_E4M3, I32, ...)
-FORMAT = "format"  # format module owning the row: dense, fp8, gptq, awq, ...
+# --- columns: AI-OS's V1 ------------------------------------------------------------------------
+LAYER_NAME = "layer_name"  # the full tensor name, e.g. model.layers.0.self_attn.q_proj.weight
+SHAPE = "shape"  # the tensor's shape (for int2 rows: the weight's, not the packed bytes')
+DTYPE = "dtype"  # torch dtype string: of the stored array, or for int8/int2 rows the weight's before quantization
+DATA = "data"  # this row's raw little-endian bytes
+NUM_PARAMS = "num_params"  # elements of the whole tensor
+# --- AI-OS's V2 additions -------------------------------------------------------------------------
+QUANT_TYPE = "quant_type"  # int8 | int2 | fp16 | fp32 (AI-OS reads it); anything else: our storage name
+SCALES = "scales"  # float32 array as bytes: one per tensor, per row of quant_axis, or per group
+ZERO_POINTS = "zero_points"  # float32 array as bytes, as long as scales
+QUANT_AXIS = "quant_axis"  # -1 per tensor, 0 per row (also with groups), 1 per column
+GROUP_SIZE = "group_size"  # > 0: groups of this many consecutive elements of the flattened tensor
+# --- ours ---------------------------------------------------------------------------------------------
+FORMAT = "format"  # format module owning the row: dense, aios, fp8, gptq, awq, ...
 PARAMS = "params"  # JSON object with format-specific parameters (group size, bits, ...)
 NBYTES = "nbytes"  # bytes of the whole array (all chunks)
 CHECKSUM = "checksum"  # "xxh3_64:<hex>" of the whole array's bytes; verified on every read
 CHUNK = "chunk"  # index of this row's slice of the array's bytes
 NUM_CHUNKS = "num_chunks"
-DATA = "data"  # this chunk's raw bytes
+# --- our schema 2.1 only ------------------------------------------------------------------------------
+WEIGHT_NAME = "weight_name"  # 2.1: layer_name held the module path, weight_name the rest
+TENSOR_NAME = "tensor_name"  # 2.1: the full name
+WEIGHT_DATA = "weight_data"  # 2.1: always null
 
-V1_SCHEMA = pa.schema(
+WEIGHT_SCHEMA_V1 = pa.schema(
     [
         pa.field(LAYER_NAME, pa.string()),
-        pa.field(WEIGHT_NAME, pa.string()),
-        pa.field(WEIGHT_DATA, pa.list_(pa.float16())),
         pa.field(SHAPE, pa.list_(pa.int32())),
+        pa.field(DTYPE, pa.string()),
+        pa.field(DATA, pa.binary()),
+        pa.field(NUM_PARAMS, pa.int64()),
     ]
 )
 
-V2_SCHEMA = pa.schema(
-    [
-        pa.field(LAYER_NAME, pa.string()),
-        pa.field(WEIGHT_NAME, pa.string()),
-        pa.field(WEIGHT_DATA, pa.list_(pa.int8())),
-        pa.field(SHAPE, pa.list_(pa.int32())),
+WEIGHT_SCHEMA_V2 = pa.schema(
+    list(WEIGHT_SCHEMA_V1)
+    + [
         pa.field(QUANT_TYPE, pa.string()),
-        pa.field(SCALES, pa.list_(pa.float32())),
-        pa.field(ZERO_POINTS, pa.list_(pa.int8())),
+        pa.field(SCALES, pa.binary()),
+        pa.field(ZERO_POINTS, pa.binary()),
         pa.field(QUANT_AXIS, pa.int32()),
+        pa.field(GROUP_SIZE, pa.int32()),
     ]
 )
 
 STORE_SCHEMA = pa.schema(
-    list(V2_SCHEMA)
+    list(WEIGHT_SCHEMA_V2)
     + [
-        pa.field(TENSOR_NAME, pa.string()),
-        pa.field(DTYPE, pa.string()),
         pa.field(FORMAT, pa.string()),
         pa.field(PARAMS, pa.string()),
         pa.field(NBYTES, pa.int64()),
         pa.field(CHECKSUM, pa.string()),
         pa.field(CHUNK, pa.int32()),
         pa.field(NUM_CHUNKS, pa.int32()),
-        pa.field(DATA, pa.large_binary()),
     ]
 )
 
+# The planning report's names.
+V1_SCHEMA = WEIGHT_SCHEMA_V1
+V2_SCHEMA = WEIGHT_SCHEMA_V2
+
 # Every column except the payload: what listing / indexing a file reads.
-INDEX_COLUMNS = [f.name for f in STORE_SCHEMA if f.name not in (DATA, WEIGHT_DATA)]
+INDEX_COLUMNS = [f.name for f in STORE_SCHEMA if f.name != DATA] + [WEIGHT_NAME, TENSOR_NAME]
 
 # Arrays larger than this are split over several rows (one row group each): a Parquet page holds at
 # most 2 GiB. The size trades writing against reading: Arrow's writer holds about two copies of a
@@ -97,29 +107,44 @@ META_LAYOUT = "llmc.layout"  # JSON: source shards, tensor order, safetensors __
 META_SOURCE = "llmc.source"  # JSON: where the checkpoint came from, when, tool version
 META_INDEX = "llmc.index"  # JSON {tensor_name: [row_group, ...]}
 META_GGUF = "llmc.gguf"  # JSON: a GGUF source's version, alignment, typed key-values, tensor order/offsets
-SCHEMA_VERSION = "2.1"
+# int2 bit order of a file's int2 rows: "msb" (element 0 in the high bits, as AI-OS's loader reads)
+# or "lsb" (as AI-OS's writer packs). A file without the key was written by AI-OS: "lsb".
+META_INT2_ORDER = "llmc.int2_order"
+SCHEMA_VERSION = "3"
 
 
 class SchemaVersion(str, Enum):
-    V1 = "1"
-    V2 = "2"
-    V2_1 = SCHEMA_VERSION
+    AIOS_V1 = "aios-v1"
+    AIOS_V2 = "aios-v2"
+    V2_1 = "2.1"
+    V3 = SCHEMA_VERSION
+
+    @property
+    def is_aios(self) -> bool:
+        return self in (SchemaVersion.AIOS_V1, SchemaVersion.AIOS_V2)
 
 
 def detect_version(schema: pa.Schema) -> SchemaVersion:
-    """Tell V1, V2 and V2.1 files apart from their columns (V2 has quant_type, V2.1 has data)."""
+    """Tell AI-OS V1/V2 files, our 2.1 and our 3 apart from their columns."""
     names = set(schema.names)
-    if not {LAYER_NAME, WEIGHT_NAME, SHAPE} <= names:
-        raise ValueError(f"not a weight-store file: columns {sorted(names)}")
-    if DATA in names and CHECKSUM in names:
+    if {TENSOR_NAME, WEIGHT_NAME, CHECKSUM, DATA} <= names:
         return SchemaVersion.V2_1
+    v1 = {f.name for f in WEIGHT_SCHEMA_V1}
+    if not v1 <= names:
+        raise ValueError(f"not a weight-store file: columns {sorted(names)} lack {sorted(v1 - names)}")
+    if {FORMAT, CHECKSUM, NBYTES} <= names:
+        return SchemaVersion.V3
     if QUANT_TYPE in names:
-        return SchemaVersion.V2
-    return SchemaVersion.V1
+        v2 = {f.name for f in WEIGHT_SCHEMA_V2} - {GROUP_SIZE}  # AI-OS reads group_size as 0 when absent
+        if not v2 <= names:
+            raise ValueError(f"not a weight-store file: V2 columns {sorted(v2 - names)} are missing")
+        return SchemaVersion.AIOS_V2
+    return SchemaVersion.AIOS_V1
 
 
 # --- dtypes ------------------------------------------------------------------------------------
-# safetensors dtype codes <-> torch dtypes. Codes are what we store, so files don't depend on torch.
+# safetensors dtype codes <-> torch dtypes: the codes name a row's stored array inside the package;
+# files carry the torch dtype string AI-OS uses ("torch.bfloat16").
 DTYPE_CODES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -154,6 +179,41 @@ def torch_dtype(code: str) -> torch.dtype:
         raise ValueError(f"unknown dtype code {code!r}; supported: {sorted(DTYPE_CODES)}") from None
 
 
+def dtype_name(code: str) -> str:
+    """safetensors code -> the torch dtype string a file's ``dtype`` column holds (``BF16`` -> ``torch.bfloat16``)."""
+    return str(torch_dtype(code))
+
+
+NAME_TO_CODE = {str(v): k for k, v in DTYPE_CODES.items()}
+
+
+def code_of_name(name: str) -> str:
+    """A ``dtype`` column value -> safetensors code; ValueError for strings that name no dtype we store."""
+    try:
+        return NAME_TO_CODE[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(NAME_TO_CODE)}") from None
+
+
+# --- AI-OS's quantization ------------------------------------------------------------------------
+AIOS_FLOAT_TYPES = {"fp32": "F32", "fp16": "F16"}  # quant_type -> the code of the bytes AI-OS reads
+AIOS_CODE_TYPES = {"int8": "I8", "int2": "U8"}  # quant_type -> the code of the stored codes
+AIOS_QUANT_TYPES = tuple(AIOS_FLOAT_TYPES) + tuple(AIOS_CODE_TYPES)
+
+
+@dataclass(frozen=True)
+class AiosQuant:
+    """AI-OS's V2 quantization of one row: ``w = (q - zero_point) * scale`` over ``quant_axis`` or groups."""
+
+    quant_type: str  # int8 | int2
+    scales: np.ndarray  # float32
+    zero_points: np.ndarray  # float32
+    quant_axis: int
+    group_size: int
+    shape: tuple[int, ...]  # the weight's shape
+    original_dtype: str  # safetensors code of the weight before quantization
+
+
 # Suffixes that contain a dot themselves (TensorRT-LLM's W4A8 group scales).
 DOTTED_SUFFIXES = ("weight_scale.int4",)
 
@@ -174,8 +234,8 @@ class RowInfo:
     tensor_name: str
     layer_name: str
     weight_name: str
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the stored array
+    shape: tuple[int, ...]  # the stored array's shape
     format: str
     params: dict
     nbytes: int

@@ -122,6 +122,7 @@ class CosineStats(_Stats):
     min: float
     p5: float  # 5th percentile: the bad tail, more stable than the single worst token
     count: int
+    max: float = float("nan")
 
     @classmethod
     def from_values(cls, values: torch.Tensor) -> "CosineStats":
@@ -134,6 +135,7 @@ class CosineStats(_Stats):
             min=float(ordered[0]),
             p5=_percentile(ordered, 0.05),
             count=int(values.numel()),
+            max=float(ordered[-1]),
         )
 
 

@@ -213,7 +213,7 @@ def encoder_metrics(orig: nn.Module, cand: nn.Module, tokenizer, sentences: list
     return {
         "cosine_similarity": emb.mean,
         "cosine_basis": "sentence_embedding",
-        "embedding_cosine": {"mean": emb.mean, "min": emb.min,
+        "embedding_cosine": {"mean": emb.mean, "min": emb.min, "max": max(emb.per_sentence),
                              "p5": M.CosineStats.from_values(torch.tensor(emb.per_sentence)).p5, "count": emb.count},
         "hidden_cosine": M.CosineStats.from_values(torch.cat(token_cos)).as_dict(),
     }

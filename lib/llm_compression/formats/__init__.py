@@ -23,8 +23,8 @@ _MODULES = [
     "grid",  # exact low-bit grids inside dense weights (encoder, see _DENSE_ENCODERS)
     "ptq",  # our own PTQ rows (llmc quantize); never detected in a source checkpoint
     "gguf",  # GGML blocks of a GGUF file (gguf_store); never detected among safetensors
+    "aios",  # AI-OS's int8/int2 rows (AI-OS files, our AI-OS quantizer); never detected among safetensors
     "dense",
-    "legacy",
 ]
 
 # Suffixes that only quantized checkpoints have: left unclaimed, they mean we misread the file.

@@ -84,11 +84,8 @@ class Row:
     data: torch.Tensor
     format: str
     params: dict[str, Any] = field(default_factory=dict)
-    # V2 legacy columns, filled only where an old reader would understand the row.
-    quant_type: str | None = None
-    scales: list[float] | None = None
-    zero_points: list[int] | None = None
-    quant_axis: int | None = None
+    # AI-OS's V2 quantization of the row, when AI-OS's loader can dequantize it (schema.AiosQuant).
+    aios: Any = None
 
 
 @dataclass

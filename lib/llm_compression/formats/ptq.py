@@ -11,11 +11,11 @@ Rows of one quantized Linear ``<module>`` (``out`` x ``in`` weight, ``G`` groups
     ``[i * bits, (i + 1) * bits)`` of its row. For 2/4/8 bits that is ``8 / bits`` codes per byte
     (INT2 takes 2 bits per weight, INT4 4, INT8 8); 3/5/6/7 bits cross byte boundaries.
   - ``code_storage = "int8"`` (8 bits, one group per row): int8 ``[out, in]`` holding
-    ``q = code - 128``, and the row ALSO fills the legacy V2 columns: ``quant_type = "int8"``,
+    ``q = code - 128``, and the row ALSO fills AI-OS's V2 columns: ``quant_type = "int8"``,
     ``scales`` = the per-row scales, ``zero_points`` = ``zero - 128`` per row (0 for symmetric INT8,
-    whose zero point is 128), ``quant_axis = 0``. An old V2 reader computing ``(q - zp) * scale`` per
-    row therefore gets ``scale * (code - zero)``, the same weight as the new reader: both offsets are
-    128, so they cancel. (V2's ``zero_points`` column is int8, hence signed codes for this row.)
+    whose zero point is 128), ``quant_axis = 0``. AI-OS's loader computing ``(q - zp) * scale`` per
+    row therefore gets ``scale * (code - zero)``, the same float32 weight as ours: both offsets are
+    128, so they cancel.
 
 * ``<module>.weight_scale``: float32 ``[out, G]``. Float32, not the model dtype, because the
   quantizer computed its fake-quant weights with these exact float32 scales: storing them rounded to
@@ -53,6 +53,7 @@ import torch
 from llm_compression.formats import _bitpack
 from llm_compression.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
 from llm_compression.formats._codec import trivial_g_idx
+from llm_compression.schema import AiosQuant
 
 NAME = "ptq"
 SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_g_idx")
@@ -93,7 +94,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 
 
 def uses_int8_rows(bits: int, n_groups: int) -> bool:
-    """8-bit codes with one group per output row are stored as legacy-readable int8 rows."""
+    """8-bit codes with one group per output row are stored as int8 rows AI-OS reads."""
     return bits == 8 and n_groups == 1
 
 
@@ -141,9 +142,10 @@ def encode(module: str, quantized: Any, original_dtype: str | None = None) -> li
     scales32 = scales.to(torch.float32).contiguous()
     if int8_rows:
         signed = (codes.to(torch.int16) - INT8_OFFSET).to(torch.int8)
-        codes_row = Row(f"{module}.weight", signed, NAME, dict(params), quant_type="int8",
-                        scales=scales32[:, 0].tolist(), zero_points=(zeros[:, 0].to(torch.int16) - INT8_OFFSET).tolist(),
-                        quant_axis=0)
+        aios = AiosQuant("int8", scales32[:, 0].numpy().copy(),
+                         (zeros[:, 0].to(torch.float32) - INT8_OFFSET).numpy(), 0, 0, (out_features, in_features),
+                         original_dtype or "F32")
+        codes_row = Row(f"{module}.weight", signed, NAME, dict(params), aios=aios)
     else:
         codes_row = Row(f"{module}.weight", pack_codes(codes, bits), NAME, dict(params))
     rows = [codes_row, Row(f"{module}.weight_scale", scales32, NAME, dict(params))]

@@ -111,20 +111,13 @@ def write_parquet(source: Source, results: dict[str, ptq.QuantizedLinear], optio
 
 
 def _copy_group(source: Source, layer: str, rows: list[str], writer: StoreWriter) -> list[str]:
-    """A skipped layer that the source stores quantized: its rows copied verbatim (V2.1), or, from an old
-    V1/V2 file, its weight dequantized to float16 (the old files' float dtype). Returns the export names."""
+    """A skipped layer that the source stores quantized: its rows copied verbatim. Returns the export names."""
     assert isinstance(source, ParquetSource)
     loader = source.loader
-    if loader.version is not S.SchemaVersion.V2_1:
-        weight = loader.load_weight(layer, "weight", dtype=torch.float16)
-        writer.write(Row(f"{layer}.weight", weight, DENSE))
-        return [f"{layer}.weight"]
     params: dict = {}
     for name in rows:
-        info = loader.rows[name]
-        params.update(info.params)
-        # Legacy V2 columns are not carried over, so neither is a legacy quant_type that would promise them.
-        writer.write(Row(name, loader.load_tensor(name), info.format, dict(info.params)))
+        params.update(loader.rows[name].params)
+        writer.write(loader.stored_row(name))
     fmt = get_format(loader.rows[rows[0]].format)
     stored = [loader.rows[n].weight_name for n in rows]
     suffixes = fmt.hf_names(params, stored)

@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from llm_compression.store import remote
 from llm_compression.store.atomic import temp_path
 from llm_compression.errors import StoreError
 from llm_compression.formats.base import Row
+from llm_compression.store.aios import convert_aios, is_aios_source
 from llm_compression.store.gguf import convert_gguf, gguf_files, is_gguf_file
 from llm_compression.store.sources import Checkpoint, open_checkpoint, resolve_source
 
@@ -43,10 +45,13 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def _binary_value(part: np.ndarray) -> pa.Array:
-    """A one-value large_binary array over ``part``'s memory, without copying it."""
-    offsets = pa.py_buffer(np.array([0, part.nbytes], dtype=np.int64))
-    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(part)])
+def _binary_value(part: np.ndarray | bytes | None) -> pa.Array:
+    """A one-value binary array over ``part``'s memory, without copying it."""
+    if part is None:
+        return pa.nulls(1, pa.binary())
+    size = part.nbytes if isinstance(part, np.ndarray) else len(part)
+    offsets = pa.py_buffer(np.array([0, size], dtype=np.int32))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(part)])
 
 
 # One-value columns are built straight from buffers: pa.array() imports pandas on first use, which
@@ -72,6 +77,31 @@ def _list_value(values, arrow_type: pa.ListType, np_dtype: type) -> pa.Array:
     child = pa.Array.from_buffers(arrow_type.value_type, len(items), [None, pa.py_buffer(items)])
     offsets = pa.py_buffer(np.array([0, len(items)], dtype=np.int32))
     return pa.Array.from_buffers(arrow_type, 1, [None, offsets], children=[child])
+
+
+def aios_columns(row: Row) -> dict:
+    """AI-OS's V2 columns for one row, so that AI-OS's loader reads it right or raises.
+
+    float32/float16 arrays are rows AI-OS reads as they are (``fp32``/``fp16``, empty scales, as its own
+    writer leaves them); AI-OS int8/int2 codes carry their scales; every other row carries our storage
+    name in ``quant_type`` and null scales, on which AI-OS's loader stops with a TypeError instead of
+    reading the bytes as int8 codes (what it does with a quant_type it does not know).
+    """
+    quant = row.aios
+    if quant is not None:
+        return {"shape": list(quant.shape), "dtype": S.dtype_name(quant.original_dtype), "quant_type": quant.quant_type,
+                "scales": np.ascontiguousarray(quant.scales, dtype="<f4").tobytes(),
+                "zero_points": np.ascontiguousarray(quant.zero_points, dtype="<f4").tobytes(),
+                "quant_axis": quant.quant_axis, "group_size": quant.group_size}
+    code = S.dtype_code(row.data.dtype)
+    columns = {"shape": list(row.data.shape), "dtype": S.dtype_name(code), "quant_type": None, "scales": None,
+               "zero_points": None, "quant_axis": None, "group_size": None}
+    if code in ("F32", "F16"):
+        columns.update(quant_type="fp32" if code == "F32" else "fp16", scales=b"", zero_points=b"", quant_axis=-1,
+                       group_size=0)
+    else:
+        columns["quant_type"] = code.lower() if row.format == "dense" else row.format
+    return columns
 
 
 def _group_by_module(names: list[str]) -> "OrderedDict[str, dict[str, str]]":
@@ -105,7 +135,7 @@ class StoreWriter:
             raise StoreError(f"{self.output}: output directory {self.output.parent} does not exist")
         self.tmp = temp_path(self.output)
         try:  # a signal between creating the file and returning must not leave it behind
-            small = [c for c in S.INDEX_COLUMNS if c not in (S.SCALES, S.ZERO_POINTS)]
+            small = [f.name for f in S.STORE_SCHEMA if f.name not in (S.DATA, S.SCALES, S.ZERO_POINTS, S.SHAPE)]
             self.writer = pq.ParquetWriter(
                 self.tmp,
                 S.STORE_SCHEMA,
@@ -131,32 +161,31 @@ class StoreWriter:
             raise StoreError(f"{row.tensor_name}: row data must be a tensor")
         raw = tensor_bytes(data)
         digest = checksum(raw)
-        layer, weight = S.split_name(row.tensor_name)
         n = raw.nbytes
         num_chunks = max(1, -(-n // S.CHUNK_BYTES))
+        v2 = aios_columns(row)
         params = S.params_json(row.params)
         for chunk in range(num_chunks):
             part = raw[chunk * S.CHUNK_BYTES : (chunk + 1) * S.CHUNK_BYTES]
             first = chunk == 0
             table = pa.Table.from_arrays(
                 [
-                    _string_value(layer),
-                    _string_value(weight),
-                    pa.nulls(1, pa.list_(pa.int8())),
-                    _list_value(list(data.shape), pa.list_(pa.int32()), np.int32),
-                    _string_value(row.quant_type or row.format),
-                    _list_value(row.scales if first else None, pa.list_(pa.float32()), np.float32),
-                    _list_value(row.zero_points if first else None, pa.list_(pa.int8()), np.int8),
-                    _number_value(row.quant_axis, pa.int32(), np.int32),
                     _string_value(row.tensor_name),
-                    _string_value(S.dtype_code(data.dtype)),
+                    _list_value(v2["shape"], pa.list_(pa.int32()), np.int32),
+                    _string_value(v2["dtype"]),
+                    _binary_value(part),
+                    _number_value(math.prod(v2["shape"]), pa.int64(), np.int64),
+                    _string_value(v2["quant_type"]),
+                    _binary_value(v2["scales"] if first else None),
+                    _binary_value(v2["zero_points"] if first else None),
+                    _number_value(v2["quant_axis"], pa.int32(), np.int32),
+                    _number_value(v2["group_size"], pa.int32(), np.int32),
                     _string_value(row.format),
                     _string_value(params),
                     _number_value(n, pa.int64(), np.int64),
                     _string_value(digest),
                     _number_value(chunk, pa.int32(), np.int32),
                     _number_value(num_chunks, pa.int32(), np.int32),
-                    _binary_value(part),
                 ],
                 schema=S.STORE_SCHEMA,
             )
@@ -169,6 +198,7 @@ class StoreWriter:
     def commit(self, metadata: dict[str, str]) -> None:
         metadata = dict(metadata)
         metadata[S.META_SCHEMA_VERSION] = S.SCHEMA_VERSION
+        metadata[S.META_INT2_ORDER] = "msb"
         metadata[S.META_INDEX] = json.dumps(self.index, separators=(",", ":"))
         self.writer.add_key_value_metadata(metadata)
         self.writer.close()
@@ -248,7 +278,7 @@ def source_metadata(ckpt: Checkpoint, source: str) -> dict[str, str]:
 
 
 class HuggingFaceToParquetConverter:
-    """Convert an HF checkpoint (directory or hub id) into a self-contained Parquet V2.1 weight file.
+    """Convert an HF checkpoint (directory or hub id) into a self-contained weight file (schema 3: AI-OS's V2, extended).
 
     Tensors are read one module at a time and written as they go, so peak memory stays near the
     largest module. A failed or interrupted conversion leaves no output file.
@@ -271,6 +301,8 @@ class HuggingFaceToParquetConverter:
         self.gguf_file = gguf_file
 
     def convert(self, hf_model_path: str | os.PathLike, output_parquet: str | os.PathLike) -> ConversionReport:
+        if is_aios_source(hf_model_path):
+            return convert_aios(hf_model_path, output_parquet, progress=self.progress)
         gguf_path = self._gguf_source(hf_model_path)
         if gguf_path is not None:
             return convert_gguf(gguf_path, output_parquet, progress=self.progress, label=str(hf_model_path))

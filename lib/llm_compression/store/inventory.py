@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from llm_compression.store.loader import DENSE, WeightLoaderV2
+from llm_compression.store.loader import AIOS, DENSE, WeightLoaderV2
 
 
 @dataclass
@@ -28,6 +28,11 @@ def entries(loader: WeightLoaderV2) -> list[Entry]:
     for info in loader.rows.values():
         if info.format == DENSE:
             out.append(Entry(info.tensor_name, DENSE, info.dtype, info.shape, info.nbytes, info.numel))
+        elif info.format == AIOS:  # AI-OS codes: one parameter per row
+            shape = tuple(info.params["weight_shape"])
+            parameters = 4 * (len(info.params["scales"]) + len(info.params["zero_points"]))  # float32 each
+            out.append(Entry(info.tensor_name, info.format, info.params["quant_type"], shape, info.nbytes + parameters,
+                             math.prod(shape)))
         elif "gguf_shape" in info.params:  # GGML blocks: one parameter per row, its type is the "dtype"
             shape = tuple(reversed(info.params["gguf_shape"]))
             out.append(Entry(info.tensor_name, info.format, info.params["ggml_type_name"], shape, info.nbytes,

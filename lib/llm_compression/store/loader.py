@@ -1,9 +1,11 @@
-"""WeightLoaderV2: lazy, per-tensor reads of V1, V2 and V2.1 weight files, dequantizing on request."""
+"""WeightLoaderV2: lazy, per-tensor reads of our weight files (schema 3 and 2.1) and of AI-OS's V1/V2 files,
+dequantizing on request."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -20,10 +22,13 @@ import xxhash
 from llm_compression import formats, schema as S
 from llm_compression.store import remote
 from llm_compression.errors import StoreError
-from llm_compression.formats.base import QuantizedTensor
+from llm_compression.formats import aios as aios_format
+from llm_compression.formats.base import QuantizedTensor, Row
 
 DENSE = "dense"
-LEGACY = "v2_int"
+AIOS = aios_format.NAME
+# torch dtype strings AI-OS's files carry -> safetensors codes (AI-OS's loader reads any other as float32)
+NAME_CODES = S.NAME_TO_CODE
 
 
 class WeightLoaderV2:
@@ -31,7 +36,7 @@ class WeightLoaderV2:
 
     ``load_weight(layer, "weight")`` returns the float weight (dequantized for quantized layers);
     ``dequantize=False`` returns the stored codes with their parameters (``QuantizedTensor``).
-    Every V2.1 read is checked against the stored xxh3 checksum.
+    Every read of our files is checked against the stored xxh3 checksum; AI-OS's files have none.
     """
 
     def __init__(self, path: str | os.PathLike, verify: bool = True):
@@ -54,7 +59,9 @@ class WeightLoaderV2:
         raw_meta = self._file.metadata.metadata or {}
         self.metadata = {k.decode(): v.decode() for k, v in raw_meta.items() if k.decode().startswith("llmc.")}
         self.rows: dict[str, S.RowInfo] = {}
-        self._row_offsets: dict[str, tuple[int, int]] = {}  # legacy files: name -> (row group, row)
+        self._row_offsets: dict[str, tuple[int, int]] = {}  # AI-OS files: name -> (row group, row)
+        self._aios: dict[str, S.AiosQuant] = {}  # our rows that AI-OS's loader dequantizes: their V2 parameters
+        self._row_group_data: tuple[int, pa.ChunkedArray] | None = None  # AI-OS files: the last row group's data
         self._spans: dict[str, list[tuple[int, int]] | None] = {}  # V2.1, filled on first read: see _payload_spans
         self._build_index()
         # Rows of formats whose every array dequantizes on its own (GGUF): name -> its format.
@@ -71,45 +78,115 @@ class WeightLoaderV2:
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(f"{self.path}: cannot read the tensor index ({exc})") from None
         cols = {c: table.column(c).to_pylist() for c in columns}
-        row_group_of = np.repeat(np.arange(meta.num_row_groups), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-        starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        row_group_of = np.repeat(np.arange(meta.num_row_groups), sizes)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         chunks: dict[str, list[int]] = {}
         for i in range(table.num_rows):
-            layer, weight = cols[S.LAYER_NAME][i], cols[S.WEIGHT_NAME][i]
-            if self.version is S.SchemaVersion.V2_1:
-                name = cols[S.TENSOR_NAME][i]
-                chunks.setdefault(name, []).append(int(row_group_of[i]))
-                if cols[S.CHUNK][i] != 0:
-                    continue
-                self.rows[name] = S.RowInfo(
-                    tensor_name=name,
-                    layer_name=layer,
-                    weight_name=weight,
-                    dtype=cols[S.DTYPE][i],
-                    shape=tuple(cols[S.SHAPE][i]),
-                    format=cols[S.FORMAT][i],
-                    params=json.loads(cols[S.PARAMS][i] or "{}"),
-                    nbytes=cols[S.NBYTES][i],
-                    checksum=cols[S.CHECKSUM][i],
-                    row_groups=(),
-                    quant_type=cols[S.QUANT_TYPE][i],
-                )
-            else:
-                name = f"{layer}.{weight}" if layer else weight
-                if name in self.rows:
-                    raise StoreError(f"{self.path}: tensor {name!r} appears twice")
-                quant_type = cols.get(S.QUANT_TYPE, [None] * table.num_rows)[i]
-                fmt = LEGACY if quant_type in ("int8", "int2") else DENSE
-                dtype = "F16"
-                self.rows[name] = S.RowInfo(name, layer, weight, dtype, tuple(cols[S.SHAPE][i]), fmt,
-                                            {"quant_type": quant_type} if quant_type else {}, 0, None,
-                                            (int(row_group_of[i]),), quant_type)
-                self._row_offsets[name] = (int(row_group_of[i]), int(i - starts[row_group_of[i]]))
+            rg = int(row_group_of[i])
+            if self.version.is_aios:
+                info = self._aios_row(cols, i, rg)
+                if info.tensor_name in self.rows:
+                    raise StoreError(f"{self.path}: tensor {info.tensor_name!r} appears twice")
+                self.rows[info.tensor_name] = info
+                self._row_offsets[info.tensor_name] = (rg, int(i - starts[rg]))
+                continue
+            name = cols[S.TENSOR_NAME][i] if self.version is S.SchemaVersion.V2_1 else cols[S.LAYER_NAME][i]
+            chunks.setdefault(name, []).append(rg)
+            if cols[S.CHUNK][i] == 0:
+                self.rows[name] = self._store_row(cols, i, name)
         for name, rgs in chunks.items():
             info = self.rows.get(name)
             if info is None or len(rgs) != self._expected_chunks(info):
                 raise StoreError(f"{self.path}: tensor {name!r} has missing or extra chunks")
             self.rows[name] = S.RowInfo(**{**info.__dict__, "row_groups": tuple(rgs)})
+
+    def _store_row(self, cols: dict, i: int, name: str) -> S.RowInfo:
+        """A row of our own files: schema 3 (AI-OS's V2 columns plus ours) or 2.1."""
+        layer, weight = S.split_name(name)
+        params = json.loads(cols[S.PARAMS][i] or "{}")
+        fmt, quant_type, shape = cols[S.FORMAT][i], cols[S.QUANT_TYPE][i], tuple(cols[S.SHAPE][i])
+        if self.version is S.SchemaVersion.V2_1:
+            return S.RowInfo(name, layer, weight, cols[S.DTYPE][i], shape, fmt, params, cols[S.NBYTES][i],
+                             cols[S.CHECKSUM][i], (), quant_type)
+        try:
+            dtype = S.code_of_name(cols[S.DTYPE][i])
+        except ValueError as exc:
+            raise StoreError(f"{self.path}: tensor {name!r}: {exc}") from None
+        scales = cols[S.SCALES][i]
+        if quant_type in S.AIOS_CODE_TYPES and scales is not None:
+            # AI-OS's codes: the dtype column names the weight's dtype before quantization.
+            quant = self._aios_quant(name, quant_type, shape, dtype, scales, cols[S.ZERO_POINTS][i],
+                                     cols[S.QUANT_AXIS][i], cols[S.GROUP_SIZE][i])
+            self._aios[name] = quant
+            dtype = S.AIOS_CODE_TYPES[quant_type]
+            if quant_type == "int2":
+                shape = (cols[S.NBYTES][i],)
+            if fmt == AIOS:
+                params.update(self._aios_params(quant, params.get("int2_order", "lsb")))
+        return S.RowInfo(name, layer, weight, dtype, shape, fmt, params, cols[S.NBYTES][i], cols[S.CHECKSUM][i], (),
+                         quant_type)
+
+    def _aios_row(self, cols: dict, i: int, rg: int) -> S.RowInfo:
+        """A row of a file AI-OS wrote: what its writer meant, checked where its loader would not check."""
+        name = cols[S.LAYER_NAME][i]
+        if not isinstance(name, str) or not name:
+            raise StoreError(f"{self.path}: row {i} has no layer_name")
+        layer, weight = S.split_name(name)
+        shape = tuple(cols[S.SHAPE][i] or ())
+        if any(d is None or d < 0 for d in shape):
+            raise StoreError(f"{self.path}: tensor {name!r} has an invalid shape {list(shape)}")
+        numel = math.prod(shape)
+        tag = cols[S.DTYPE][i]
+        quant_type = cols[S.QUANT_TYPE][i] if self.version is S.SchemaVersion.AIOS_V2 else None
+        if quant_type in S.AIOS_CODE_TYPES:
+            group = cols[S.GROUP_SIZE][i] if S.GROUP_SIZE in cols else 0
+            original = NAME_CODES.get(tag, "F32")
+            quant = self._aios_quant(name, quant_type, shape, original, cols[S.SCALES][i], cols[S.ZERO_POINTS][i],
+                                     cols[S.QUANT_AXIS][i], group or 0)
+            nbytes = aios_format.code_bytes(quant_type, numel)
+            stored_shape = shape if quant_type == "int8" else (nbytes,)
+            params = {"weight_shape": list(shape), "original_dtype": original, "int2_order": self._int2_order,
+                      **self._aios_params(quant, self._int2_order)}
+            return S.RowInfo(name, layer, weight, S.AIOS_CODE_TYPES[quant_type], stored_shape, AIOS, params, nbytes,
+                             None, (rg,), quant_type)
+        if quant_type is not None and quant_type not in S.AIOS_FLOAT_TYPES:
+            raise StoreError(f"{self.path}: tensor {name!r} has quant_type {quant_type!r}, which AI-OS does not define "
+                             f"(its loader would read the bytes as int8 codes)")
+        if quant_type is not None:  # fp16 / fp32 rows: quant_type says what the bytes are, whatever the dtype tag
+            code = S.AIOS_FLOAT_TYPES[quant_type]
+        elif tag == "torch.bfloat16":
+            code = "F32"  # AI-OS's converter casts bf16 to float32 and keeps the tag: the bytes are float32
+        else:
+            code = NAME_CODES.get(tag)
+            if code is None:
+                raise StoreError(f"{self.path}: tensor {name!r} has dtype {tag!r}, which names no dtype we read")
+        params = {"dtype_tag": tag} if tag != S.dtype_name(code) else {}
+        return S.RowInfo(name, layer, weight, code, shape, DENSE, params, numel * S.torch_dtype(code).itemsize, None,
+                         (rg,), quant_type)
+
+    def _aios_quant(self, name, quant_type, shape, original, scales, zero_points, axis, group) -> S.AiosQuant:
+        if scales is None or zero_points is None:
+            raise StoreError(f"{self.path}: tensor {name!r} ({quant_type}) has no scales or zero points")
+        if len(scales) % 4 or len(zero_points) % 4:
+            raise StoreError(f"{self.path}: tensor {name!r}: scales/zero points are not float32 arrays "
+                             f"({len(scales)} and {len(zero_points)} bytes)")
+        quant = S.AiosQuant(quant_type, np.frombuffer(scales, dtype="<f4"), np.frombuffer(zero_points, dtype="<f4"),
+                            -1 if axis is None else int(axis), int(group or 0), tuple(shape), original)
+        try:
+            aios_format.check(name, quant)
+        except StoreError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        return quant
+
+    @staticmethod
+    def _aios_params(quant: S.AiosQuant, order: str) -> dict:
+        return {"quant_type": quant.quant_type, "scales": quant.scales, "zero_points": quant.zero_points,
+                "quant_axis": quant.quant_axis, "group_size": quant.group_size, "int2_order": order}
+
+    @cached_property
+    def _int2_order(self) -> str:
+        return self.metadata.get(S.META_INT2_ORDER, "lsb")
 
     def _payload_spans(self, info: S.RowInfo) -> list[tuple[int, int]] | None:
         """(file offset, length) of each chunk's bytes, or None when they cannot be mapped directly.
@@ -317,9 +394,7 @@ class WeightLoaderV2:
         info = self.rows.get(tensor_name)
         if info is None:
             raise StoreError(f"{self.path}: no tensor {tensor_name!r}")
-        if self.version is not S.SchemaVersion.V2_1:
-            return self._load_legacy(info)
-        tensor = self._read_payload(tensor_name, info)
+        tensor = self._read_aios(info) if self.version.is_aios else self._read_payload(tensor_name, info)
         if self.verify and info.checksum:
             digest = "xxh3_64:" + xxhash.xxh3_64_hexdigest(tensor.numpy())
             if digest != info.checksum:
@@ -329,32 +404,36 @@ class WeightLoaderV2:
             return tensor.view(torch.uint8).to(torch.bool).reshape(info.shape)
         return tensor.view(dtype).reshape(info.shape)
 
-    def _load_legacy(self, info: S.RowInfo) -> torch.Tensor:
+    def _read_aios(self, info: S.RowInfo) -> torch.Tensor:
+        """A row of an AI-OS file. Its writer puts the whole file in one compressed row group, so the
+        first read decodes that row group's ``data`` column, which later reads then share."""
         rg, row = self._row_offsets[info.tensor_name]
-        try:
-            table = self._file.read_row_group(rg, columns=[S.WEIGHT_DATA])
-        except (pa.ArrowException, OSError) as exc:
-            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} is unreadable ({exc})") from None
-        values = table.column(S.WEIGHT_DATA).chunk(0) if table.column(S.WEIGHT_DATA).num_chunks == 1 else table.column(S.WEIGHT_DATA).combine_chunks()
-        flat = values[row].values.to_numpy(zero_copy_only=False)
-        numel = info.numel
-        if self.version is S.SchemaVersion.V1:
-            return torch.from_numpy(flat.astype(np.float16, copy=True)).reshape(info.shape)
-        if info.quant_type == "fp16":
-            # Old V2 fp16 rows carry float16 data in the int8 list: as raw bytes (2 per value) or,
-            # in files that cast values, one per value. The length tells which.
-            if flat.size == 2 * numel:
-                return torch.from_numpy(flat.astype(np.int8).view(np.float16).copy()).reshape(info.shape)
-            return torch.from_numpy(flat.astype(np.float16)).reshape(info.shape)
-        if flat.size != numel:
-            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} has {flat.size} values for shape {info.shape}")
-        return torch.from_numpy(flat.astype(np.int8, copy=True)).reshape(info.shape)
+        if self._row_group_data is None or self._row_group_data[0] != rg:
+            self._row_group_data = None
+            try:
+                column = self._file.read_row_group(rg, columns=[S.DATA]).column(S.DATA)
+            except (pa.ArrowException, OSError) as exc:
+                raise StoreError(f"{self.path}: tensor {info.tensor_name!r} is unreadable ({exc})") from None
+            self._row_group_data = (rg, column)
+        value = self._row_group_data[1][row]
+        if not value.is_valid:
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} has no data")
+        buf = value.as_buffer()
+        if buf.size != info.nbytes:
+            what = info.quant_type or info.params.get("dtype_tag") or S.dtype_name(info.dtype)
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} holds {buf.size} bytes, but shape "
+                             f"{list(info.params.get('weight_shape') or info.shape)} as {what} takes {info.nbytes}")
+        return torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf.size else torch.empty(0, dtype=torch.uint8)
 
-    def _legacy_params(self, info: S.RowInfo) -> dict:
-        rg, row = self._row_offsets[info.tensor_name]
-        table = self._file.read_row_group(rg, columns=[S.SCALES, S.ZERO_POINTS, S.QUANT_AXIS])
-        rec = {c: table.column(c)[row].as_py() for c in (S.SCALES, S.ZERO_POINTS, S.QUANT_AXIS)}
-        return rec
+    def stored_row(self, tensor_name: str) -> Row:
+        """The array as our writer stores it again: bytes, format, params and AI-OS's parameters. AI-OS
+        int2 codes come back packed in the order AI-OS's loader reads (msb first)."""
+        info = self.rows[tensor_name]
+        if info.format == AIOS:
+            record = self.tensor_record(tensor_name)
+            return aios_format.encode(tensor_name, aios_format.codes_of(record), aios_format.quant_of(record))
+        params = {k: v for k, v in info.params.items() if k != "dtype_tag"}
+        return Row(tensor_name, self.load_tensor(tensor_name), info.format, params, aios=self._aios.get(tensor_name))
 
     def tensor_record(self, tensor_name: str) -> QuantizedTensor:
         """One array of a per-tensor format (GGUF) with its parameters."""
@@ -378,8 +457,6 @@ class WeightLoaderV2:
                 raise StoreError(f"{self.path}: layer {layer_name!r} mixes formats {fmt} and {info.format}")
             params.update(info.params)
             tensors[info.weight_name] = self.load_tensor(name)
-            if fmt == LEGACY:
-                params.update(self._legacy_params(info))
         return QuantizedTensor(fmt, layer_name, tensors, params)
 
     def load_weight(
