@@ -456,3 +456,77 @@ def test_aios_int8_reads_are_lazy_per_row_group(tmp_path):
         loader.load_weight(layer, weight)
     assert len(calls) == 1
     assert math.prod(loader.rows["lm_head.weight"].shape) == 64 * 32
+
+
+# --- AI-OS's PTQ as a backend, and AI-OS's engine ----------------------------------------------------------
+
+
+def test_aios_backend_quantizes_every_tensor_as_arrowquantizer_and_as_aios_reads(qwen3_dir, tmp_path):
+    from llm_compression.quantize.aios import as_aios_reads
+    from llm_compression.quantize.run import quantize
+
+    source = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
+    result = quantize(source, tmp_path / "int2.parquet", "int2", backend="aios", progress=False)
+    assert result.backend == "aios" and result.options["group_size"] == 128 and not result.options["per_channel"]
+    ours = WeightLoaderV2(result.output)
+    original = WeightLoaderV2(source)
+    name = "model.layers.0.mlp.down_proj.weight"
+    codes, quant = quantize_ptq(original.load_tensor(name).float().numpy(), "int2", False, True, 128, "BF16")
+    record = ours.tensor_record(name)
+    assert np.array_equal(aios_format.codes_of(record), codes.reshape(-1))
+    assert {info.format for info in ours.rows.values()} == {"aios"}  # every tensor, norms and embeddings included
+    assert 2.0 < result.quantized_bits_per_weight < 3.0
+    # what AI-OS runs today: the bytes its writer would have made, read the way its loader reads
+    misread = tmp_path / "as-read.parquet"
+    assert as_aios_reads(result.output, misread, progress=False) > 0
+    packed_by_aios = aios_format.pack_int2(codes, "lsb").tobytes()
+    row = {"shape": list(quant.shape), "dtype": "torch.bfloat16", "data": packed_by_aios, "quant_type": "int2",
+           "scales": quant.scales.tobytes(), "zero_points": quant.zero_points.tobytes(), "quant_axis": 0, "group_size": 128}
+    layer, weight = S.split_name(name)
+    assert np.array_equal(WeightLoaderV2(misread).load_weight(layer, weight).numpy(), aios_reads(row, True))
+    with pytest.raises(StoreError, match="AI-OS's methods"):
+        quantize(source, tmp_path / "x.parquet", "int4", backend="aios", progress=False)
+
+
+@pytest.mark.parametrize("config, tensors, expected", [
+    ({"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_attention_heads": 9, "tie_word_embeddings": True,
+      "hidden_act": "silu"}, "llama", ["no q_proj/k_proj/v_proj biases", "no lm_head.weight"]),
+    ({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024, "num_attention_heads": 16, "head_dim": 128,
+      "hidden_act": "silu"}, "qwen3", ["head_dim 128 != hidden_size / num_attention_heads = 64", "qk-norm",
+                                    "no q_proj/k_proj/v_proj biases"]),
+    ({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "num_attention_heads": 14, "hidden_act": "silu"},
+     "qwen2", []),
+    ({"architectures": ["HunYuanDenseV1ForCausalLM"], "hidden_size": 2048, "num_attention_heads": 16, "head_dim": 128,
+      "rope_scaling": {"type": "dynamic", "alpha": 1000.0}, "hidden_act": "silu"}, "hunyuan",
+     ["rope_scaling 'dynamic'", "qk-norm"]),
+])
+def test_aios_engine_says_what_it_cannot_run(config, tensors, expected):
+    from llm_compression.runtime.aios_engine import engine_findings
+
+    layer = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+             "post_attention_layernorm.weight"}
+    if tensors == "qwen2":
+        layer |= {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}
+    if tensors == "qwen3":
+        layer |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    if tensors == "hunyuan":
+        layer |= {"self_attn.query_layernorm.weight", "self_attn.key_layernorm.weight"}
+    names = {f"model.layers.0.{t}" for t in layer} | {"model.embed_tokens.weight", "model.norm.weight"}
+    if tensors != "llama":
+        names.add("lm_head.weight")
+    reasons = engine_findings(config, names, {n: "dense" for n in names})
+    if not expected:
+        assert reasons == []  # Qwen2-style with biases and its own lm_head: what the engine was written for
+    for part in expected:
+        assert any(part in r for r in reasons), (part, reasons)
+    assert engine_findings(config, names, {**{n: "dense" for n in names}, "lm_head.weight": "fp8"})
+
+
+def test_a_run_record_says_whether_aios_runs_the_file(qwen3_dir, tmp_path):
+    from llm_compression.runtime import aios_engine
+
+    ours = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
+    verdict = aios_engine.verdict(WeightLoaderV2(ours))
+    assert not verdict["runs"] and any("qk-norm" in r for r in verdict["reasons"])
+    assert any("bf16 tensors" in r for r in verdict["reasons"]) and "3eab8ed" in verdict["source"]

@@ -45,10 +45,26 @@ def test_table_puts_passing_runs_first_by_ppl_and_shows_why_failures_failed() ->
     assert math.isnan(table.loc[3, "cosine"])
 
     html = tables.style_decision_table(table).to_html()
-    assert "why it failed" in html and "ppl increase 40.00% &gt; 15.00%" in html
+    assert "why (failed or undecided)" in html and "ppl increase 40.00% &gt; 15.00%" in html
     assert "bits/weight (quantized)" in html and "4.25" in html
 
 
 def test_why_column_is_left_out_when_everything_passed() -> None:
     html = tables.style_decision_table(tables.decision_table([_record("a", ppl=0.0, passed=True)])).to_html()
     assert "why it failed" not in html and "PASS" in html
+
+
+def test_undecided_runs_sit_between_passes_and_fails_with_their_interval_and_round_trips_last() -> None:
+    undecided = _record("undecided", ppl=14.8, passed=False, reasons=["ppl_increase straddles"])
+    undecided["verdict"]["outcome"] = "inconclusive"
+    undecided["summary"]["ppl_interval"] = [13.5, 16.2]
+    trip = _record("trip", ppl=0.0, passed=True)
+    trip["summary"]["self_source"] = True
+    records = [_record("bad", ppl=40.0, passed=False, reasons=["ppl increase 40.00% > 15.00%"]), trip, undecided,
+               _record("good", ppl=1.0, passed=True)]
+    table = tables.decision_table(records)
+    assert list(table["run"]) == ["good", "undecided", "bad", "trip"]
+    assert list(table["verdict"]) == ["PASS", "UNDECIDED", "FAIL", "ROUND TRIP"]
+    html = tables.style_decision_table(table).to_html()
+    assert "+14.8 % [+13.5, +16.2]" in html
+    assert "activations" not in html  # a column no run fills is left out: the table fits the page

@@ -24,7 +24,8 @@ from llm_compression.workbook.run import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = REPO / "parameters" / "default"
-SMOLLM2_CANDIDATES = {"gguf", "ptq-int8", "ptq-int4", "ptq-int2", "ptq-gptq", "fp8_block", "nvfp4", "seq_2bit"} | {
+SMOLLM2_CANDIDATES = {"gguf", "ptq-int8", "ptq-int4", "ptq-int2", "ptq-gptq", "fp8_block", "nvfp4", "seq_2bit",
+                      "aios-int8", "aios-int2", "aios-int2-as-read"} | {
     f"angelslim-{m}" for m in ("fp8_static", "fp8_dynamic", "int8_dynamic", "int4_gptq", "int4_awq", "w4a8_fp8")}
 MINILM_CANDIDATES = {"ptq-int8", "ptq-int2"}
 
@@ -161,7 +162,8 @@ def test_default_parameter_files_cover_the_candidates() -> None:
         base = params["model"].removeprefix(builtins.BUILTIN_PREFIX).split("/")[0]
         assert params["reference"] == f"{builtins.BUILTIN_PREFIX}{base}", path.name
         assert params["format_notes"].endswith(".") and len(params["format_notes"].split()) >= 8, path.name
-        assert params["stride"] <= params["context_length"] and params["max_eval_tokens"] <= 8192
+        # a budget beyond 8,192 tokens only with staged scoring, which stops once every check is decided
+        assert params["stride"] <= params["context_length"] and (params["max_eval_tokens"] <= 8192 or params["stage_tokens"])
         models[params["model"]] = path.name
     smol = {m.split("/", 1)[1] for m in models if m.startswith("builtin:smollm2/")}
     mini = {m.split("/", 1)[1] for m in models if m.startswith("builtin:minilm/")}
@@ -199,3 +201,21 @@ def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_di
             builtins.resolve("builtin:smollm2/angelslim-w4a8_fp8")
     assert calls == ["w4a8_fp8"]
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no partial output
+
+
+def test_a_build_keeps_its_provenance_and_says_when_it_differs_from_the_recorded_build(cache, monkeypatch, tmp_path) -> None:
+    recorded = tmp_path / "digests.json"
+    recorded.write_text(json.dumps({"toy-lm/ptq-int8": {"sha256": "0" * 64, "machine": "the recording machine"}}))
+    monkeypatch.setattr(builtins, "RECORDED_DIGESTS", recorded)
+    path = Path(builtins.resolve("builtin:toy-lm/ptq-int8"))
+    facts = builtins.provenance("builtin:toy-lm/ptq-int8")
+    assert facts["sha256"] == builtins.content_digest(path) and facts["torch_threads"] >= 1
+    assert facts["matches_recorded"] is False and "differs from the recorded build" in facts["note"]
+    assert {"torch", "transformers", "numpy", "cpu_kernel_flags"} <= set(facts)
+    # built again from scratch, our quantizer gives the same bytes
+    first = facts["sha256"]
+    path.unlink()
+    builtins._provenance_path(path).unlink()
+    builtins.resolve("builtin:toy-lm/ptq-int8")
+    assert builtins.provenance("builtin:toy-lm/ptq-int8")["sha256"] == first
+    assert builtins.provenance("builtin:toy-lm") is None  # bases are not built by us

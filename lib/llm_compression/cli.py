@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  llmc quantize path/to/bf16-model int4.parquet --method int4\n"
                "  llmc quantize path/to/bf16-model gptq.parquet --method gptq --act-order --calib-samples 128\n"
                "  llmc quantize path/to/bf16-model awq.parquet --backend angelslim --method int4_awq --group-size 64\n"
-               "  llmc quantize path/to/bf16-model cmp.parquet --method int8 --compare-backends ptq,angelslim",
+               "  llmc quantize path/to/bf16-model cmp.parquet --method int8 --compare-backends ptq,angelslim\n"
+               "  llmc quantize model.parquet aios-int2.parquet --backend aios --method int2",
     )
     p.add_argument("src", help="HF checkpoint directory, hub id (owner/name, from the local cache) or .parquet file")
     p.add_argument("out", help="output .parquet file, or with --format gptq a new (or empty) directory; written atomically")
@@ -315,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice (default 0)")
     p.add_argument("--format", choices=["parquet", "gptq"], default="parquet",
                    help="parquet: weight file with packed 'ptq' rows (default); gptq: AutoGPTQ v1 HF directory")
-    p.add_argument("--backend", choices=["ptq", "angelslim"], default="ptq",
-                   help="ptq: our quantizer (default); angelslim: AngelSlim in .venv-angelslim")
+    p.add_argument("--backend", choices=["ptq", "angelslim", "aios"], default="ptq",
+                   help="ptq: our quantizer (default); angelslim: AngelSlim in .venv-angelslim; aios: AI-OS's "
+                        "ArrowQuantizer exactly (--method int8 per channel, or int2 in groups of 128)")
     p.add_argument("--compare-backends", metavar="B1,B2",
                    help="e.g. ptq,angelslim: quantize with each (method mapped, int8<->int8_dynamic, gptq<->int4_gptq) "
                         "into OUT with the backend name before the suffix, then evaluate both against SRC")

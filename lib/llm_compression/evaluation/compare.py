@@ -39,12 +39,14 @@ from llm_compression.evaluation.record import (
     check_tokenizers,
     judge,
 )
+from llm_compression.evaluation.uncertainty import INCONCLUSIVE
 from llm_compression.evaluation.scoring import (
     OriginalWeights,
     causal_metrics,
     encoder_metrics,
     is_causal,
     original_side,
+    task_metrics,
     weight_errors,
 )
 from llm_compression.memory import return_freed_memory
@@ -146,6 +148,13 @@ class EvaluationSettings:
         takes ``<cache>/reference`` (``$LLMC_CACHE_DIR`` or the repository's ``.cache``), False computes it
         without storing it. ``reference_precision``: ``float32`` logits (exact) or ``float16`` log-probs
         (half the disk; KL divergence within 1e-3 relative).
+    lm_eval_tasks: lm-evaluation-harness tasks run on both models (causal LMs), e.g. ``("heldout_lambada",)``,
+        the offline LAMBADA-protocol task on held-out passages (``evaluation.tasks``), or any task whose
+        dataset is reachable; ``lm_eval_limit`` items per task at most (None: all). The original's answers
+        are kept with its stored side.
+    stage_tokens: score in stages of this many tokens and stop at the first stage where every threshold's
+        interval is decided (pass or fail) instead of scoring all ``max_eval_tokens``: the text a verdict
+        needs, no more (None: always all).
     """
 
     texts: Sequence[str] | None = None
@@ -168,6 +177,9 @@ class EvaluationSettings:
     reference_cache: str | os.PathLike | bool | None = None
     reference_precision: str = "float32"
     perf_packed: bool = True
+    lm_eval_tasks: Sequence[str] = ()
+    lm_eval_limit: int | None = 200
+    stage_tokens: int | None = None
 
     @property
     def load(self) -> dict:
@@ -233,6 +245,16 @@ def evaluate(
     )
 
 
+def _estimates(intervals: dict) -> dict:
+    """The metrics ``judge`` reads, from the intervals alone (for deciding whether to score on)."""
+    def est(name):
+        return (intervals.get(name) or {}).get("estimate")
+
+    ppl = est("ppl_change_percent")
+    return {"cosine_similarity": est("cosine"), "ppl": {"delta_percent": ppl} if ppl is not None else {},
+            "kld": {"mean": est("kld_mean")}, "top1_agreement": est("top1_agreement"), "intervals": intervals}
+
+
 def _check_same_kind(original: str, candidate: str, orig_info, cand_info) -> None:
     if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
         raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
@@ -263,13 +285,26 @@ def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_t
     recorded.update({"context_length": s.context_length, "stride": s.stride or s.context_length,
                      "max_eval_tokens": s.max_eval_tokens, "eval_tokens": int(ids.numel()), "gen_tokens": s.gen_tokens,
                      "num_prompts": len(prompts)})
+    tasks = tuple(s.lm_eval_tasks)
+    recorded.update({"lm_eval_tasks": list(tasks), "lm_eval_limit": s.lm_eval_limit})
     ref, orig_info, recorded["reference_cache"] = original_side(original, ids, windows, prompts, s.gen_tokens, s.load,
-                                                                s.reference_cache, s.reference_precision)
+                                                                s.reference_cache, s.reference_precision,
+                                                                tasks=tasks, task_limit=s.lm_eval_limit,
+                                                                tokenizer=tokenizer)
     recorded["reference_precision"] = s.reference_precision
     cand_model, cand_info = load_model(candidate, **s.load)
     return_freed_memory()  # what loading it left behind (dequantization temporaries)
     _check_same_kind(original, candidate, orig_info, cand_info)
-    metrics = causal_metrics(ref, cand_model, ids, windows, prompts, s.gen_tokens)
+    thresholds = Thresholds(**s.thresholds) if isinstance(s.thresholds, dict) else s.thresholds or Thresholds()
+
+    def decided(intervals: dict) -> bool:
+        return judge(_estimates(intervals), thresholds)["outcome"] != INCONCLUSIVE
+
+    metrics = causal_metrics(ref, cand_model, ids, windows, prompts, s.gen_tokens, s.stage_tokens,
+                             decided if s.stage_tokens else None)
+    recorded["stage_tokens"] = s.stage_tokens
+    if tasks:
+        metrics["tasks"] = task_metrics(ref, cand_model, tokenizer, tasks, s.lm_eval_limit)
     metrics["weight_error"] = weight_errors(OriginalWeights(original, s.dtype), cand_model, cand_info.quantized_layers)
     sizes = _sizes(orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
     return metrics, orig_info, cand_info, sizes

@@ -32,6 +32,8 @@ __all__ = [
     "PerplexityWindow",
     "GenerationAgreement",
     "WeightError",
+    "token_comparison",
+    "token_nll",
     "token_cosine",
     "cosine_stats",
     "embedding_cosine",
@@ -272,6 +274,30 @@ def token_kl_divergence(
     return kld, match
 
 
+def token_comparison(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per scored token, from one log-softmax of each side (float64): ``kld`` (KL(P_ref || P_cand)),
+    ``top1`` (argmax agrees), ``nll_original`` / ``nll_candidate`` (``-log P(target)``) and ``delta_p``
+    (``P_cand(target) - P_ref(target)``, llama.cpp's Δp). ``*_logits`` are ``[N, V]``, ``targets`` ``[N]``."""
+    _check_pair(ref_logits, cand_logits, "ref_logits", "cand_logits")
+    if ref_logits.dim() != 2 or targets.shape != ref_logits.shape[:1]:
+        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(ref_logits.shape)} and {tuple(targets.shape)}")
+    n = ref_logits.shape[0]
+    out = {k: torch.empty(n, dtype=torch.float64) for k in ("kld", "nll_original", "nll_candidate", "delta_p")}
+    out["top1"] = torch.empty(n, dtype=torch.bool)
+    for rows in _row_chunks(n, ref_logits.shape[1]):
+        ref_chunk, cand_chunk = ref_logits[rows], cand_logits[rows]
+        log_p = torch.log_softmax(ref_chunk.to(torch.float64), dim=-1)
+        log_q = torch.log_softmax(cand_chunk.to(torch.float64), dim=-1)
+        p = log_p.exp()
+        out["kld"][rows] = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+        out["top1"][rows] = ref_chunk.argmax(dim=-1) == cand_chunk.argmax(dim=-1)
+        index = targets[rows].long().unsqueeze(-1)
+        lp, lq = log_p.gather(-1, index).squeeze(-1), log_q.gather(-1, index).squeeze(-1)
+        out["nll_original"][rows], out["nll_candidate"][rows] = -lp, -lq
+        out["delta_p"][rows] = lq.exp() - lp.exp()
+    return out
+
+
 def kl_divergence_stats(
     ref_logits: torch.Tensor, cand_logits: torch.Tensor, mask: torch.Tensor | None = None
 ) -> KLDStats:
@@ -346,6 +372,15 @@ def plan_perplexity_windows(num_tokens: int, context_length: int, stride: int | 
         scored_until = end
         begin += stride
     return windows
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(logits)[target]`` per row, float64, for ``logits [N, V]`` and ``targets [N]``."""
+    out = torch.empty(logits.shape[0], dtype=torch.float64)
+    for rows in _row_chunks(logits.shape[0], logits.shape[1]):
+        log_probs = torch.log_softmax(logits[rows].to(torch.float64), dim=-1)
+        out[rows] = -log_probs.gather(-1, targets[rows].to(log_probs.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+    return out
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+from llm_compression.evaluation import uncertainty as U
+
+SCHEMA_VERSION = "1.1"
 # Config fields that must agree for two checkpoints to be the same architecture.
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -39,32 +41,69 @@ class Thresholds:
     top1: float | None = None
 
 
-def _check(name: str, value: float | None, threshold: float | None, higher_is_better: bool, reason: str) -> dict:
+def _check(name: str, value: float | None, threshold: float | None, higher_is_better: bool, reason: str,
+           interval: dict | None = None, scale: float = 1.0, tokens: int | None = None) -> dict:
+    """One check. With an ``interval`` (in units of ``value * scale``) the outcome is three-way: pass or fail
+    only when the whole interval clears the threshold, else inconclusive (``passed`` None)."""
     if threshold is None:
-        return {"name": name, "value": value, "threshold": None, "passed": None, "note": "no threshold"}
+        return {"name": name, "value": value, "threshold": None, "passed": None, "outcome": None, "note": "no threshold"}
     if value is None:
-        return {"name": name, "value": None, "threshold": threshold, "passed": None, "note": "not applicable to this model"}
-    ok = value >= threshold if higher_is_better else value <= threshold  # NaN fails both ways
-    return {"name": name, "value": value, "threshold": threshold, "passed": bool(ok), "note": None if ok else reason}
+        return {"name": name, "value": None, "threshold": threshold, "passed": None, "outcome": None,
+                "note": "not applicable to this model"}
+    check = {"name": name, "value": value, "threshold": threshold}
+    if interval is None:
+        ok = value >= threshold if higher_is_better else value <= threshold  # NaN fails both ways
+        outcome = U.PASS if ok else U.FAIL
+    else:
+        outcome = U.classify(interval, threshold * scale, higher_is_better)
+        check["interval"] = interval
+    check["outcome"] = outcome
+    check["passed"] = {U.PASS: True, U.FAIL: False}.get(outcome)
+    if outcome == U.PASS:
+        check["note"] = None
+    elif outcome == U.FAIL:
+        check["note"] = reason
+    else:
+        needed = U.tokens_to_decide(interval, threshold * scale, tokens) if tokens else None
+        check["tokens_to_decide"] = needed
+        around = f"[{_fmt(interval['low'], scale)}, {_fmt(interval['high'], scale)}]"
+        check["note"] = (f"{name} {_fmt(interval['estimate'], scale)} {around} straddles {_fmt(threshold * scale, scale)}: "
+                         + (f"about {needed:,} tokens would decide it" if needed else "more text cannot decide it"))
+    return check
+
+
+def _fmt(value: float, scale: float) -> str:
+    return f"{value:+.2f}%" if scale == 100.0 else f"{value:.4g}"
 
 
 def judge(metrics: dict, thresholds: Thresholds) -> dict:
-    """The verdict: every check with its value and threshold, ``passed`` and one reason per failure."""
+    """The verdict: every check with its value, interval and threshold; ``outcome`` pass / fail /
+    inconclusive (fail if any check fails, inconclusive if any cannot be decided), ``passed`` only for
+    pass, and one reason per failed or undecided check."""
     cos = metrics.get("cosine_similarity")
     ppl = (metrics.get("ppl") or {}).get("delta_percent")
     ppl_frac = None if ppl is None else ppl / 100.0
     kld = (metrics.get("kld") or {}).get("mean")
     top1 = metrics.get("top1_agreement")
     basis = metrics.get("cosine_basis", "")
+    iv = metrics.get("intervals") or {}
+    tokens = (metrics.get("ppl") or {}).get("num_tokens") or (metrics.get("embedding_cosine") or {}).get("count")
     checks = [
-        _check("cosine", cos, thresholds.cosine, True, f"cosine {cos:.4f} < {thresholds.cosine} ({basis})" if cos is not None and thresholds.cosine is not None else ""),
+        _check("cosine", cos, thresholds.cosine, True, f"cosine {cos:.4f} < {thresholds.cosine} ({basis})" if cos is not None and thresholds.cosine is not None else "",
+               iv.get("cosine"), tokens=tokens),
         _check("ppl_increase", ppl_frac, thresholds.ppl_increase, False,
-               f"ppl increase {_percent(100 * ppl_frac)} > {100 * thresholds.ppl_increase:.2f}%" if ppl_frac is not None and thresholds.ppl_increase is not None else ""),
-        _check("kld", kld, thresholds.kld, False, f"kld mean {kld:.4g} > {thresholds.kld}" if kld is not None and thresholds.kld is not None else ""),
-        _check("top1", top1, thresholds.top1, True, f"top-1 agreement {top1:.4f} < {thresholds.top1}" if top1 is not None and thresholds.top1 is not None else ""),
+               f"ppl increase {_percent(100 * ppl_frac)} > {100 * thresholds.ppl_increase:.2f}%" if ppl_frac is not None and thresholds.ppl_increase is not None else "",
+               iv.get("ppl_change_percent"), scale=100.0, tokens=tokens),
+        _check("kld", kld, thresholds.kld, False, f"kld mean {kld:.4g} > {thresholds.kld}" if kld is not None and thresholds.kld is not None else "",
+               iv.get("kld_mean"), tokens=tokens),
+        _check("top1", top1, thresholds.top1, True, f"top-1 agreement {top1:.4f} < {thresholds.top1}" if top1 is not None and thresholds.top1 is not None else "",
+               iv.get("top1_agreement"), tokens=tokens),
     ]
-    reasons = [c["note"] for c in checks if c["passed"] is False]
-    return {"passed": not reasons, "reasons": reasons, "checks": checks}
+    outcomes = {c["outcome"] for c in checks}
+    outcome = U.FAIL if U.FAIL in outcomes else U.INCONCLUSIVE if U.INCONCLUSIVE in outcomes else U.PASS
+    failed = [c["note"] for c in checks if c["outcome"] == U.FAIL]
+    undecided = [c["note"] for c in checks if c["outcome"] == U.INCONCLUSIVE]
+    return {"passed": outcome == U.PASS, "outcome": outcome, "reasons": failed + undecided, "checks": checks}
 
 
 # ============================================================================================

@@ -10,7 +10,8 @@ saves the base model's logits) and each candidate is scored against the file. St
   logsumexp, half the disk. Log-probs rather than logits, because float16 is fine-grained near 0, where
   the probable tokens are: KL divergence from them agrees with float32 to 1e-3 relative (tested), and
   logits are recovered as ``logprobs + logsumexp`` for the logits cosine;
-* the top-1 token (int32, exact) and the summed negative log-likelihood (float64 in the metadata, exact);
+* the top-1 token (int32, exact) and each scored token's negative log-likelihood (float64, exact), whose
+  sum is also in the metadata;
 * the greedy generation of each prompt (token ids, exact).
 
 The file (safetensors) is keyed by everything that determines it: the original's identity (config,
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from llm_compression import __version__
 from llm_compression.store import atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-token NLL of the original (nll.<i>)
 
 
 def _checksum(tensor: torch.Tensor) -> str:
@@ -79,12 +80,16 @@ class ReferenceSide:
         return tensor
 
     def window(self, i: int) -> dict[str, torch.Tensor]:
-        keys = ("hidden", "logits", "top1") if self.meta.get("precision", "float32") == "float32" else (
-            "hidden", "logprobs", "lse", "top1")
+        keys = ("hidden", "logits", "top1", "nll") if self.meta.get("precision", "float32") == "float32" else (
+            "hidden", "logprobs", "lse", "top1", "nll")
         return {k: self._get(f"{k}.{i}") for k in keys}
 
     def generation(self, j: int) -> torch.Tensor:
         return self._get(f"gen.{j}")
+
+    def task(self, name: str) -> torch.Tensor:
+        """The original's per-item correctness on one lm-eval task."""
+        return self._get(f"task.{name}")
 
     @property
     def nll_sum(self) -> float:

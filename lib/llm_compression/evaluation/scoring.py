@@ -15,6 +15,7 @@ import torch.nn as nn
 from llm_compression import cache_root
 from llm_compression.evaluation import metrics as M
 from llm_compression.evaluation import reference
+from llm_compression.evaluation import uncertainty as U
 from llm_compression.evaluation.record import EvaluationFault
 from llm_compression.memory import return_freed_memory
 from llm_compression.runtime.embeddings import pool_embeddings
@@ -46,17 +47,6 @@ def _forward(model: nn.Module, **inputs) -> tuple[Any, torch.Tensor]:
     return output, captured["h"]
 
 
-def _window_nll(logits: torch.Tensor, targets_with_first: torch.Tensor) -> float:
-    """Sum of NLL of ``targets_with_first[1:]`` under ``logits`` rows ``[n, V]`` (row i predicts target i+1).
-
-    Uses ``metrics.perplexity_from_logits``: a copy of the last row is appended because that function
-    scores inside one sequence and never reads its last row.
-    """
-    padded = torch.cat([logits, logits[-1:]], dim=0)
-    result = M.perplexity_from_logits(padded, targets_with_first)
-    return result.mean_nll * result.num_tokens
-
-
 def _safe_exp(x: float) -> float:
     try:
         return math.exp(x)
@@ -82,39 +72,67 @@ def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[t
     nll = 0.0
     for i, w in enumerate(windows):
         logits, hidden = _scored_outputs(orig, ids, w, "original")
-        nll += _window_nll(logits, ids[w.score_from : w.end + 1])
-        tensors.update({f"{k}.{i}": v for k, v in reference.window_outputs(logits, hidden, precision).items()})
+        per_token = M.token_nll(logits, ids[w.score_from + 1 : w.end + 1])
+        nll += float(per_token.sum())
+        outputs = {**reference.window_outputs(logits, hidden, precision), "nll": per_token}
+        tensors.update({f"{k}.{i}": v for k, v in outputs.items()})
     if gen_tokens > 0:
         for j, prompt in enumerate(prompts):
             tensors[f"gen.{j}"] = M.greedy_generate(orig, prompt, gen_tokens).to(torch.int64)
     return tensors, nll
 
 
+BLOCK_SERIES = ("nll_original", "nll_candidate", "kld", "top1", "cosine")
+
+
 def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.Tensor, windows,
-                    prompts: list[torch.Tensor], gen_tokens: int) -> dict:
-    """The candidate scored against the original's stored side, window by window."""
-    hidden_cos, logit_cos, klds, matches = [], [], [], []
-    nll_cand = 0.0
+                   prompts: list[torch.Tensor], gen_tokens: int, stage_tokens: int | None = None,
+                   decided=None) -> dict:
+    """The candidate scored against the original's stored side, window by window, token by token; every
+    headline figure with its 95 % interval (``uncertainty``).
+
+    With ``stage_tokens`` and ``decided`` (intervals -> bool), scoring stops at the first stage boundary
+    (every ``stage_tokens`` scored tokens) where ``decided`` says the verdict no longer depends on more text;
+    the rest of the windows are not scored (``ppl.stopped`` says where and why)."""
+    series: dict[str, list[torch.Tensor]] = {}
+    logit_cos, last_position = [], []
+    scored, next_stage, stopped = 0, stage_tokens, None
     for i, w in enumerate(windows):
         lb, hb = _scored_outputs(cand, ids, w, "candidate")
         side = ref.window(i)
         la = reference.logits_of(side)
-        hidden_cos.append(M.token_cosine(side["hidden"], hb.float()))
+        per_token = M.token_comparison(la, lb, ids[w.score_from + 1 : w.end + 1])
+        per_token["nll_original"] = side["nll"]  # exact, whatever precision the stored logits have
+        per_token["cosine"] = M.token_cosine(side["hidden"], hb.float())
+        for key, values in per_token.items():
+            series.setdefault(key, []).append(values)
         logit_cos.append(M.token_cosine(la, lb.float()))
-        kld, _ = M.token_kl_divergence(la, lb)
-        klds.append(kld)
-        matches.append(side["top1"].long() == lb.argmax(dim=-1))
-        nll_cand += _window_nll(lb, ids[w.score_from : w.end + 1])
-    num_tokens = ids.numel() - 1
-    kld_stats = M.KLDStats.from_values(torch.cat(klds), torch.cat(matches))
-    ppl_a = _safe_exp(ref.nll_sum / num_tokens)
-    ppl_b = _safe_exp(nll_cand / num_tokens)
-    hidden = M.CosineStats.from_values(torch.cat(hidden_cos))
+        last_position.append(logit_cos[-1][-1:])  # AI-OS's PrecisionValidator: each text's last-position logits
+        scored += per_token["kld"].numel()
+        if decided is not None and next_stage and scored >= next_stage and i + 1 < len(windows):
+            partial = U.block_sums({k: torch.cat(series[k]).to(torch.float64) for k in BLOCK_SERIES})
+            if decided(U.intervals(partial)):
+                stopped = f"decided at {scored:,} of {ids.numel() - 1:,} tokens"
+                break
+            next_stage += stage_tokens
+    tokens = {k: torch.cat(v) for k, v in series.items()}
+    num_tokens = scored
+    expected = ids.numel() - 1 if stopped is None else scored
+    if tokens["kld"].numel() != expected:
+        raise EvaluationFault(f"scored {tokens['kld'].numel()} tokens of {expected}: the windows do not cover the text")
+    kld_stats = M.KLDStats.from_values(tokens["kld"], tokens["top1"])
+    ppl_a = _safe_exp(float(tokens["nll_original"].sum()) / num_tokens)
+    ppl_b = _safe_exp(float(tokens["nll_candidate"].sum()) / num_tokens)
+    hidden = M.CosineStats.from_values(tokens["cosine"])
+    blocks = U.block_sums({k: tokens[k].to(torch.float64) for k in BLOCK_SERIES})
     return {
         "cosine_similarity": hidden.mean,
         "cosine_basis": "last_hidden_state",
         "hidden_cosine": hidden.as_dict(),
         "logits_cosine": M.CosineStats.from_values(torch.cat(logit_cos)).as_dict(),
+        # AI-OS's PrecisionValidator figure (its Phase 1 "cosine > 0.95"): the L2-normalised logits of the last
+        # position of each input, averaged; here one input per window
+        "aios_validator_cosine": M.CosineStats.from_values(torch.cat(last_position)).as_dict(),
         "kld": kld_stats.as_dict(),
         "top1_agreement": kld_stats.top1_agreement,
         "ppl": {
@@ -122,8 +140,13 @@ def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.T
             "candidate": ppl_b,
             "delta_percent": M.ppl_delta_percent(ppl_a, ppl_b) if math.isfinite(ppl_a) and ppl_a > 0 else math.nan,
             "num_tokens": num_tokens,
-            "num_windows": len(windows),
+            "num_windows": len(series["kld"]),
+            "text_tokens": ids.numel() - 1,
+            "stopped": stopped or f"all {ids.numel() - 1:,} tokens of the text",
         },
+        "intervals": U.intervals(blocks),
+        "divergence": U.divergence_statistics(tokens["kld"], tokens["delta_p"], tokens["top1"]),
+        "blocks": {"block_tokens": U.BLOCK_TOKENS, **{k: v.tolist() for k, v in blocks.items()}},
         "generation": _generation(ref, cand, prompts, gen_tokens),
     }
 
@@ -137,7 +160,8 @@ def is_causal(config: dict, task: str | None) -> bool:
 
 
 def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
-                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32"):
+                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32",
+                   tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None):
     """The original's side: read from the cache when the same inputs were scored before, else computed
     (with only the original in memory) and stored. Returns (side, the original's ModelInfo, cache note)."""
     from llm_compression.runtime.load import ModelInfo
@@ -148,6 +172,7 @@ def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch
         "windows": [(w.begin, w.end, w.score_from) for w in windows],
         "prompts": reference.cache_key({"p": [p.tolist() for p in prompts]}), "gen_tokens": gen_tokens,
         "load": {k: str(v) for k, v in load.items()}, "torch": torch.__version__, "precision": precision,
+        **({"tasks": list(tasks), "task_limit": task_limit} if tasks else {}),
     }
     path = None
     if cache is not False:
@@ -158,6 +183,11 @@ def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch
             return side, ModelInfo(**side.meta["original"]), f"reused {path}"
     model, info = load_model(original, **load)
     tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
+    if tasks:
+        from llm_compression.evaluation.tasks import run_tasks
+
+        for name, answers in run_tasks(model, tokenizer, tasks, task_limit).items():
+            tensors[f"task.{name}"] = torch.from_numpy(answers)
     del model
     return_freed_memory()  # the candidate's load stands on a clean heap
     meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
@@ -216,7 +246,24 @@ def encoder_metrics(orig: nn.Module, cand: nn.Module, tokenizer, sentences: list
         "embedding_cosine": {"mean": emb.mean, "min": emb.min, "max": max(emb.per_sentence),
                              "p5": M.CosineStats.from_values(torch.tensor(emb.per_sentence)).p5, "count": emb.count},
         "hidden_cosine": M.CosineStats.from_values(torch.cat(token_cos)).as_dict(),
+        # sentences are independent passages: each is its own block
+        "intervals": U.intervals(U.block_sums({"cosine": torch.tensor(emb.per_sentence, dtype=torch.float64)}, block=1)),
     }
+
+
+def task_metrics(ref: "reference.ReferenceSide", cand: nn.Module, tokenizer, tasks: tuple[str, ...],
+                 limit: int | None) -> dict:
+    """Per lm-eval task: both accuracies, recovery and flips with their intervals (``evaluation.tasks``)."""
+    from llm_compression.evaluation.tasks import HELDOUT_LAMBADA, compare_items, run_tasks
+
+    answers = run_tasks(cand, tokenizer, tasks, limit)
+    out = {}
+    for name in tasks:
+        original = ref.task(name).numpy()
+        label = ("LAMBADA protocol on held-out corpus passages (not the LAMBADA dataset)" if name == HELDOUT_LAMBADA
+                 else f"lm-eval task {name}")
+        out[name] = {"label": label, **compare_items(original, answers[name])}
+    return out
 
 
 class OriginalWeights:

@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
-import numpy as np
-import torch
-
 from llm_compression import __version__, schema as S
 from llm_compression.errors import ConfigurationError, StorageError, StoreError
-from llm_compression.formats import aios as aios_format
 from llm_compression.formats.base import Row
 from llm_compression.logger import logger
 from llm_compression.quantize import aios as aios_quantize
@@ -107,30 +103,14 @@ class ArrowQuantizer:
         logger.info(f"Quantized {len(loader.keys())} tensors in {time.time() - start:.2f}s -> {output_parquet}")
 
     def _row(self, loader: WeightLoaderV2, name: str, calibration_data: Any) -> Row:
-        layer, weight = S.split_name(name)
-        tensor = loader.load_weight(layer, weight)
-        if not tensor.is_floating_point():
-            return Row(name, tensor, "dense")  # integer buffers have nothing to quantize
-        info = loader.rows.get(name)
-        original = (info.params.get("original_dtype") or info.dtype) if info is not None else "F32"
-        if original not in S.DTYPE_CODES:
-            original = "F32"
-        if self.config.quant_type == "fp16" or self._keep_float(name):
-            return Row(name, tensor.to(torch.float16), "dense", {"original_dtype": original})
-        values = tensor.to(torch.float32).numpy()
-        result = None
-        if self.config.calibration_method == "gptq" and values.ndim == 2:
-            samples = _calibration_for(calibration_data, name)
-            if samples is None:
+        calibration = None
+        if self.config.calibration_method == "gptq":
+            calibration = _calibration_for(calibration_data, name)
+            if calibration is None:
                 logger.warning(f"No calibration data for {name}: PTQ instead of GPTQ.")
-            else:
-                result = aios_quantize.quantize_gptq(values, torch.as_tensor(samples), self.config.quant_type,
-                                                     self.config.symmetric, original)
-        if result is None:
-            result = aios_quantize.quantize_ptq(values, self.config.quant_type, self.config.per_channel,
-                                                self.config.symmetric, self.config.group_size, original)
-        codes, quant = result
-        return aios_format.encode(name, codes, quant)
+        c = self.config
+        return aios_quantize.tensor_row(loader, name, c.quant_type, c.per_channel, c.symmetric, c.group_size,
+                                        keep_float=self._keep_float(name), calibration=calibration)
 
     def _keep_float(self, name: str) -> bool:
         return any(pattern in name for pattern in self.config.mixed_precision_layers or [])

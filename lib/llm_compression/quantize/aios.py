@@ -102,3 +102,123 @@ def quantize_gptq(weight: np.ndarray, calibration: torch.Tensor, quant_type: str
         w[:, i:] -= err.unsqueeze(1) @ inverse[i, i:].unsqueeze(0)
     return codes.numpy().astype(np.int8), AiosQuant(quant_type, scales, zeros, 0, 0, (out_features, in_features),
                                                     original_dtype)
+
+
+# --- a whole file ------------------------------------------------------------------------------------------
+
+DEFAULT_INT2_GROUP = 128  # ArrowQuantizer's group for int2 without per_channel
+
+
+def aios_options(quant_type: str, per_channel: bool = True, symmetric: bool = True, group_size: int = 0) -> dict:
+    """ArrowQuantizer's settings after its own defaulting: int2 without per_channel and without a group
+    size gets groups of 128."""
+    if quant_type == "int2" and group_size == 0 and not per_channel:
+        group_size = DEFAULT_INT2_GROUP
+    return {"quant_type": quant_type, "per_channel": per_channel, "symmetric": symmetric, "group_size": group_size}
+
+
+def tensor_row(loader, name: str, quant_type: str, per_channel: bool, symmetric: bool, group_size: int,
+               keep_float: bool = False, calibration=None):
+    """One tensor of ``loader`` as AI-OS's ArrowQuantizer stores it: int8/int2 codes (float16 for
+    ``quant_type="fp16"`` and kept layers; integer buffers as they are)."""
+    from llm_compression import schema as S
+    from llm_compression.formats import aios as aios_format
+    from llm_compression.formats.base import Row
+
+    layer, weight = S.split_name(name)
+    tensor = loader.load_weight(layer, weight)
+    if not tensor.is_floating_point():
+        return Row(name, tensor, "dense")
+    info = loader.rows.get(name)
+    original = (info.params.get("original_dtype") or info.dtype) if info is not None else "F32"
+    if original not in S.DTYPE_CODES:
+        original = "F32"
+    if quant_type == "fp16" or keep_float:
+        return Row(name, tensor.to(torch.float16), "dense", {"original_dtype": original})
+    values = tensor.to(torch.float32).numpy()
+    result = None
+    if calibration is not None and values.ndim == 2:
+        result = quantize_gptq(values, torch.as_tensor(calibration), quant_type, symmetric, original)
+    if result is None:
+        result = quantize_ptq(values, quant_type, per_channel, symmetric, group_size, original)
+    codes, quant = result
+    return aios_format.encode(name, codes, quant)
+
+
+def quantize_file(src, out, quant_type: str = "int8", per_channel: bool = True, symmetric: bool = True,
+                  group_size: int = 0, mixed_precision_layers=(), progress: bool = True) -> float:
+    """AI-OS's PTQ of every tensor of a weight file (or an HF directory, converted first) into ``out``:
+    rows AI-OS's loader reads (int2 packed in its loader's order), with the source's config and tokenizer.
+    Returns the bits per weight of the quantized tensors (codes, scales and zero points)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from llm_compression import __version__, schema as S
+    from llm_compression.store.convert import HuggingFaceToParquetConverter, StoreWriter
+    from llm_compression.store.loader import WeightLoaderV2
+
+    options = aios_options(quant_type, per_channel, symmetric, group_size)
+    scratch = None
+    source = Path(str(src))
+    if not source.is_file():  # an HF directory (or hub id): its Parquet form first
+        scratch = Path(tempfile.mkdtemp(prefix="llmc-aios-"))
+        source = HuggingFaceToParquetConverter(progress=False, detect_grids=False).convert(src, scratch / "src.parquet").output
+    try:
+        loader = WeightLoaderV2(source)
+        q_bits = q_numel = 0
+        with StoreWriter(out) as writer:
+            for name in tqdm(loader.keys(), desc=f"AI-OS {quant_type}", unit="tensor", disable=not progress):
+                keep = any(pattern in name for pattern in mixed_precision_layers or ())
+                row = tensor_row(loader, name, keep_float=keep, **options)
+                writer.write(row)
+                if row.aios is not None:
+                    numel = int(np.prod(row.aios.shape))
+                    q_numel += numel
+                    q_bits += 8 * (row.data.numel() + 8 * row.aios.scales.size)
+            meta = {k: v for k, v in loader.metadata.items()
+                    if k in (S.META_CONFIG, S.META_GENERATION_CONFIG, S.META_FILES)}
+            meta[S.META_SOURCE] = json.dumps({"source": str(src), "quantizer": "aios-arrowquantizer",
+                                              "options": {**options, "mixed_precision_layers": list(mixed_precision_layers or ())},
+                                              "llmc_version": __version__})
+            writer.commit(meta)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return q_bits / q_numel if q_numel else 0.0
+
+
+def as_aios_reads(src, out, progress: bool = True) -> int:
+    """``src`` as AI-OS's own loader would see it had AI-OS's writer made it: int2 codes packed low bits first
+    (its writer) and unpacked high bits first (its loader). The misread codes are stored as int2 rows (in the
+    order that reads back as stored), so the file evaluates to what AI-OS computes with today. Returns how
+    many tensors change."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from llm_compression import schema as S
+    from llm_compression.formats import aios as aios_format
+    from llm_compression.store.convert import StoreWriter
+    from llm_compression.store.loader import WeightLoaderV2
+
+    loader = WeightLoaderV2(src)
+    changed = 0
+    with StoreWriter(out) as writer:
+        for name in tqdm(loader.stored_keys(), desc="as AI-OS reads it", unit="tensor", disable=not progress):
+            info = loader.rows[name]
+            if info.format == aios_format.NAME and info.params.get("quant_type") == "int2":
+                record = loader.tensor_record(name)
+                codes, quant = aios_format.codes_of(record), aios_format.quant_of(record)
+                misread = aios_format.unpack_int2(aios_format.pack_int2(codes, "lsb"), codes.size, "msb")
+                changed += int(not np.array_equal(misread, codes))
+                writer.write(aios_format.encode(name, misread.reshape(quant.shape), quant))
+            else:
+                writer.write(loader.stored_row(name))
+        meta = {k: v for k, v in loader.metadata.items() if k in (S.META_CONFIG, S.META_GENERATION_CONFIG, S.META_FILES)}
+        meta[S.META_SOURCE] = json.dumps({"source": str(src), "view": "as AI-OS's loader reads AI-OS's own int2 files"})
+        writer.commit(meta)
+    return changed

@@ -14,7 +14,8 @@ from llm_compression.errors import QuantizeError
 
 PTQ_METHODS = ("int8", "int4", "int2", "gptq")
 ANGELSLIM_METHODS = ("fp8_static", "fp8_dynamic", "int8_dynamic", "int4_gptq", "int4_awq", "w4a8_fp8")
-BACKENDS = ("ptq", "angelslim")
+BACKENDS = ("ptq", "angelslim", "aios")
+AIOS_METHODS = ("int8", "int2")  # AI-OS's ArrowQuantizer: int8 per channel, int2 in groups of 128 (its defaults)
 OUT_FORMATS = ("parquet", "gptq")
 # Defaults per method: (bits, group_size, symmetric). Symmetric INT2 is ternary ({-1, 0, 1} * scale),
 # so INT2 defaults to asymmetric (4 levels).
@@ -29,6 +30,7 @@ METHOD_DEFAULTS: dict[str, tuple[int, int, bool]] = {
 COUNTERPARTS: dict[str, dict[str, str]] = {
     "ptq": {"int8_dynamic": "int8", "int4_gptq": "gptq", "int4_awq": "int4", "w4a8_fp8": "int4"},
     "angelslim": {"int8": "int8_dynamic", "gptq": "int4_gptq", "int4": "int4_gptq"},
+    "aios": {"int8_dynamic": "int8", "int2": "int2"},
 }
 GPTQ_V1_BITS = (2, 3, 4, 8)
 # AngelSlim methods whose YAML takes a group size (128 by default).

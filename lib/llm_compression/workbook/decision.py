@@ -5,7 +5,7 @@ into the store, ``WeightLoaderV2`` loads it, its cosine similarity to the origin
 threshold (0.95 in the seed; each run's own ``cosine_threshold``) and inference works. Then the project
 goes to Phase 2 (an isolated environment, AngelSlim installed, the full toolchain, ``--backend
 angelslim`` in the CLI, documentation), which this module checks against what the project itself shows.
-If Phase 1 fails, the recommendation is to keep our PTQ INT8/INT2. Nothing here is written per model.
+If Phase 1 fails, the recommendation is to keep AI-OS's PTQ INT8/INT2 (the planning report's "our PTQ": AI-OS is our users' system). Nothing here is written per model.
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def is_ours(record: dict) -> bool:
     return producer_of(record).startswith("llmc ptq")
 
 
+def is_aios(record: dict) -> bool:
+    """AI-OS's own PTQ (its ArrowQuantizer): the "keep our PTQ" option the decision weighs AngelSlim against."""
+    return producer_of(record).startswith("AI-OS")
+
+
+def _as_aios_reads(record: dict) -> bool:
+    return producer_of(record).endswith("as AI-OS reads it")
+
+
 def bit_width(record: dict) -> str | None:
     """The class a candidate competes in, from the bits per weight its quantized layers really take."""
     bits = _number((record.get("summary") or {}).get("quantized_bits_per_weight"))
@@ -80,6 +89,8 @@ def _label(record: dict) -> str:
     producer = producer_of(record)
     if producer.startswith("angelslim"):
         label = "AngelSlim " + " ".join(producer.split()[2:])  # drop the version
+    elif producer.startswith("AI-OS ArrowQuantizer"):
+        label = "AI-OS " + producer.removeprefix("AI-OS ArrowQuantizer ")
     elif producer.startswith("llmc ptq"):
         label = "our " + producer.removeprefix("llmc ptq ").split(" g")[0].replace("gptq int4", "GPTQ int4")
     elif producer.startswith("llmc writer"):
@@ -126,14 +137,21 @@ def _phase1_for(record: dict) -> list[Criterion]:
     loads = converted and store.get("checksums_verify") is True
     threshold = _number((record.get("parameters") or {}).get("cosine_threshold")) or 0.95
     cosine = _number((record.get("summary") or {}).get("cosine"))
+    interval = ((record.get("metrics") or {}).get("intervals") or {}).get("cosine")
+    if cosine is not None and interval:  # met only when the whole 95 % interval is above the threshold
+        cosine_met = (_number(interval.get("low")) or -math.inf) > threshold
+        cosine_text = f"{run}: cosine {cosine:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
+    else:
+        cosine_met = cosine is not None and cosine > threshold
+        cosine_text = f"{run}: cosine {cosine:.4f}" if cosine is not None else f"{run}: not measured"
     works, evidence = _inference_works(record) if loads else (False, "not loaded")
     return [
         Criterion("an AngelSlim model is converted into the store", converted, f"{run}: {detail}", run),
         Criterion("WeightLoaderV2 loads it", loads,
                   f"{run}: every tensor read back, checksums verify" if loads else f"{run}: not loaded", run),
-        Criterion(f"cosine similarity above {threshold:g}", cosine is not None and cosine > threshold,
-                  f"{run}: cosine {cosine:.4f}" if cosine is not None else f"{run}: not measured", run),
-        Criterion("inference works", works, f"{run}: {evidence}", run),
+        Criterion(f"cosine similarity above {threshold:g}", cosine_met, cosine_text, run),
+        Criterion("inference works", works, f"{run}: in transformers: {evidence}; in AI-OS's engine: "
+                  f"{(record.get('summary') or {}).get('aios_engine') or 'not checked'}", run),
     ]
 
 
@@ -172,11 +190,24 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
                   "`llmc quantize SRC OUT --backend angelslim --method M`" if environment.get("cli_backend") else "missing"),
         Criterion("documentation", "### AngelSlim backend" in readme,
                   "README: AngelSlim backend, tools/angelslim/README.md" if "### AngelSlim backend" in readme else "missing"),
+        _engine_criterion(runs),
     ]
 
 
 def _passed(record: dict) -> bool:
     return bool((record.get("verdict") or {}).get("passed")) and record.get("status") != "error"
+
+
+def _outcome(record: dict) -> str:
+    """pass / fail / inconclusive / error (records written before verdicts had intervals: pass or fail)."""
+    if record.get("status") == "error":
+        return "error"
+    verdict = record.get("verdict") or {}
+    return verdict.get("outcome") or ("pass" if verdict.get("passed") else "fail")
+
+
+def _self_source(record: dict) -> bool:
+    return bool((record.get("summary") or {}).get("self_source"))
 
 
 def _ppl(record: dict) -> float | None:
@@ -186,7 +217,9 @@ def _ppl(record: dict) -> float | None:
 def _quality(record: dict) -> str:
     s = record.get("summary") or {}
     if _ppl(record) is not None:
-        return f"{format_ppl_delta(_ppl(record))} PPL"
+        low, high = (s.get("ppl_interval") or [None, None])[:2]
+        around = f" [{low:+.1f}, {high:+.1f}]" if _number(low) is not None and _number(high) is not None else ""
+        return f"{format_ppl_delta(_ppl(record))}{around} PPL"
     cosine = _number(s.get("cosine"))
     return f"cosine {cosine:.4f}" if cosine is not None else "no figures"
 
@@ -197,42 +230,116 @@ def _rank(record: dict) -> tuple:
     return (ppl if ppl is not None else math.inf, -cosine)
 
 
+def _blocks(record: dict) -> dict | None:
+    blocks = (record.get("metrics") or {}).get("blocks")
+    if not blocks or "nll_candidate" not in blocks:
+        return None
+    import numpy as np
+
+    return {k: np.asarray(v, dtype=float) for k, v in blocks.items() if k != "block_tokens"}
+
+
+OUTCOME_COLORS = {"pass": "#2e7d32", "inconclusive": "#e0a100", "fail": "#c62828", "round trip": "#9e9e9e",
+                  "error": "#c62828"}
+
+
+def compare_candidates(a: dict, b: dict) -> str:
+    """Which of two candidates of one original has the smaller perplexity change, decided by the 95 % interval
+    of their paired difference (same tokens, same blocks); "not distinguishable" when it contains 0."""
+    from llm_compression.evaluation.uncertainty import paired_difference
+
+    first, second = _blocks(a), _blocks(b)
+    head = f"{_label(a)} {_quality(a)} vs {_label(b)} {_quality(b)}"
+    if first is not None and second is not None:  # scored on the same text from its start: compare the common part
+        n = min(len(first["count"]), len(second["count"]))
+        while n and first["count"][n - 1] != second["count"][n - 1]:
+            n -= 1
+        first, second = ({k: v[:n] for k, v in x.items()} for x in (first, second))
+    if first is None or second is None or not len(first["count"]):
+        better = "AngelSlim" if _rank(a) < _rank(b) else ("AI-OS's PTQ" if is_aios(b) else "our PTQ")  # no blocks: estimates
+        return f"{head}: {better} is better."
+    diff = paired_difference(first, second, "ppl_change_percent")
+    tokens = int(first["count"].sum())
+    around = f"difference {diff.estimate:+.2f} points [{diff.low:+.2f}, {diff.high:+.2f}]"
+    if diff.low <= 0 <= diff.high:
+        return f"{head}: not distinguishable at {tokens:,} tokens ({around})."
+    better = _label(a) if diff.high < 0 else _label(b)
+    return f"{head}: {better} is better ({around} at {tokens:,} tokens)."
+
+
 def recommendations(records: list[dict]) -> dict[str, list[str]]:
-    """Per original model: the best passing candidate per bit width, AngelSlim against our PTQ at the same
-    width, and what fails and why."""
+    """Per original model: the best passing candidate per bit width, what is undecided at the tokens scored,
+    AngelSlim against our PTQ at the same width (by the interval of their paired difference), and what fails
+    and why. A candidate that is the original's own source is a store round-trip check, never recommended."""
     by_model: dict[str, list[dict]] = {}
     for r in records:
         s = r.get("summary") or {}
         model = s.get("original_model") or (r.get("original") or {}).get("model") or s.get("reference") or r.get("reference") or "?"
         by_model.setdefault(model, []).append(r)
     out: dict[str, list[str]] = {}
-    for model, runs in by_model.items():
+    for model, all_runs in by_model.items():
         lines = []
+        for r in all_runs:
+            if _self_source(r):
+                lines.append(f"Round trip, not a candidate: {_label(r)} is the file the original was made from "
+                             f"({_quality(r)}; run {r['run']}).")
+        runs = [r for r in all_runs if not _self_source(r)]
         widths = sorted({w for r in runs if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
         for width in widths:
             at = [r for r in runs if bit_width(r) == width]
             passing = sorted((r for r in at if _passed(r)), key=_rank)
+            undecided = sorted((r for r in at if _outcome(r) == "inconclusive"), key=_rank)
             if passing:
                 best = passing[0]
                 lines.append(f"{width}: best passing is {_label(best)} ({_quality(best)}, run {best['run']}).")
+            elif undecided:
+                lines.append(f"{width}: no candidate passes yet; undecided: "
+                             + "; ".join(f"{_label(r)} ({_quality(r)})" for r in undecided) + ".")
             else:
                 lines.append(f"{width}: no candidate passes.")
             theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != "error" and _quality(r) != "no figures"),
                             key=_rank)
             ours = sorted((r for r in at if is_ours(r) and _quality(r) != "no figures"), key=_rank)
-            for a in theirs:  # each AngelSlim method against our best at its width (same algorithm first)
+            kept = [r for r in at if is_aios(r) and not _as_aios_reads(r) and _quality(r) != "no figures"]
+            for a in theirs:  # each AngelSlim method against AI-OS's PTQ and our best at its width
+                for b in sorted(kept, key=_rank)[:1]:
+                    lines.append(f"{width}: {compare_candidates(a, b)}")
                 same = [b for b in ours if _method(b) == _method(a)]
                 b = (same or ours or [None])[0]
-                if b is None:
-                    continue
-                better = "AngelSlim" if _rank(a) < _rank(b) else "our PTQ"
-                lines.append(f"{width}: {_label(a)} {_quality(a)} vs {_label(b)} {_quality(b)}: {better} is better.")
+                if b is not None:
+                    lines.append(f"{width}: {compare_candidates(a, b)}")
+        for r in runs:  # task accuracy where it was measured (lm-eval)
+            for name, t in ((r.get("metrics") or {}).get("tasks") or {}).items():
+                rec, flips = t["recovery"], t["flips"]
+                lines.append(f"Task {name} ({t['label']}, {t['items']} items): {_label(r)} keeps "
+                             f"{rec['estimate']:.0%} of the original's accuracy [{rec['low']:.0%}, {rec['high']:.0%}]; "
+                             f"{flips['estimate']:.0%} of answers flip [{flips['low']:.0%}, {flips['high']:.0%}].")
         for r in runs:
-            if not _passed(r):
+            if _outcome(r) == "inconclusive":
+                why = ((r.get("verdict") or {}).get("reasons") or ["undecided"])[0]
+                lines.append(f"Undecided: {_label(r)} (run {r['run']}): {first_line(why)}")
+            elif not _passed(r):
                 why = ((r.get("verdict") or {}).get("reasons") or [r.get("error") or "failed"])[0]
                 lines.append(f"Fails: {_label(r)} (run {r['run']}): {first_line(why)}")
         out[model] = lines
     return out
+
+
+def _engine_criterion(runs: list[dict]) -> Criterion:
+    """Can AI-OS's engine, as it stands, run the AngelSlim checkpoints that pass? If not, what it must add."""
+    passing = [r for r in runs if _passed(r)] or [r for r in runs if r.get("status") != "error"]
+    needs: dict[str, list[str]] = {}
+    for r in passing:
+        verdict = r.get("aios_engine") or {}
+        for reason in verdict.get("reasons") or []:
+            needs.setdefault(reason.split(":")[0], []).append(_label(r))
+    runs_ok = [r for r in passing if (r.get("aios_engine") or {}).get("runs")]
+    if not passing:
+        return Criterion("AI-OS's engine runs the checkpoint", False, "no AngelSlim run to check")
+    if runs_ok:
+        return Criterion("AI-OS's engine runs the checkpoint", True, "runs as it stands: " + ", ".join(_label(r) for r in runs_ok))
+    evidence = "AI-OS would have to add: " + "; ".join(f"{need} ({', '.join(sorted(set(who))[:3])})" for need, who in needs.items())
+    return Criterion("AI-OS's engine runs the checkpoint", False, evidence)
 
 
 def decide(records: list[dict], environment: dict) -> Decision:
@@ -241,7 +348,7 @@ def decide(records: list[dict], environment: dict) -> Decision:
         headline = "Phase 1 passed: go to Phase 2 (integrate AngelSlim through its isolated environment)."
     elif outcome == NO_GO:
         missing = ", ".join(c.name for c in criteria if not c.met)
-        headline = f"Phase 1 failed ({missing}): keep our PTQ INT8/INT2."
+        headline = f"Phase 1 failed ({missing}): keep AI-OS's PTQ INT8/INT2."
     else:
         headline = "No AngelSlim run in this batch: Phase 1 cannot be decided; add an AngelSlim candidate."
     return Decision(outcome, headline, criteria, phase2(records, environment), recommendations(records))
@@ -308,7 +415,11 @@ def size_quality_figure(records: list[dict]):
             if y is None:
                 continue
             family = _family(r)
-            color = "#2e7d32" if _passed(r) else "#c62828"
+            color = OUTCOME_COLORS["round trip" if _self_source(r) else _outcome(r)]
+            low, high = ((s.get("ppl_interval") or [None, None])[:2]) if causal else (None, None)
+            if _number(low) is not None and _number(high) is not None:  # the 95 % interval as an error bar
+                ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="none", ecolor=color, elinewidth=1.2,
+                            capsize=3, zorder=2)
             ax.scatter([x], [y], marker=MARKERS[family], s=70, color=color, edgecolor="black", linewidth=0.6, zorder=3)
             texts.append(ax.text(x, y, _label(r), fontsize=8))
         values = [abs(t.get_position()[1]) for t in texts] or [1]
@@ -322,7 +433,7 @@ def size_quality_figure(records: list[dict]):
     handles = [plt.Line2D([], [], marker=m, linestyle="", color="#777", markeredgecolor="black", label=f)
                for f, m in MARKERS.items()]
     handles += [plt.Line2D([], [], marker="o", linestyle="", color=c, label=l)
-                for c, l in (("#2e7d32", "passes"), ("#c62828", "fails"))]
+                for l, c in OUTCOME_COLORS.items() if l != "error"]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig

@@ -124,9 +124,10 @@ def store_facts(check: StoreCheck) -> dict:
 
 
 def _run_parameters(params: dict) -> dict:
-    keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens", "dtype",
+    keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens",
+            "stage_tokens", "reference_precision", "dtype",
             "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold",
-            "overrides")
+            "lm_eval_tasks", "lm_eval_limit", "overrides")
     return {k: params.get(k) for k in keys}
 
 
@@ -139,16 +140,27 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
         reasons.append("the Parquet file is not a bit-exact copy of the checkpoint"
                        + (f" ({check.lossless_detail})" if check.lossless is False else " (checksums fail)"))
     passed = bool(verdict.get("passed")) and check.ok
-    verdict.update(passed=passed, reasons=reasons)
-    summary = tables.run_summary(data, params)
+    outcome = "fail" if not check.ok else verdict.get("outcome") or ("pass" if passed else "fail")
+    verdict.update(passed=passed, reasons=reasons, outcome=outcome)
+    summary = tables.run_summary({**data, "verdict": verdict}, params)
     summary["passed"] = passed
+    from llm_compression.runtime import aios_engine
+    from llm_compression.workbook import builtins
+
+    summary["self_source"] = builtins.is_own_source(params.get("model", ""), params.get("reference", ""))
+    engine = aios_engine.verdict(WeightLoaderV2(check.parquet))
+    summary["aios_engine"] = aios_engine.summary_line(engine)
     return {
-        "run": params["run"], "title": params["title"], "status": "passed" if passed else "failed-check",
+        "run": params["run"], "title": params["title"], "status": RUN_STATUS[outcome],
         "inputs_digest": params.get("inputs_digest"), "parameters": _run_parameters(params),
         "store": {**check.summary, "checksums_verify": not check.checksum_problems,
                   "export_bit_exact": check.lossless, "round_trip": check.lossless_detail},
         **{k: v for k, v in data.items() if k != "verdict"}, "verdict": verdict, "summary": summary,
+        "aios_engine": engine,
     }
+
+
+RUN_STATUS = {"pass": "passed", "fail": "failed-check", "inconclusive": "inconclusive"}
 
 
 def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> dict:
@@ -173,6 +185,7 @@ def evaluated(record, params: dict) -> dict:
     data = record.to_dict()
     data["candidate"]["producer"] = params.get("producer") or builtins.producer(params["model"])
     data["original"]["model"] = params.get("model_name") or builtins.model_name(params["reference"])
+    data["candidate"]["build"] = builtins.provenance(params["model"])
     return data
 
 
@@ -181,11 +194,58 @@ CHECK_LABELS = {"cosine": "cosine similarity (at least)", "ppl_increase": "perpl
 
 
 def quality_rows(data: dict) -> list[dict]:
-    """One row per verdict check: what it measures, the value, its threshold, and whether it passed."""
-    return [{"check": CHECK_LABELS.get(c["name"], c["name"]), "value": c["value"],
-             "threshold": "none set" if c["threshold"] is None else c["threshold"],
-             "passed": {True: "yes", False: "NO", None: "—"}[c["passed"]]}
-            for c in data["verdict"]["checks"]]
+    """One row per verdict check: what it measures, the value with its 95 % interval, its threshold, and the
+    outcome (yes / NO / undecided, with the tokens that would decide it)."""
+    rows = []
+    for c in data["verdict"]["checks"]:
+        scale = 100.0 if c["name"] == "ppl_increase" else 1.0
+        iv = c.get("interval")
+        value = c["value"]
+        shown = value if iv is None or value is None else (
+            f"{value:.4g} [{iv['low'] / scale:.4g}, {iv['high'] / scale:.4g}]")
+        outcome = {"pass": "yes", "fail": "NO", "inconclusive": "undecided"}.get(c.get("outcome"),
+                                                                               {True: "yes", False: "NO", None: "—"}[c["passed"]])
+        if c.get("outcome") == "inconclusive" and c.get("tokens_to_decide"):
+            outcome += f" (about {c['tokens_to_decide']:,} tokens would decide)"
+        rows.append({"check": CHECK_LABELS.get(c["name"], c["name"]), "value [95 % interval]": shown,
+                     "threshold": "none set" if c["threshold"] is None else c["threshold"], "passed": outcome})
+    return rows
+
+
+def task_rows(data: dict) -> list[dict]:
+    """One row per lm-eval task: both accuracies, recovery and flips, each with its 95 % interval."""
+    def shown(iv: dict, percent: bool = True) -> str:
+        f = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3f}")
+        return f"{f(iv['estimate'])} [{f(iv['low'])}, {f(iv['high'])}]"
+
+    rows = []
+    for name, t in ((data.get("metrics") or {}).get("tasks") or {}).items():
+        rows.append({"task": name, "what": t["label"], "items": t["items"],
+                     "accuracy, original": shown(t["accuracy_original"]),
+                     "accuracy, candidate": shown(t["accuracy_candidate"]),
+                     "recovery": shown(t["recovery"], percent=False),
+                     "flips": f"{shown(t['flips'])} ({t['flips_lost']} lost, {t['flips_gained']} gained)"})
+    return rows
+
+
+def divergence_rows(data: dict) -> list[dict]:
+    """llama.cpp's --kl-divergence figures (KLD and Δp percentiles, RMS Δp, same top-1), to read against its tables."""
+    d = (data.get("metrics") or {}).get("divergence")
+    if not d:
+        return []
+    k, dp, top = d["kld"], d["delta_p"], d["same_top1"]
+    rows = [{"statistic": "Mean KLD", "value": f"{k['mean']:.6f} ± {k['mean_se']:.6f}"},
+            *({"statistic": f"KLD {q}", "value": f"{k[key]:.6f}"} for q, key in
+              (("99.9%", "p99.9"), ("99.0%", "p99"), ("90.0%", "p90"), ("median", "p50"), ("10.0%", "p10"),
+               ("5.0%", "p5"), ("1.0%", "p1"), ("max", "max"))),
+            {"statistic": "Mean Δp", "value": f"{100 * dp['mean']:+.3f} ± {100 * dp['mean_se']:.3f} %"},
+            {"statistic": "RMS Δp", "value": f"{100 * dp['rms']:.3f} ± {100 * dp['rms_se']:.3f} %"},
+            *({"statistic": f"Δp {q}", "value": f"{100 * dp[key]:+.3f} %"} for q, key in
+              (("max", "max"), ("99.9%", "p99.9"), ("99.0%", "p99"), ("95.0%", "p95"), ("90.0%", "p90"),
+               ("median", "p50"), ("10.0%", "p10"), ("5.0%", "p5"), ("1.0%", "p1"), ("0.1%", "p0.1"),
+               ("min", "min"))),
+            {"statistic": "Same top p", "value": f"{100 * top['mean']:.3f} ± {100 * top['se']:.3f} %"}]
+    return rows
 
 
 def perf_rows(data: dict) -> list[dict]:

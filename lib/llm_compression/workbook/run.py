@@ -41,7 +41,9 @@ DEFAULTS: dict = {
     "corpus": "pydoc",  # offline default; a .txt/.jsonl path or (online) a datasets id
     "context_length": 128,
     "stride": 128,
-    "max_eval_tokens": 2048,
+    "max_eval_tokens": 2048,  # tokens of the held-out text scored at most
+    "stage_tokens": None,  # score in stages of this many tokens, stopping once every check is decided (null: all)
+    "reference_precision": "float32",  # the original's stored logits: float32 (exact) or float16 (half the disk)
     "gen_tokens": 16,
     "dtype": "float32",
     "device": "cpu",
@@ -55,6 +57,8 @@ DEFAULTS: dict = {
     "ppl_threshold": 0.15,
     "kld_threshold": None,
     "top1_threshold": None,
+    "lm_eval_tasks": "",  # lm-evaluation-harness tasks, comma-separated: heldout_lambada (offline) or any reachable task
+    "lm_eval_limit": 200,  # items per task at most (null: all)
     "output_dir": "reports",
     "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
     "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
@@ -134,7 +138,7 @@ def inputs_digest(params: dict) -> str:
 @dataclass
 class RunOutcome:
     run: str
-    status: str  # passed | failed-check | error | skipped
+    status: str  # passed | failed-check | inconclusive | error | skipped
     notebook: Path
     html: Path | None
     record: Path
@@ -242,7 +246,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
             }, indent=2))
         elif staged_record.exists():
             data = json.loads(staged_record.read_text())
-            status = data.get("status") if data.get("status") == "failed" else (
+            status = data.get("status") if data.get("status") in ("failed", "inconclusive") else (
                 "passed" if data.get("verdict", {}).get("passed") else "failed-check")
             message = "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
         else:

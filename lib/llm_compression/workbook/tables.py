@@ -24,15 +24,17 @@ COLUMNS = {
     "cosine": "cosine (mean)",
     "kld_mean": "KLD (mean)",
     "top1_agreement": "top-1 agree",
-    "ppl_delta_pct": "PPL change",
+    "ppl_delta_pct": "PPL change [95 % interval]",
     "latency": "latency",
     "peak_rss_mb": "peak RSS, dequantized (MB)",
     "peak_rss_packed_mb": "peak RSS, packed (MB)",
     "verdict": "verdict",
-    "why": "why it failed",
+    "why": "why (failed or undecided)",
 }
 
-INTERNAL = ["_passed", "_reference"]  # carried for sorting and plots, never shown
+INTERNAL = ["_passed", "_reference", "_order", "_ppl_low", "_ppl_high"]  # for sorting and plots, never shown
+LABELS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
+ORDER = {"PASS": 0, "UNDECIDED": 1, "FAIL": 2, "ROUND TRIP": 3, "ERROR": 4}
 
 
 def _number(value):
@@ -52,10 +54,14 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
         status = record.get("status") or s.get("status")
         verdict = record.get("verdict") or {}
         passed = bool(verdict.get("passed")) and status not in ("error",)
+        outcome = verdict.get("outcome") or ("pass" if passed else "fail")
         if status == "error":
             label = "ERROR"
+        elif s.get("self_source"):
+            label = "ROUND TRIP"  # the original's own source: a store check, never a quantization to recommend
         else:
-            label = "PASS" if passed else "FAIL"
+            label = LABELS.get(outcome, "FAIL")
+        low, high = (s.get("ppl_interval") or [None, None])[:2]
         rows.append({
             "run": record.get("run"),
             "producer": s.get("producer") or "",
@@ -77,31 +83,45 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
                 record.get("error") or ""),
             "_passed": passed,
             "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
+            "_order": ORDER.get(label, 5),
+            "_ppl_low": _number(low),
+            "_ppl_high": _number(high),
         })
     table = pd.DataFrame(rows, columns=list(COLUMNS) + INTERNAL)
     if len(table):
-        table = table.sort_values(["_passed", "ppl_delta_pct", "size_mb"], ascending=[False, True, True], na_position="last")
+        table = table.sort_values(["_order", "ppl_delta_pct", "size_mb"], ascending=[True, True, True], na_position="last")
     return table.reset_index(drop=True)
 
 
 def style_decision_table(table: pd.DataFrame):
     """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden."""
-    shown = table.drop(columns=INTERNAL).rename(columns=COLUMNS)
-    if not shown[COLUMNS["why"]].astype(bool).any():
-        shown = shown.drop(columns=[COLUMNS["why"]])
+    ppl = [ppl_with_interval(v, lo, hi) for v, lo, hi in zip(table["ppl_delta_pct"], table["_ppl_low"], table["_ppl_high"])]
+    shown = table.assign(ppl_delta_pct=ppl).drop(columns=INTERNAL).rename(columns=COLUMNS)
+    # columns no run fills (activations all weight-only, memory not measured...) only widen the page
+    empty = [c for c in shown.columns if shown[c].isna().all() or (shown[c].astype(str).isin(["", "nan", "None", "weight-only"]).all())]
+    shown = shown.drop(columns=[c for c in empty if c != COLUMNS["verdict"]])
 
     def highlight(row):
         verdict = row[COLUMNS["verdict"]]
-        color = {"PASS": "#e6f4ea", "FAIL": "#fde2e1", "ERROR": "#f9c8c4"}.get(verdict, "")
+        color = {"PASS": "#e6f4ea", "FAIL": "#fde2e1", "ERROR": "#f9c8c4", "UNDECIDED": "#fff4d6",
+                 "ROUND TRIP": "#eeeeee"}.get(verdict, "")
         return [f"background-color: {color}" if color else "" for _ in row]
 
     fmt = {
         COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["quantized_bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
         COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
-        COLUMNS["ppl_delta_pct"]: format_ppl_delta, COLUMNS["peak_rss_mb"]: "{:.0f}",
-        COLUMNS["peak_rss_packed_mb"]: "{:.0f}",
+        COLUMNS["peak_rss_mb"]: "{:.0f}", COLUMNS["peak_rss_packed_mb"]: "{:.0f}",
     }
+    fmt = {k: v for k, v in fmt.items() if k in shown.columns}
     return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
+
+
+def ppl_with_interval(value, low, high) -> str:
+    """``+14.8 % [13.5, 16.2]``: the change and its 95 % interval (the interval left out where there is none)."""
+    text = format_ppl_delta(value)
+    if text == "—" or any(math.isnan(_number(x)) for x in (low, high)) or abs(_number(value)) >= 1000:
+        return text
+    return f"{text} [{low:+.1f}, {high:+.1f}]"
 
 
 def _dig(data, *path, default=None):
@@ -154,6 +174,12 @@ def run_summary(record: dict, params: dict) -> dict:
         "kld_mean": _dig(record, "metrics", "kld", "mean"),
         "top1_agreement": _dig(record, "metrics", "top1_agreement"),
         "ppl_delta_pct": _dig(record, "metrics", "ppl", "delta_percent"),
+        "ppl_interval": [_dig(record, "metrics", "intervals", "ppl_change_percent", "low"),
+                         _dig(record, "metrics", "intervals", "ppl_change_percent", "high")],
+        "kld_interval": [_dig(record, "metrics", "intervals", "kld_mean", "low"),
+                         _dig(record, "metrics", "intervals", "kld_mean", "high")],
+        "outcome": _dig(record, "verdict", "outcome"),
+        "ppl_tokens": _dig(record, "metrics", "ppl", "num_tokens"),
         "latency": latency_value,
         "latency_label": latency_label,
         "latency_metric": latency_metric,  # what ``latency`` measures: prefill_ms_per_token | embedding_sentences_per_s
