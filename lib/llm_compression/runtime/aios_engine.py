@@ -26,6 +26,7 @@ DECODER_SLOTS = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_att
                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
                  "post_attention_layernorm.weight"}
 READABLE_FORMATS = {"dense", "aios"}
+AIOS_READS = {"fp32", "fp16", "int8", "int2"}  # quant_type values whose rows carry what AI-OS's loader needs
 QK_NORM = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.query_layernorm", "self_attn.key_layernorm")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -91,7 +92,12 @@ def verdict(loader) -> dict:
     """``{"runs": bool, "reasons": [...], "source": ...}`` for a weight file (a ``WeightLoaderV2``)."""
     formats = {}
     for name, info in loader.rows.items():
-        formats[name] = f"dense:{info.dtype}" if info.format == "dense" and info.dtype == "BF16" else info.format
+        if info.dtype == "BF16" and info.format == "dense":
+            formats[name] = "dense:BF16"
+        elif info.quant_type in AIOS_READS or info.format in READABLE_FORMATS:  # rows AI-OS's loader reads right
+            formats[name] = "dense"
+        else:
+            formats[name] = info.format
     names = set(loader.keys()) | set(loader.rows)
     reasons = engine_findings(loader.config, names, formats)
     return {"runs": not reasons, "reasons": reasons, "source": AIOS_ENGINE_SOURCE}
