@@ -264,6 +264,25 @@ def test_lm_eval_runs_on_the_parquet_loaded_models_with_accuracy_recovery_and_fl
     assert flips["estimate"] == 0.0 and "reused" in same.settings["reference_cache"]
 
 
+def test_runs_with_and_without_tasks_share_the_originals_scored_windows(tiny_lm, tmp_path):
+    """The original's lm-eval answers are a cache entry of their own: adding a task to a run does not
+    recompute the original's windows, and the answers are computed once."""
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    cache = tmp_path / "ref"
+    plain = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    with_tasks = evaluate(tiny_lm, candidate, reference_cache=cache, lm_eval_tasks=("heldout_lambada",),
+                          lm_eval_limit=8, **SMALL)
+    assert plain.settings["reference_cache"].startswith("computed and stored")
+    assert with_tasks.settings["reference_cache"].startswith("reused")
+    assert with_tasks.metrics["kld"] == plain.metrics["kld"]
+    assert len(list(cache.glob("*.tasks.safetensors"))) == 1 and len(list(cache.glob("*.safetensors"))) == 2
+    answers = next(cache.glob("*.tasks.safetensors"))
+    stamp = answers.stat().st_mtime_ns
+    again = evaluate(tiny_lm, candidate, reference_cache=cache, lm_eval_tasks=("heldout_lambada",), lm_eval_limit=8, **SMALL)
+    assert answers.stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert json.dumps(again.metrics["tasks"], sort_keys=True) == json.dumps(with_tasks.metrics["tasks"], sort_keys=True)
+
+
 def test_lm_eval_task_items_come_from_the_held_out_split_only():
     from llm_compression import corpus
     from llm_compression.evaluation.tasks import heldout_passages

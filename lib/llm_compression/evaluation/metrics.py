@@ -274,10 +274,28 @@ def token_kl_divergence(
     return kld, match
 
 
+def _working(x: torch.Tensor) -> torch.Tensor:
+    """Logits in the precision the vocabulary passes run in: float32, or float64 when given float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise log-sum-exp of ``x`` [N, V] in float64 (the exponentials summed in float64), with
+    ``exp(x - max)`` and its row sums, from which the probabilities follow without another log-softmax."""
+    top = x.amax(dim=-1, keepdim=True)
+    exps = (x - top).exp_()
+    sums = exps.sum(dim=-1, dtype=torch.float64)
+    return top.squeeze(-1).double() + sums.log(), exps, sums
+
+
 def token_comparison(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per scored token, from one log-softmax of each side (float64): ``kld`` (KL(P_ref || P_cand)),
-    ``top1`` (argmax agrees), ``nll_original`` / ``nll_candidate`` (``-log P(target)``) and ``delta_p``
-    (``P_cand(target) - P_ref(target)``, llama.cpp's Δp). ``*_logits`` are ``[N, V]``, ``targets`` ``[N]``."""
+    """Per scored token: ``kld`` (KL(P_ref || P_cand)), ``top1`` (argmax agrees), ``nll_original`` /
+    ``nll_candidate`` (``-log P(target)``) and ``delta_p`` (``P_cand(target) - P_ref(target)``, llama.cpp's
+    Δp). ``*_logits`` are ``[N, V]``, ``targets`` ``[N]``.
+
+    Float32 passes over the vocabulary with float64 sums: ``KL = Σ p·(a − b) − (lse_a − lse_b)`` for logits
+    ``a``, ``b``, where ``a − b`` is exact when the two are close, so the result agrees with a float64
+    log-softmax to ~1e-7 absolute (tested) at less than half its cost."""
     _check_pair(ref_logits, cand_logits, "ref_logits", "cand_logits")
     if ref_logits.dim() != 2 or targets.shape != ref_logits.shape[:1]:
         raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(ref_logits.shape)} and {tuple(targets.shape)}")
@@ -285,14 +303,17 @@ def token_comparison(ref_logits: torch.Tensor, cand_logits: torch.Tensor, target
     out = {k: torch.empty(n, dtype=torch.float64) for k in ("kld", "nll_original", "nll_candidate", "delta_p")}
     out["top1"] = torch.empty(n, dtype=torch.bool)
     for rows in _row_chunks(n, ref_logits.shape[1]):
-        ref_chunk, cand_chunk = ref_logits[rows], cand_logits[rows]
-        log_p = torch.log_softmax(ref_chunk.to(torch.float64), dim=-1)
-        log_q = torch.log_softmax(cand_chunk.to(torch.float64), dim=-1)
-        p = log_p.exp()
-        out["kld"][rows] = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
-        out["top1"][rows] = ref_chunk.argmax(dim=-1) == cand_chunk.argmax(dim=-1)
+        a, b = _working(ref_logits[rows]), _working(cand_logits[rows])
+        lse_a, p, sums = _logsumexp(a)
+        lse_b = _logsumexp(b)[0]
+        p.div_(sums.unsqueeze(-1).to(p.dtype))
+        weighted = torch.where(p > 0, p * (a - b), torch.zeros((), dtype=p.dtype))  # 0·log 0 = 0
+        # KL is never negative: what rounding leaves below 0 is 0
+        out["kld"][rows] = (weighted.sum(dim=-1, dtype=torch.float64) - (lse_a - lse_b)).clamp_min_(0.0)
+        out["top1"][rows] = a.argmax(dim=-1) == b.argmax(dim=-1)
         index = targets[rows].long().unsqueeze(-1)
-        lp, lq = log_p.gather(-1, index).squeeze(-1), log_q.gather(-1, index).squeeze(-1)
+        lp = a.gather(-1, index).squeeze(-1).double() - lse_a
+        lq = b.gather(-1, index).squeeze(-1).double() - lse_b
         out["nll_original"][rows], out["nll_candidate"][rows] = -lp, -lq
         out["delta_p"][rows] = lq.exp() - lp.exp()
     return out
@@ -378,8 +399,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-log softmax(logits)[target]`` per row, float64, for ``logits [N, V]`` and ``targets [N]``."""
     out = torch.empty(logits.shape[0], dtype=torch.float64)
     for rows in _row_chunks(logits.shape[0], logits.shape[1]):
-        log_probs = torch.log_softmax(logits[rows].to(torch.float64), dim=-1)
-        out[rows] = -log_probs.gather(-1, targets[rows].to(log_probs.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+        x = _working(logits[rows])
+        picked = x.gather(-1, targets[rows].to(x.device).long().unsqueeze(-1)).squeeze(-1)
+        out[rows] = (_logsumexp(x)[0] - picked.double()).cpu()  # as token_comparison computes it: same figures
     return out
 
 

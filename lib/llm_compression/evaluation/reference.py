@@ -16,7 +16,9 @@ saves the base model's logits) and each candidate is scored against the file. St
 
 The file (safetensors) is keyed by everything that determines it: the original's identity (config,
 weight files' names, sizes and mtimes), the token ids, windows, prompts, dtype and package versions.
-Each array's xxh3 is stored beside it and verified on load; the file is written atomically.
+Each array's xxh3 is stored beside it and verified on load; the file is written atomically. The original's
+lm-eval answers are a file of their own (``<key>.tasks.safetensors``, keyed by the original, the tasks and
+their limit), so runs with and without tasks share the scored windows.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class ReferenceSide:
 
     path: Path
     meta: dict  # nll_sum, num_windows, num_prompts, original (its ModelInfo), key payload
+    answers: "ReferenceSide | None" = None  # the original's lm-eval answers, a cache entry of their own
 
     def _get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.path), framework="pt") as handle:
@@ -89,7 +92,9 @@ class ReferenceSide:
 
     def task(self, name: str) -> torch.Tensor:
         """The original's per-item correctness on one lm-eval task."""
-        return self._get(f"task.{name}")
+        if self.answers is None:
+            raise ValueError(f"{self.path}: the original's lm-eval answers were not computed")
+        return self.answers._get(f"task.{name}")
 
     @property
     def nll_sum(self) -> float:

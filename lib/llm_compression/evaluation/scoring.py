@@ -77,9 +77,17 @@ def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[t
         outputs = {**reference.window_outputs(logits, hidden, precision), "nll": per_token}
         tensors.update({f"{k}.{i}": v for k, v in outputs.items()})
     if gen_tokens > 0:
-        for j, prompt in enumerate(prompts):
-            tensors[f"gen.{j}"] = M.greedy_generate(orig, prompt, gen_tokens).to(torch.int64)
+        for j, generated in enumerate(_greedy(orig, prompts, gen_tokens)):
+            tensors[f"gen.{j}"] = generated.to(torch.int64)
     return tensors, nll
+
+
+def _greedy(model: nn.Module, prompts: list[torch.Tensor], gen_tokens: int) -> list[torch.Tensor]:
+    """Each prompt's greedy continuation; prompts of one length (the default's) decode as one batch, since a
+    decoding step costs the same for one row as for four here."""
+    if len({p.numel() for p in prompts}) == 1:
+        return list(M.greedy_generate(model, torch.stack(prompts), gen_tokens))
+    return [M.greedy_generate(model, p, gen_tokens) for p in prompts]
 
 
 BLOCK_SERIES = ("nll_original", "nll_candidate", "kld", "top1", "cosine")
@@ -160,45 +168,53 @@ def is_causal(config: dict, task: str | None) -> bool:
 
 
 def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
-                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32",
-                   tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None):
+                  load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32",
+                  tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None):
     """The original's side: read from the cache when the same inputs were scored before, else computed
-    (with only the original in memory) and stored. Returns (side, the original's ModelInfo, cache note)."""
+    (with only the original in memory) and stored. Its lm-eval answers are a cache entry of their own, so runs
+    with and without tasks share the scored windows. Returns (side, the original's ModelInfo, cache note)."""
     from llm_compression.runtime.load import ModelInfo
 
+    common = {"original": reference.source_identity(original), "load": {k: str(v) for k, v in load.items()},
+              "torch": torch.__version__}
     payload = {
-        "original": reference.source_identity(original),
-        "ids": reference.cache_key({"ids": ids.tolist()}),
+        **common, "ids": reference.cache_key({"ids": ids.tolist()}),
         "windows": [(w.begin, w.end, w.score_from) for w in windows],
         "prompts": reference.cache_key({"p": [p.tolist() for p in prompts]}), "gen_tokens": gen_tokens,
-        "load": {k: str(v) for k, v in load.items()}, "torch": torch.__version__, "precision": precision,
-        **({"tasks": list(tasks), "task_limit": task_limit} if tasks else {}),
+        "precision": precision,
     }
-    path = None
-    if cache is not False:
-        root = Path(cache) if cache not in (None, True) else _default_cache_dir()
-        path = root / f"{reference.cache_key(payload)}.safetensors"
-        side = reference.load(path)
-        if side is not None:
-            return side, ModelInfo(**side.meta["original"]), f"reused {path}"
-    model, info = load_model(original, **load)
-    tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
-    if tasks:
+    task_payload = {**common, "tasks": list(tasks), "task_limit": task_limit}
+    root = None if cache is False else Path(cache) if cache not in (None, True) else _default_cache_dir()
+    path = root / f"{reference.cache_key(payload)}.safetensors" if root else None
+    task_path = root / f"{reference.cache_key(task_payload)}.tasks.safetensors" if root and tasks else None
+    side = reference.load(path) if path else None
+    answers = reference.load(task_path) if task_path else None
+    model = info = None
+    if side is None or (tasks and answers is None):
+        model, info = load_model(original, **load)
+    if side is None:
+        tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
+        meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
+        side = reference.save(path or _scratch_path(), tensors, meta)
+        note = f"computed and stored {path}" if path else "computed, not kept"
+    else:
+        note = f"reused {path}"
+    if tasks and answers is None:
         from llm_compression.evaluation.tasks import run_tasks
 
-        for name, answers in run_tasks(model, tokenizer, tasks, task_limit).items():
-            tensors[f"task.{name}"] = torch.from_numpy(answers)
-    del model
-    return_freed_memory()  # the candidate's load stands on a clean heap
-    meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
-    if path is None:
-        import tempfile
+        tensors = {f"task.{name}": torch.from_numpy(a) for name, a in run_tasks(model, tokenizer, tasks, task_limit).items()}
+        answers = reference.save(task_path or _scratch_path(), tensors, {"key": task_payload})
+    if model is not None:
+        del model
+        return_freed_memory()  # the candidate's load stands on a clean heap
+    side.answers = answers
+    return side, info or ModelInfo(**side.meta["original"]), note
 
-        path = Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "reference.safetensors"
-        note = "computed, not kept"
-    else:
-        note = f"computed and stored {path}"
-    return reference.save(path, tensors, meta), info, note
+
+def _scratch_path() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "reference.safetensors"
 
 
 def _default_cache_dir() -> Path:
@@ -209,11 +225,8 @@ def _generation(ref: "reference.ReferenceSide", cand: nn.Module, prompts: list[t
                 gen_tokens: int) -> dict | None:
     if gen_tokens <= 0 or not prompts:
         return None
-    per_prompt = []
-    for j, prompt in enumerate(prompts):
-        expected = ref.generation(j)
-        got = M.greedy_generate(cand, prompt, gen_tokens)
-        per_prompt.append(M.generation_agreement(expected, got).as_dict())
+    per_prompt = [M.generation_agreement(ref.generation(j), got).as_dict()
+                  for j, got in enumerate(_greedy(cand, prompts, gen_tokens))]
     agreements = [p["agreement"] for p in per_prompt]
     return {
         "agreement": sum(agreements) / len(agreements),

@@ -84,11 +84,11 @@ _WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
 }
 _PTQ_LABELS = {"int8": "INT8 round-to-nearest per channel", "int4": "INT4 round-to-nearest, group 128",
                "int2": "INT2 round-to-nearest, group 128 (asymmetric)",
-               "gptq": "GPTQ INT4, group 128, act-order, 128 calibration windows of 256 tokens"}
+               "gptq": "GPTQ INT4, group 128, act-order, 64 calibration windows of 256 tokens"}
 _PTQ_PRODUCERS = {"int8": "llmc ptq int8 per-channel", "int4": "llmc ptq int4 g128 (round to nearest)",
                   "int2": "llmc ptq int2 g128 asymmetric", "gptq": "llmc ptq gptq int4 g128 act-order"}
 # Calibration shared by our GPTQ and AngelSlim's methods that calibrate, so the two compete on equal data.
-CALIBRATION = {"calib_samples": 128, "calib_seq_len": 256}
+CALIBRATION = {"calib_samples": 64, "calib_seq_len": 256}
 # AngelSlim's own PTQ of SmolLM2: method -> options. SmolLM2's width 576 is not a multiple of AngelSlim's
 # group 128 (int4_awq and w4a8_fp8 stop on an assertion there), so those run with 64, the largest that divides.
 # AWQ's scale search runs in fp16 on the CPU (~8 s per calibration window here): it gets fewer windows.
