@@ -289,13 +289,16 @@ def is_aios_source(path: str | os.PathLike) -> bool:
         return False
 
 
-def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress: bool = True):
+def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress: bool = True,
+                 config_source: str | os.PathLike | None = None):
     """AI-OS's V1/V2 file (or model directory) -> our store, every tensor as its writer meant it.
 
     Float rows keep their bytes under an honest tag (fp16 rows tagged float32 become float16; bf16-tagged
     float32 bytes stay float32); int8/int2 rows keep codes and scales, int2 repacked in the order AI-OS's
     loader reads, so the result also reads right in AI-OS. A model directory's ``metadata.json`` and
-    ``tokenizer.json`` travel in the file.
+    ``tokenizer.json`` travel in the file. AI-OS keeps no HF config: ``config_source`` (the model the file
+    was quantized from: HF directory or weight file) lends its config.json and tokenizer files, so the result
+    loads and runs on its own.
     """
     import base64
     import datetime as _dt
@@ -319,6 +322,9 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
                 files[name] = base64.b64encode((src / name).read_bytes()).decode("ascii")
         if (src / "config.json").is_file():
             config_text = (src / "config.json").read_text(encoding="utf-8")
+    if config_text is None and config_source is not None:
+        config_text, lent = _config_and_tokenizer(config_source)
+        files = {**{k: base64.b64encode(v).decode("ascii") for k, v in lent.items()}, **files}
     current = "(none)"
     try:
         with StoreWriter(output) as writer:
@@ -329,6 +335,7 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
                 S.META_FILES: json.dumps(files),
                 S.META_SOURCE: json.dumps({"source": str(source), "resolved": str(weights),
                                            "aios_schema": loader.version.value,
+                                           "config_from": None if config_source is None else str(config_source),
                                            "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                            "llmc_version": __version__}),
             }
@@ -339,3 +346,75 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
         raise write_error(output, current, exc) from None
     return ConversionReport(writer.url or Path(output), len(loader.rows), writer.row_groups, writer.bytes_written,
                             writer.formats)
+
+
+def _config_and_tokenizer(source: str | os.PathLike) -> tuple[str, dict[str, bytes]]:
+    """config.json and the tokenizer files of an HF directory, hub id or weight file."""
+    from llm_compression.store.loader import WeightLoaderV2
+    from llm_compression.store.remote import is_remote
+
+    if str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file()):
+        lender = WeightLoaderV2(source)
+        if not lender.config:
+            raise StoreError(f"{source}: no config.json inside the file to lend the AI-OS file")
+        return json.dumps(lender.config), {k: v for k, v in lender.files.items() if k.startswith("tokenizer")}
+    from llm_compression.store.sources import resolve_source
+
+    root = resolve_source(source)
+    if not (root / "config.json").is_file():
+        raise StoreError(f"{root}: no config.json to lend the AI-OS file")
+    return ((root / "config.json").read_text(encoding="utf-8"),
+            {p.name: p.read_bytes() for p in sorted(root.glob("tokenizer*")) if p.is_file()})
+
+
+# --- what AI-OS's engine computes with ------------------------------------------------------------------
+
+
+@dataclass
+class AiosView:
+    """An AI-OS file as AI-OS's own loader reads it: which tensors it reads wrong or fails on, and (when it
+    loads at all) a weight file holding exactly what AI-OS computes with."""
+
+    reads_wrong: list[str]
+    raises: list[str]  # "tensor: error"
+    parquet: Path | None  # None when AI-OS reads everything right, or cannot load the file
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.reads_wrong or self.raises)
+
+    def as_dict(self) -> dict:
+        return {"reads_wrong": len(self.reads_wrong), "raises": len(self.raises),
+                "first_wrong": self.reads_wrong[:3], "first_raising": self.raises[:3],
+                "loads_in_aios": not self.raises}
+
+
+def aios_view(source: str | os.PathLike, converted: str | os.PathLike, output: str | os.PathLike) -> AiosView:
+    """``source`` (an AI-OS file or model directory) as AI-OS's loader reads it. ``converted`` is the same file in
+    our store (as its writer meant it); where AI-OS reads a tensor wrong, ``output`` gets AI-OS's value instead
+    (float32), every other row is copied. Nothing is written when AI-OS reads everything right or raises."""
+    from llm_compression.store.convert import StoreWriter
+    from llm_compression.store.loader import WeightLoaderV2
+
+    src = Path(source)
+    weights = src / "weights.parquet" if src.is_dir() else src
+    ours = WeightLoaderV2(converted)
+    findings = aios_findings(weights, WeightLoaderV2(weights))
+    wrong = [f.tensor for f in findings if f.outcome == "reads wrong"]
+    raises = [f"{f.tensor}: {f.detail}" for f in findings if f.outcome == "raises"]
+    if not wrong or raises:
+        return AiosView(wrong, raises, None)
+    table = pq.read_table(weights)
+    has_quant_type = S.QUANT_TYPE in table.schema.names
+    misread = set(wrong)
+    with StoreWriter(output) as writer:
+        for row in table.to_pylist():
+            name = row[S.LAYER_NAME]
+            if name in misread:
+                writer.write(Row(name, torch.from_numpy(np.ascontiguousarray(aios_reads(row, has_quant_type))), "dense"))
+            else:
+                writer.write(ours.stored_row(name))
+        meta = {k: v for k, v in ours.metadata.items() if k in (S.META_CONFIG, S.META_GENERATION_CONFIG, S.META_FILES)}
+        meta[S.META_SOURCE] = json.dumps({"source": str(source), "view": "as AI-OS's own loader reads it"})
+        writer.commit(meta)
+    return AiosView(wrong, raises, Path(output))

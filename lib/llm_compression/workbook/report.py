@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from llm_compression import schema as S
 from llm_compression.store import atomic
 from llm_compression.store import inventory
+from llm_compression.store.aios import AiosView, aios_view, convert_aios, is_aios_source
 from llm_compression.workbook import tables
 from llm_compression.store.convert import HuggingFaceToParquetConverter, export_to_hf
 from llm_compression.store.gguf import export_gguf, is_gguf_file
@@ -27,12 +29,13 @@ class StoreCheck:
     """The candidate as stored: its Parquet file, whether every checksum verifies, whether it came back exactly."""
 
     parquet: Path
-    source_kind: str  # "parquet" (given as a weight file), "gguf" or "hf"
+    source_kind: str  # "parquet" (given as a weight file), "gguf", "hf" or "aios" (an AI-OS V1/V2 file or model directory)
     convert_seconds: float | None
     checksum_problems: list[str]
     lossless: bool | None  # None: nothing to compare with (the candidate was a Parquet file already)
     lossless_detail: str = ""
     summary: dict = field(default_factory=dict)
+    aios: "AiosView | None" = None  # an AI-OS file: what AI-OS's own loader makes of it
 
     @property
     def ok(self) -> bool:
@@ -85,9 +88,34 @@ def _gguf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, 
     return False, "GGUF rewritten with differences: " + ("; ".join(differences) or "bytes differ")
 
 
-def store_candidate(candidate_src: str | Path, scratch: Path) -> StoreCheck:
+def _aios_round_trip(source: Path, parquet: Path) -> tuple[bool, str]:
+    """Every tensor of the stored file equals the AI-OS file's as its writer meant it (codes, scales, floats)."""
+    theirs, ours = WeightLoaderV2(source / "weights.parquet" if source.is_dir() else source), WeightLoaderV2(parquet)
+    names = theirs.stored_keys()
+    if sorted(names) != sorted(ours.stored_keys()):
+        return False, "the stored file holds other tensors than the AI-OS file"
+    for name in names:
+        layer, weight = S.split_name(name)
+        if not torch.equal(theirs.load_weight(layer, weight).float(), ours.load_weight(layer, weight).float()):
+            return False, f"{name} differs from the AI-OS file's value"
+    return True, f"{len(names)} tensors equal the AI-OS file's values as its writer meant them"
+
+
+def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | Path | None = None) -> StoreCheck:
     """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
-    check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte."""
+    check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte. An AI-OS
+    V1/V2 file or model directory is converted as its writer meant it, with the config and tokenizer of
+    ``reference`` (AI-OS keeps none), and viewed as AI-OS's own loader reads it (``StoreCheck.aios``)."""
+    if is_aios_source(candidate_src):
+        parquet = scratch / "candidate.parquet"
+        parquet.unlink(missing_ok=True)
+        started = time.perf_counter()
+        convert_aios(candidate_src, parquet, progress=False, config_source=reference)
+        seconds = time.perf_counter() - started
+        view = aios_view(candidate_src, parquet, scratch / "candidate-as-aios-reads.parquet")
+        lossless, detail = _aios_round_trip(Path(candidate_src), parquet)
+        loader = WeightLoaderV2(parquet)
+        return StoreCheck(parquet, "aios", seconds, loader.verify_all(), lossless, detail, inventory.summary(loader), view)
     if str(candidate_src).endswith(".parquet"):
         parquet, kind, seconds = (str(candidate_src) if is_remote(str(candidate_src)) else Path(candidate_src)), "parquet", None
     else:
@@ -105,6 +133,64 @@ def store_candidate(candidate_src: str | Path, scratch: Path) -> StoreCheck:
     elif kind == "gguf":
         lossless, detail = _gguf_round_trip(Path(candidate_src), parquet, scratch)
     return StoreCheck(parquet, kind, seconds, problems, lossless, detail, inventory.summary(loader))
+
+
+def as_aios_reads(check: StoreCheck, reference_src, settings: dict) -> dict | None:
+    """For an AI-OS file that AI-OS's own loader reads differently from how its writer wrote it: the same
+    evaluation (``settings``, the keywords the run passed to ``evaluate``; no speed or task runs) of what AI-OS
+    computes with, beside the run's figures as written. None when AI-OS reads the file as written."""
+    from llm_compression.evaluation.compare import evaluate
+
+    view = check.aios
+    if view is None or not view.differs:
+        return None
+    out = {"view": "as AI-OS's own loader reads the file", **view.as_dict()}
+    if view.parquet is None:
+        out["verdict"] = {"outcome": "fail", "passed": False,
+                          "reasons": [f"AI-OS's loader raises on {len(view.raises)} tensors: the model does not load in AI-OS "
+                                      f"(first: {view.raises[0]})"]}
+        return out
+    record = evaluate(reference_src, view.parquet, **{**settings, "perf": False, "lm_eval_tasks": ()}).to_dict()
+    metrics = record["metrics"]
+    out.update(verdict=record["verdict"], cosine=metrics.get("cosine_similarity"),
+               aios_validator_cosine=(metrics.get("aios_validator_cosine") or {}).get("mean"),
+               kld_mean=(metrics.get("kld") or {}).get("mean"), top1_agreement=metrics.get("top1_agreement"),
+               ppl=metrics.get("ppl"), intervals=metrics.get("intervals"))
+    return out
+
+
+def as_read_line(read: dict | None) -> str | None:
+    """One line for the index: what the run's verdict becomes as AI-OS reads the file (None: it reads it as written)."""
+    if not read:
+        return None
+    outcome = tables.LABELS.get((read.get("verdict") or {}).get("outcome"), "FAIL")
+    if not read.get("loads_in_aios", True):
+        return f"as AI-OS reads the file: {outcome}, it does not load ({read['raises']} tensors raise)"
+    ppl = (read.get("ppl") or {}).get("delta_percent")
+    return f"as AI-OS reads the file ({read['reads_wrong']} tensors read wrong): {outcome}, PPL {tables.format_ppl_delta(ppl)}"
+
+
+def as_written_and_as_read(data: dict) -> list[dict]:
+    """The table beside each other: the file as its writer meant it, and as AI-OS reads it."""
+    read = data.get("as_aios_reads")
+    if not read:
+        return []
+    metrics = data["metrics"]
+
+    def row(label, outcome, cosine, validator, kld, top1, ppl, iv):
+        iv = iv or {}
+        return {"read": label, "verdict": outcome, "cosine": cosine, "AI-OS validator cosine": validator,
+                "KLD mean": kld, "top-1 agreement": top1,
+                "PPL change [95 %]": tables.ppl_with_interval(ppl, iv.get("low"), iv.get("high"))}
+
+    return [
+        row("as written (its writer's values)", data["verdict"].get("outcome"), metrics.get("cosine_similarity"),
+            (metrics.get("aios_validator_cosine") or {}).get("mean"), metrics["kld"]["mean"], metrics.get("top1_agreement"),
+            metrics["ppl"].get("delta_percent"), (metrics.get("intervals") or {}).get("ppl_change_percent")),
+        row("as AI-OS's loader reads it", read["verdict"].get("outcome"), read.get("cosine"), read.get("aios_validator_cosine"),
+            read.get("kld_mean"), read.get("top1_agreement"), (read.get("ppl") or {}).get("delta_percent"),
+            (read.get("intervals") or {}).get("ppl_change_percent")),
+    ]
 
 
 def store_facts(check: StoreCheck) -> dict:
@@ -150,6 +236,7 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
     summary["self_source"] = builtins.is_own_source(params.get("model", ""), params.get("reference", ""))
     engine = aios_engine.verdict(WeightLoaderV2(check.parquet))
     summary["aios_engine"] = aios_engine.summary_line(engine)
+    summary["as_aios_reads"] = as_read_line(data.get("as_aios_reads"))
     return {
         "run": params["run"], "title": params["title"], "status": RUN_STATUS[outcome],
         "inputs_digest": params.get("inputs_digest"), "parameters": _run_parameters(params),

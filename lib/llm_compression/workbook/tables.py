@@ -79,8 +79,10 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "peak_rss_mb": _number(s.get("peak_rss_mb")),
             "peak_rss_packed_mb": _number(s.get("peak_rss_packed_mb")),
             "verdict": label,
-            "why": "" if passed else "; ".join(first_line(r) for r in verdict.get("reasons") or []) or first_line(
-                record.get("error") or ""),
+            "why": "; ".join(filter(None, [
+                "" if passed else "; ".join(first_line(r) for r in verdict.get("reasons") or []) or first_line(
+                    record.get("error") or ""),
+                s.get("as_aios_reads")])),  # an AI-OS file AI-OS's own loader reads otherwise
             "_passed": passed,
             "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
             "_order": ORDER.get(label, 5),
