@@ -219,3 +219,31 @@ def test_a_build_keeps_its_provenance_and_says_when_it_differs_from_the_recorded
     builtins.resolve("builtin:toy-lm/ptq-int8")
     assert builtins.provenance("builtin:toy-lm/ptq-int8")["sha256"] == first
     assert builtins.provenance("builtin:toy-lm") is None  # bases are not built by us
+
+
+def test_a_directory_builds_digest_is_its_tensors_not_the_order_of_its_header(tmp_path) -> None:
+    """Writers order a safetensors header's metadata as a Python set iterates (AngelSlim's GPTQ output differed
+    between two identical builds only there): the digest reads tensors and sorted metadata."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), "b": torch.ones(4)}
+    dirs = [tmp_path / "one", tmp_path / "two", tmp_path / "three"]
+    for path in dirs:
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        save_file(tensors if path.name != "three" else {**tensors, "b": torch.full((4,), 2.0)},
+                  str(path / "model.safetensors"), metadata={"format": "pt", "lm_head.weight": "x"})
+    # the same file with its header's metadata in both orders, as writers in two processes may leave it
+    for path, backwards in ((dirs[0], False), (dirs[1], True)):
+        raw = (path / "model.safetensors").read_bytes()
+        size = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + size])
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items(), reverse=backwards))
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+        assert len(text) == size
+        (path / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + size :])
+    assert (dirs[0] / "model.safetensors").read_bytes() != (dirs[1] / "model.safetensors").read_bytes()
+    assert builtins.content_digest(dirs[0]) == builtins.content_digest(dirs[1])
+    assert builtins.content_digest(dirs[0]) != builtins.content_digest(dirs[2])  # one value changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from pathlib import Path
 
 from llm_compression.workbook import builtins
 
@@ -32,9 +33,11 @@ def main() -> int:
         if facts is None:
             missing.append(name)
             continue
+        base = Path(builtins.resolve(builtins.BUILTIN_PREFIX + entry.base))
         machine = (f"{cpu_model()}, {facts['torch_threads']} torch threads, torch {facts['torch']}, "
                    f"flags {' '.join(facts['cpu_kernel_flags'])}")
-        recorded[name] = {"sha256": facts["sha256"], "machine": machine}
+        # recomputed, not copied from the provenance file: a build's digest is what content_digest says now
+        recorded[name] = {"sha256": builtins.content_digest(builtins.root_target(entry, base)), "machine": machine}
     builtins.RECORDED_DIGESTS.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"recorded {len(recorded)} builtins in {builtins.RECORDED_DIGESTS}")
     if missing:

@@ -366,10 +366,27 @@ def content_digest(target: Path) -> str:
         p for p in target.rglob("*") if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
     for path in files:
         digest.update(str(path.relative_to(target) if target.is_dir() else path.name).encode() + b"\0")
+        if path.suffix == ".safetensors":
+            _digest_tensors(digest, path)
+            continue
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _digest_tensors(digest, path: Path) -> None:
+    """A safetensors file by its tensors and metadata, sorted: writers order the header's metadata as a Python
+    set iterates (it changes from process to process), which is not a different build."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        digest.update(json.dumps(sorted((handle.metadata() or {}).items())).encode())
+        for name in sorted(handle.keys()):
+            tensor = handle.get_tensor(name)
+            digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\n".encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def machine_facts() -> dict:
