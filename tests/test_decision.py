@@ -68,3 +68,23 @@ def test_undecided_runs_sit_between_passes_and_fails_with_their_interval_and_rou
     html = tables.style_decision_table(table).to_html()
     assert "+14.8 % [+13.5, +16.2]" in html
     assert "activations" not in html  # a column no run fills is left out: the table fits the page
+
+
+def test_the_index_table_keeps_to_what_every_run_has_and_speed_gets_its_own_table() -> None:
+    perf = {"candidate": {"prefill_ms_per_token": {"median": 0.5}, "memory": {"inference_peak_rss_bytes": 3e8}}}
+    table = tables.decision_table([_record("fast", ppl=0.1, passed=True, perf=perf), _record("plain", ppl=0.2, passed=True)])
+    compact = tables.style_decision_table(table, compact=True).to_html()
+    full = tables.style_decision_table(table).to_html()
+    for column in ("latency", "peak RSS, dequantized (MB)", "× vs bf16", "bits/weight (all)"):
+        assert column in full and column not in compact
+    assert "bits/weight (quantized)" in compact and "PPL change" in compact
+    speed = tables.perf_table(table).to_html()
+    assert "fast" in speed and "plain" not in speed and "0.50 ms/token (prefill)" in speed
+    assert tables.perf_table(tables.decision_table([_record("plain", ppl=0.2, passed=True)])) is None
+
+
+def test_an_aios_file_read_otherwise_by_aios_says_so_in_the_why_column_even_when_it_passes() -> None:
+    record = _record("users-file", ppl=0.3, passed=True)
+    record["summary"]["as_aios_reads"] = "as AI-OS reads the file (30 tensors read wrong): FAIL, PPL × 316,000"
+    table = tables.decision_table([record])
+    assert table.loc[0, "verdict"] == "PASS" and table.loc[0, "why"].startswith("as AI-OS reads the file")

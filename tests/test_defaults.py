@@ -197,8 +197,10 @@ def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_di
     monkeypatch.setitem(builtins.BASE_BUILDERS, "smollm2", lambda root: tiny_dir)
     monkeypatch.setattr(quantize, "run_angelslim", failing)
     for _ in range(2):
-        with pytest.raises(builtins.BuiltinError, match="w4a8_fp8 failed .*step 'convert'"):
+        with pytest.raises(builtins.BuiltinError, match="w4a8_fp8 failed .*step 'convert'") as info:
             builtins.resolve("builtin:smollm2/angelslim-w4a8_fp8")
+        # named by builtin, never by a machine path: the message reaches the index
+        assert "from builtin:smollm2 failed" in str(info.value) and str(cache) not in str(info.value)
     assert calls == ["w4a8_fp8"]
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no partial output
 

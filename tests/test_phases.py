@@ -115,7 +115,7 @@ def test_size_quality_figure_has_one_panel_per_original_and_a_log_scale_when_a_r
 
 def test_w8a8_runs_are_labelled_and_failures_lose_the_cache_path_preamble():
     w8a8 = record("as-int8", "angelslim 0.5.0 int8_dynamic")
-    w8a8["summary"]["activations"] = "activations quantized, simulated (int8-dynamic-token)"
+    w8a8["summary"]["activations"] = "W8A8, simulated (int8-dynamic-token)"
     lines = phases.recommendations([w8a8, record("our-int8", "llmc ptq int8 per-channel", ppl=0.08)])["SmolLM2-135M-Instruct"]
     assert "8-bit: AngelSlim int8_dynamic (W8A8) +2.0 % PPL vs our int8 per-channel +0.1 % PPL: our PTQ is better." in lines
     failing = error_record("as-w4a8", "angelslim 0.5.0 w4a8_fp8 (group 64)", "run failed: BuiltinError: building "

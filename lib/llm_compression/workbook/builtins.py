@@ -500,7 +500,9 @@ def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
         else:
             _build_ptq(entry, base, target, root)
     except Exception as exc:
-        raise BuiltinError(f"building {BUILTIN_PREFIX}{entry.name} from {base} failed: {type(exc).__name__}: {exc}") from exc
+        # named by builtin, not by cache path: the message reaches the index and the reports
+        raise BuiltinError(f"building {BUILTIN_PREFIX}{entry.name} from {BUILTIN_PREFIX}{entry.base} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def _build_ptq(entry: Builtin, base: Path, target: Path, root: Path) -> None:

@@ -100,7 +100,7 @@ def _label(record: dict) -> str:
     else:
         label = record.get("run") or "?"
     activations = (record.get("summary") or {}).get("activations") or ""
-    return label + (" (W8A8)" if activations.startswith("activations quantized") else "")
+    return label + (" (W8A8)" if activations.startswith(("W8A8", "activations quantized")) else "")  # today's and older records
 
 
 def first_line(text: str) -> str:

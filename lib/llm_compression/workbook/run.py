@@ -419,7 +419,7 @@ def decision_html(records: list[dict], reports: Path) -> str:
 
 def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
     """reports/index.html: the decision, the decision table and links to every run's reports."""
-    from llm_compression.workbook.tables import decision_table, style_decision_table
+    from llm_compression.workbook.tables import decision_table, perf_table, style_decision_table
 
     records = load_records(reports)  # every run in the directory, not only this batch's
     table = decision_table(records)
@@ -429,7 +429,10 @@ def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
                    "from an earlier batch")
         for r in records if r["run"] not in this_batch
     ]
-    table_html = style_decision_table(table).to_html() if len(table) else "<p>No runs.</p>"
+    table_html = style_decision_table(table, compact=True).to_html() if len(table) else "<p>No runs.</p>"
+    speed = perf_table(table) if len(table) else None
+    speed_html = ("<h2>Speed and memory</h2><p>Measured in fresh processes (median of repeats) in the runs that "
+                  "measure them; <code>make bench</code> has the full set.</p>" + speed.to_html()) if speed is not None else ""
     items = []
     for o in outcomes:
         links = []
@@ -455,6 +458,7 @@ border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{
 <p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted. Runs whose activations
 are quantized (W8A8) are a different comparison from weight-only runs: the activations column says which.</p>
 <div id="decision-table">{table_html}</div>
+{speed_html}
 {compare}
 <h2>Reports</h2><ul>{''.join(items)}</ul>
 <p><small>llm_compression {__version__}</small></p>

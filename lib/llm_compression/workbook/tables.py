@@ -95,10 +95,18 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def style_decision_table(table: pd.DataFrame):
-    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden."""
+# Speed and memory: measured in few runs, so the index shows them in a table of their own (``perf_table``)
+# and the all-runs table keeps to what every run has, within a 1,400 px page.
+PERF_COLUMNS = ["latency", "peak_rss_mb", "peak_rss_packed_mb"]
+WIDE_COLUMNS = ["bits_per_weight", "compression_vs_bf16"]  # derivable from size and the quantized bits
+
+
+def style_decision_table(table: pd.DataFrame, compact: bool = False):
+    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden. ``compact``: without
+    the speed and memory columns and the derivable size columns (the index's page width)."""
     ppl = [ppl_with_interval(v, lo, hi) for v, lo, hi in zip(table["ppl_delta_pct"], table["_ppl_low"], table["_ppl_high"])]
-    shown = table.assign(ppl_delta_pct=ppl).drop(columns=INTERNAL).rename(columns=COLUMNS)
+    dropped = INTERNAL + (PERF_COLUMNS + WIDE_COLUMNS if compact else [])
+    shown = table.assign(ppl_delta_pct=ppl).drop(columns=dropped).rename(columns=COLUMNS)
     # columns no run fills (activations all weight-only, memory not measured...) only widen the page
     empty = [c for c in shown.columns if shown[c].isna().all() or (shown[c].astype(str).isin(["", "nan", "None", "weight-only"]).all())]
     shown = shown.drop(columns=[c for c in empty if c != COLUMNS["verdict"]])
@@ -116,6 +124,16 @@ def style_decision_table(table: pd.DataFrame):
     }
     fmt = {k: v for k, v in fmt.items() if k in shown.columns}
     return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
+
+
+def perf_table(table: pd.DataFrame):
+    """The runs that measured speed or memory, with their size: a Styler, or None when no run measured them."""
+    measured = table[(table["latency"].astype(str) != "not measured") & (table["latency"].astype(str) != "")]
+    if not len(measured):
+        return None
+    shown = measured[["run", "size_mb", *PERF_COLUMNS]].rename(columns=COLUMNS)
+    fmt = {COLUMNS["size_mb"]: "{:.2f}", COLUMNS["peak_rss_mb"]: "{:.0f}", COLUMNS["peak_rss_packed_mb"]: "{:.0f}"}
+    return shown.style.format(fmt, na_rep="—", escape="html").hide(axis="index")
 
 
 def ppl_with_interval(value, low, high) -> str:
@@ -139,7 +157,7 @@ def activation_label(candidate: dict) -> str:
     the two are different comparisons and every figure of such a run carries this label."""
     schemes = sorted(set((candidate.get("activation_schemes") or {}).values()))
     if candidate.get("activation_quant") and schemes:
-        return "activations quantized, simulated (" + ", ".join(schemes) + ")"
+        return "W8A8, simulated (" + ", ".join(schemes) + ")"
     return "weight-only"
 
 
