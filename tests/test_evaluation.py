@@ -310,3 +310,15 @@ def test_staged_scoring_stops_once_every_check_is_decided_and_scores_on_while_un
     # AI-OS's PrecisionValidator figure rides along: last-position logits, one per window
     assert edge.metrics["aios_validator_cosine"]["count"] == edge.metrics["ppl"]["num_windows"]
     assert edge.metrics["aios_validator_cosine"]["mean"] == pytest.approx(1.0)
+
+
+def test_lm_eval_runs_quietly(tiny_lm, capsys):
+    """lm-eval's progress bars and notices would read as an error block in a report."""
+    from llm_compression.evaluation.tasks import run_tasks
+    from llm_compression.runtime.load import load_model, load_tokenizer
+
+    model, _ = load_model(tiny_lm)
+    answers = run_tasks(model, load_tokenizer(tiny_lm), ("heldout_lambada",), 8)
+    assert answers["heldout_lambada"].shape == (8,)
+    captured = capsys.readouterr()
+    assert "Running loglikelihood requests" not in captured.err and "already-initialized" not in captured.err

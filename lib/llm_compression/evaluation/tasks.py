@@ -14,7 +14,10 @@ whose answer changed, either way).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -78,11 +81,13 @@ def run_tasks(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | N
 
     include = _task_dir(limit) if HELDOUT_LAMBADA in tasks else None
     try:
-        manager = TaskManager(include_path=str(include) if include else None)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size, dtype=next(model.parameters()).dtype)
-        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True,
-                                  bootstrap_iters=0, random_seed=U.SEED, numpy_random_seed=U.SEED,
-                                  torch_random_seed=U.SEED, fewshot_random_seed=U.SEED)
+        with _quiet():
+            manager = TaskManager(include_path=str(include) if include else None)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size,
+                      dtype=next(model.parameters()).dtype)
+            results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True,
+                                      bootstrap_iters=0, random_seed=U.SEED, numpy_random_seed=U.SEED,
+                                      torch_random_seed=U.SEED, fewshot_random_seed=U.SEED)
     finally:
         if include:
             shutil.rmtree(include, ignore_errors=True)
@@ -92,6 +97,28 @@ def run_tasks(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | N
         metric = "acc" if "acc" in samples[0] else next(k for k in ("exact_match", "acc_norm") if k in samples[0])
         out[task] = np.array([float(s[metric]) for s in samples])
     return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval and datasets write progress bars and notices to stderr, which a report shows as an error block:
+    they go to a buffer, and lm-eval logs only errors. An exception still propagates with its message."""
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
+    levels = [logger.level for logger in loggers]
+    bars = datasets.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def compare_items(original: np.ndarray, candidate: np.ndarray) -> dict:
