@@ -182,15 +182,21 @@ def test_aios_gptq_variant_gives_arrowquantizers_codes():
 # --- our files, seen by AI-OS ---------------------------------------------------------------------------
 
 
-def test_our_files_are_read_right_or_refused_by_aios_never_misread(qwen3_dir, tmp_path):
+@pytest.fixture(scope="module")
+def qwen3_files(qwen3_dir, tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen3 in our store: bf16 as converted, and our int8 / int4 of it."""
     from llm_compression.quantize.run import quantize
 
-    bf16 = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
-    int8 = tmp_path / "int8.parquet"
-    quantize(bf16, int8, "int8", progress=False)
-    int4 = tmp_path / "int4.parquet"
-    quantize(bf16, int4, "int4", progress=False)
-    for path in (bf16, int8, int4):
+    root = tmp_path_factory.mktemp("qwen3_files")
+    files = {"bf16": HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, root / "bf16.parquet").output}
+    for method in ("int8", "int4"):
+        files[method] = quantize(files["bf16"], root / f"{method}.parquet", method, progress=False).output
+    return files
+
+
+def test_our_files_are_read_right_or_refused_by_aios_never_misread(qwen3_files):
+    bf16, int8 = qwen3_files["bf16"], qwen3_files["int8"]
+    for path in qwen3_files.values():
         summary = summarize_findings(aios_findings(path))
         assert not summary["reads_wrong"], (path, summary)
         assert summary.get("raises", 0) > 0  # bf16 rows and packed 4-bit codes have no AI-OS form
@@ -239,14 +245,8 @@ def test_int8_row_of_our_quantizer_reads_right_in_aios(tmp_path, qwen3_dir):
 # --- export for AI-OS ------------------------------------------------------------------------------------
 
 
-def test_export_aios_v2_equals_our_tensors_and_aios_reads_every_row(qwen3_dir, tmp_path):
-    from llm_compression.quantize.run import quantize
-
-    bf16 = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
-    int4 = tmp_path / "int4.parquet"
-    quantize(bf16, int4, "int4", progress=False)
-    int8 = tmp_path / "int8.parquet"
-    quantize(bf16, int8, "int8", progress=False)
+def test_export_aios_v2_equals_our_tensors_and_aios_reads_every_row(qwen3_files, tmp_path):
+    bf16, int4, int8 = qwen3_files["bf16"], qwen3_files["int4"], qwen3_files["int8"]
     for source in (bf16, int4, int8, AIOS / "v2_int2_group128.parquet", AIOS / "v2_int8_mixed_fp16.parquet"):
         out = tmp_path / f"{source.stem}.aios.parquet"
         result = export_aios(source, out, progress=False)
