@@ -163,3 +163,11 @@ def test_undecided_runs_are_neither_recommended_nor_failed_and_round_trips_are_n
     assert "Undecided: AngelSlim int4_awq (group 64) (run as-awq): ppl_increase +14.70%" in text
     assert "Fails:" not in text and "best passing is llama.cpp" not in text
     assert "Round trip, not a candidate: llama.cpp GGUF Q4_1 is the file the original was made from" in text
+
+
+def test_the_cosine_criterion_says_which_figure_it_uses_beside_aios_validator_figure():
+    runs = [dict(r) for r in SET]
+    runs[0] = {**runs[0], "metrics": {**runs[0]["metrics"], "aios_validator_cosine": {"mean": 0.9991}}}
+    evidence = phases.decide(runs, ENVIRONMENT).phase1[2].evidence
+    assert "per-token hidden-state cosine, which this criterion uses" in evidence
+    assert "PrecisionValidator figure, normalised last-position logits: 0.9991" in evidence

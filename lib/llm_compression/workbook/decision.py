@@ -144,6 +144,10 @@ def _phase1_for(record: dict) -> list[Criterion]:
     else:
         cosine_met = cosine is not None and cosine > threshold
         cosine_text = f"{run}: cosine {cosine:.4f}" if cosine is not None else f"{run}: not measured"
+    validator = _number((((record.get("metrics") or {}).get("aios_validator_cosine")) or {}).get("mean"))
+    if validator is not None and cosine is not None:  # the planning report's "cosine > 0.95" is AI-OS's figure
+        cosine_text += (f" (mean per-token hidden-state cosine, which this criterion uses; AI-OS's PrecisionValidator "
+                        f"figure, normalised last-position logits: {validator:.4f})")
     works, evidence = _inference_works(record) if loads else (False, "not loaded")
     return [
         Criterion("an AngelSlim model is converted into the store", converted, f"{run}: {detail}", run),
