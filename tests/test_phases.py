@@ -171,3 +171,18 @@ def test_the_cosine_criterion_says_which_figure_it_uses_beside_aios_validator_fi
     evidence = phases.decide(runs, ENVIRONMENT).phase1[2].evidence
     assert "per-token hidden-state cosine, which this criterion uses" in evidence
     assert "PrecisionValidator figure, normalised last-position logits: 0.9991" in evidence
+
+
+def test_the_decision_in_words_says_what_passes_what_aios_ptq_delivers_and_what_aios_must_add():
+    runs = [dict(r) for r in SET] + [
+        record("aios-int8", "AI-OS ArrowQuantizer int8 per-channel", cosine=0.9995, ppl=0.3),
+        record("aios-int2-read", "AI-OS ArrowQuantizer int2 g128, as AI-OS reads it", cosine=0.001, ppl=2.3e14, bits=2.5,
+               passed=False, reasons=["cosine 0.001 < 0.95"])]
+    runs[0] = {**runs[0], "aios_engine": {"runs": False, "reasons": ["no q_proj/k_proj/v_proj biases: random ones"]}}
+    words = phases.decide(runs, ENVIRONMENT).in_words
+    assert words[0].startswith("What passes for SmolLM2-135M-Instruct: 8-bit: ") and "4-bit: nothing" in words[0]
+    assert "AngelSlim fp8_static" in words[0] and "AngelSlim int4_gptq" not in words[0]
+    kept = next(w for w in words if w.startswith("AI-OS's own PTQ"))
+    assert "AI-OS int8 per-channel +0.3 % PPL, PASS" in kept and "as AI-OS reads it × " in kept and "FAIL" in kept
+    assert any(w.startswith("AI-OS's engine cannot run") and "no q_proj/k_proj/v_proj biases" in w for w in words)
+    assert words[-1].startswith("Adopting AngelSlim also needs: the full quantization toolchain")

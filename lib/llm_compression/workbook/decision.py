@@ -34,6 +34,7 @@ class Decision:
     phase1: list[Criterion]
     phase2: list[Criterion]
     recommendations: dict[str, list[str]] = field(default_factory=dict)  # original model -> sentences
+    in_words: list[str] = field(default_factory=list)  # the decision for the meeting, a sentence per point
 
 
 def _number(value) -> float | None:
@@ -222,7 +223,8 @@ def _quality(record: dict) -> str:
     s = record.get("summary") or {}
     if _ppl(record) is not None:
         low, high = (s.get("ppl_interval") or [None, None])[:2]
-        around = f" [{low:+.1f}, {high:+.1f}]" if _number(low) is not None and _number(high) is not None else ""
+        exploded = abs(_ppl(record)) >= 1000  # "× 316,000" needs no interval in points
+        around = f" [{low:+.1f}, {high:+.1f}]" if _number(low) is not None and _number(high) is not None and not exploded else ""
         return f"{format_ppl_delta(_ppl(record))}{around} PPL"
     cosine = _number(s.get("cosine"))
     return f"cosine {cosine:.4f}" if cosine is not None else "no figures"
@@ -271,15 +273,19 @@ def compare_candidates(a: dict, b: dict) -> str:
     return f"{head}: {better} is better ({around} at {tokens:,} tokens)."
 
 
+def _model_of(record: dict) -> str:
+    s = record.get("summary") or {}
+    return (s.get("original_model") or (record.get("original") or {}).get("model") or s.get("reference")
+            or record.get("reference") or "?")
+
+
 def recommendations(records: list[dict]) -> dict[str, list[str]]:
     """Per original model: the best passing candidate per bit width, what is undecided at the tokens scored,
     AngelSlim against our PTQ at the same width (by the interval of their paired difference), and what fails
     and why. A candidate that is the original's own source is a store round-trip check, never recommended."""
     by_model: dict[str, list[dict]] = {}
     for r in records:
-        s = r.get("summary") or {}
-        model = s.get("original_model") or (r.get("original") or {}).get("model") or s.get("reference") or r.get("reference") or "?"
-        by_model.setdefault(model, []).append(r)
+        by_model.setdefault(_model_of(r), []).append(r)
     out: dict[str, list[str]] = {}
     for model, all_runs in by_model.items():
         lines = []
@@ -346,6 +352,33 @@ def _engine_criterion(runs: list[dict]) -> Criterion:
     return Criterion("AI-OS's engine runs the checkpoint", False, evidence)
 
 
+LABEL_OF_OUTCOME = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
+
+
+def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]:
+    """What passes, what AI-OS's own PTQ really delivers (as AI-OS reads its files), what AI-OS's engine runs
+    today, and what adopting AngelSlim would ask of AI-OS: the decision as a meeting acts on it."""
+    runs = [r for r in records if not _self_source(r) and r.get("status") != "error"]
+    lines = []
+    for model in sorted({_model_of(r) for r in runs}):
+        at = sorted((r for r in runs if _model_of(r) == model), key=_rank)
+        widths = sorted({w for r in at if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
+        lines.append(f"What passes for {model}: " + "; ".join(
+            f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and _passed(r)) or 'nothing'}" for w in widths) + ".")
+    kept = [r for r in runs if is_aios(r)]
+    if kept:
+        lines.append("AI-OS's own PTQ, the option to keep: " + "; ".join(
+            f"{_label(r)} {_quality(r)}, {LABEL_OF_OUTCOME.get(_outcome(r), 'FAIL')}" for r in sorted(kept, key=_rank)) + ".")
+    engine = next((c for c in phase2_criteria if c.name == "AI-OS's engine runs the checkpoint"), None)
+    if engine is not None:
+        lines.append("AI-OS's engine runs the AngelSlim checkpoints as it stands." if engine.met else
+                     "AI-OS's engine cannot run the AngelSlim checkpoints as it stands. " + engine.evidence + ".")
+    missing = [c for c in phase2_criteria if not c.met and c is not engine]
+    if missing:
+        lines.append("Adopting AngelSlim also needs: " + "; ".join(c.name for c in missing) + " (Phase 2 below).")
+    return lines
+
+
 def decide(records: list[dict], environment: dict) -> Decision:
     outcome, criteria = phase1(records)
     if outcome == GO:
@@ -355,7 +388,8 @@ def decide(records: list[dict], environment: dict) -> Decision:
         headline = f"Phase 1 failed ({missing}): keep AI-OS's PTQ INT8/INT2."
     else:
         headline = "No AngelSlim run in this batch: Phase 1 cannot be decided; add an AngelSlim candidate."
-    return Decision(outcome, headline, criteria, phase2(records, environment), recommendations(records))
+    second = phase2(records, environment)
+    return Decision(outcome, headline, criteria, second, recommendations(records), in_words(records, second))
 
 
 def project_environment(repo: Path) -> dict:

@@ -404,6 +404,7 @@ def decision_html(records: list[dict], reports: Path) -> str:
     decided = decision.decide(records, decision.project_environment(REPO_ROOT))
     css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
     parts = [f'<div class="headline {css}">{html.escape(decided.headline)}</div>',
+             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in decided.in_words) + "</ul>",
              "<h3>Phase 1: validate AngelSlim's checkpoints</h3>", _criteria_html(decided.phase1, reports),
              "<h3>Phase 2: integrate AngelSlim (what this project shows)</h3>", _criteria_html(decided.phase2, reports),
              "<h3>Recommendation per original model</h3>"]
