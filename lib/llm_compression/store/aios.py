@@ -349,22 +349,19 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
 
 
 def _config_and_tokenizer(source: str | os.PathLike) -> tuple[str, dict[str, bytes]]:
-    """config.json and the tokenizer files of an HF directory, hub id or weight file."""
+    """config.json and the side files (tokenizer and the rest) of a weight file, HF directory or hub id, as the
+    store keeps them for any checkpoint."""
     from llm_compression.store.loader import WeightLoaderV2
     from llm_compression.store.remote import is_remote
+    from llm_compression.store.sources import open_checkpoint, resolve_source
 
     if str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file()):
         lender = WeightLoaderV2(source)
-        if not lender.config:
+        if not lender.config_text:
             raise StoreError(f"{source}: no config.json inside the file to lend the AI-OS file")
-        return json.dumps(lender.config), {k: v for k, v in lender.files.items() if k.startswith("tokenizer")}
-    from llm_compression.store.sources import resolve_source
-
-    root = resolve_source(source)
-    if not (root / "config.json").is_file():
-        raise StoreError(f"{root}: no config.json to lend the AI-OS file")
-    return ((root / "config.json").read_text(encoding="utf-8"),
-            {p.name: p.read_bytes() for p in sorted(root.glob("tokenizer*")) if p.is_file()})
+        return lender.config_text, lender.files
+    checkpoint = open_checkpoint(resolve_source(source))  # a clear error when config.json is missing
+    return checkpoint.config_text, checkpoint.side_files
 
 
 # --- what AI-OS's engine computes with ------------------------------------------------------------------
