@@ -273,6 +273,11 @@ def compare_candidates(a: dict, b: dict) -> str:
     return f"{head}: {better} is better ({around} at {tokens:,} tokens)."
 
 
+def _widths(runs: list[dict]) -> list[str]:
+    """The bit widths the runs take, widest first."""
+    return sorted({w for r in runs if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
+
+
 def _model_of(record: dict) -> str:
     s = record.get("summary") or {}
     return (s.get("original_model") or (record.get("original") or {}).get("model") or s.get("reference")
@@ -294,7 +299,7 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                 lines.append(f"Round trip, not a candidate: {_label(r)} is the file the original was made from "
                              f"({_quality(r)}; run {r['run']}).")
         runs = [r for r in all_runs if not _self_source(r)]
-        widths = sorted({w for r in runs if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
+        widths = _widths(runs)
         for width in widths:
             at = [r for r in runs if bit_width(r) == width]
             passing = sorted((r for r in at if _passed(r)), key=_rank)
@@ -362,7 +367,7 @@ def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]
     lines = []
     for model in sorted({_model_of(r) for r in runs}):
         at = sorted((r for r in runs if _model_of(r) == model), key=_rank)
-        widths = sorted({w for r in at if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
+        widths = _widths(at)
         lines.append(f"What passes for {model}: " + "; ".join(
             f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and _passed(r)) or 'nothing'}" for w in widths) + ".")
     kept = [r for r in runs if is_aios(r)]
