@@ -11,6 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
+from llm_compression.store import atomic
 from llm_compression.workbook import builtins
 
 
@@ -38,7 +39,7 @@ def main() -> int:
                    f"flags {' '.join(facts['cpu_kernel_flags'])}")
         # recomputed, not copied from the provenance file: a build's digest is what content_digest says now
         recorded[name] = {"sha256": builtins.content_digest(builtins.root_target(entry, base)), "machine": machine}
-    builtins.RECORDED_DIGESTS.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic.write_text(builtins.RECORDED_DIGESTS, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
     print(f"recorded {len(recorded)} builtins in {builtins.RECORDED_DIGESTS}")
     if missing:
         print("not built here (no digest recorded): " + ", ".join(missing), file=sys.stderr)
