@@ -178,7 +178,7 @@ def test_unknown_type_id_is_one_error(tmp_path):
     at = _tensor_type_offset(src, "blk.0.attn_q.weight")
     data[at:at + 4] = struct.pack("<I", 99)
     src.write_bytes(bytes(data))
-    _assert_refused(src, tmp_path / "t.parquet", "t.gguf: gguf-py cannot read it .*99")
+    _assert_refused(src, tmp_path / "t.parquet", "t.gguf: tensor 'blk.0.attn_q.weight' .*type id 99, which gguf-py .* does not know")
 
 
 def test_reused_type_id_with_other_block_size_is_caught(tmp_path):
@@ -191,7 +191,7 @@ def test_reused_type_id_with_other_block_size_is_caught(tmp_path):
     data[at:at + 4] = struct.pack("<I", int(gguf.GGMLQuantizationType.Q4_0))
     src.write_bytes(bytes(data))
     gguf.GGUFReader(src)  # gguf-py itself does not notice
-    _assert_refused(src, tmp_path / "t.parquet", "'blk.0.ffn_gate.weight' .*ends at .* next tensor")
+    _assert_refused(src, tmp_path / "t.parquet", "'blk.0.ffn_gate.weight' \\(Q4_0, .* bytes before the next tensor")
 
 
 def test_truncated_file_is_one_error(tmp_path):
@@ -247,3 +247,70 @@ def test_real_smollm2_matches_transformers(smollm2):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model_from_parquet(loader)(ids).logits, model(ids).logits)
+
+
+# ----------------------------------------------------------------------------- type ids that collide
+
+
+def _file_with_type(path: Path, type_id: int, rows: int, cols: int, nbytes: int) -> Path:
+    """A GGUF whose first tensor (rows x cols) has type id ``type_id`` and ``nbytes`` bytes of data, followed by
+    an F32 tensor: written by gguf-py as raw int8 bytes, then relabelled in the tensor-info table."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_file_type(7)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((rows, nbytes // rows), dtype=np.int8))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(cols, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    field = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").field
+    dims_at = int(field.offset) + sum(p.nbytes for p in field.parts[:3])
+    data = bytearray(path.read_bytes())
+    data[dims_at:dims_at + 8] = struct.pack("<Q", cols)
+    type_at = dims_at + field.parts[3].nbytes
+    data[type_at:type_at + 4] = struct.pack("<I", type_id)
+    path.write_bytes(bytes(data))
+    return path
+
+
+ROWS, COLS = 256, 2048
+COLLISIONS = [  # (type id, bytes the writer used, what the error must name)
+    (41, ROWS * (2 + COLS // 4), "Tencent 2-bit .*Hy-MT.*reads id 41 as Q1_0"),
+    (42, ROWS * COLS // 64 * 18, "Q2_0, written by mainline ggml"),
+    (42, ROWS * COLS // 256 * 42, "STQ1_0, written by Tencent's Sherry"),
+    (43, ROWS * COLS // 256 * 42, "STQ1_0, written by Tencent's Sherry"),
+    (44, ROWS * COLS // 512 * 130, "q2_0c, written by AngelSlim's HY-1.8B-2Bit"),
+    (41, ROWS * COLS // 512 * 130, "q2_0c"),
+]
+
+
+@pytest.mark.parametrize("type_id, nbytes, names", COLLISIONS)
+def test_a_type_id_is_established_by_its_span_and_a_foreign_layout_is_refused_by_name(tmp_path, type_id, nbytes,
+                                                                                        names):
+    from llm_compression.store.gguf import open_gguf
+
+    src = _file_with_type(tmp_path / "t.gguf", type_id, ROWS, COLS, nbytes)
+    with pytest.raises(StoreError, match=f"t.gguf: tensor 'blk.0.attn_q.weight' \\(256x2048\\) has GGML type id "
+                                         f"{type_id} and {nbytes} bytes: that is {names}.*general.file_type 7"):
+        open_gguf(src)
+    _assert_refused(src, tmp_path / "t.parquet", "refused rather than read with the wrong block size")
+
+
+def test_id_41_with_mainline_q1_0_spans_is_read_as_q1_0(tmp_path):
+    from llm_compression.store.gguf import _open_reader
+
+    src = _file_with_type(tmp_path / "t.gguf", 41, ROWS, COLS, ROWS * COLS // 128 * 18)
+    reader = _open_reader(src, gguf)
+    assert reader.tensors[0].tensor_type.name == "Q1_0" and int(reader.tensors[0].n_bytes) == ROWS * COLS // 128 * 18
+
+
+def test_a_tensor_claiming_more_bytes_than_the_file_has_is_refused_without_reading(tmp_path):
+    src = _file_with_type(tmp_path / "t.gguf", 8, ROWS, COLS, ROWS * COLS // 32 * 34)  # Q8_0
+    data = bytearray(src.read_bytes())
+    reader = gguf.GGUFReader(src)
+    field = reader.tensors[0].field
+    dims_at = int(field.offset) + sum(p.nbytes for p in field.parts[:3])
+    data[dims_at + 8:dims_at + 16] = struct.pack("<Q", 2**40)  # 2^40 rows: petabytes claimed
+    src.write_bytes(bytes(data))
+    _assert_refused(src, tmp_path / "t.parquet", "t.gguf: tensor 'blk.0.attn_q.weight'")

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llm_compression"
 
 # Each layer may import its own layer and the ones before it, never one after it.
 LAYERS = [
-    {"__init__", "errors", "logger", "schema", "corpus", "memory"},
+    {"__init__", "errors", "logger", "names", "schema", "corpus", "memory"},
     {"formats"},
     {"store"},
     {"runtime"},

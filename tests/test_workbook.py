@@ -102,7 +102,7 @@ def test_missing_source_is_one_clear_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope"), "--reference", "builtin:smollm2", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"candidate: {tmp_path / 'nope'} does not exist" in err[0]
-    assert main(["run", str(tmp_path / "x.yaml"), "-p", "nonsense_key", "1", "--reports", str(tmp_path / "r"), "-q"]) == 0
+    assert main(["run", str(tmp_path / "x.yaml"), "-p", "nonsense_key", "1", "--reports", str(tmp_path / "r"), "-q"]) == 1  # the run could not be evaluated
     record = json.loads((tmp_path / "r" / "x.json").read_text())
     assert record["status"] == "error" and "cannot read parameters" in record["error"]
 

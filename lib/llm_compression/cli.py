@@ -108,17 +108,31 @@ def _aios_verdict(path: str, loader) -> dict | str:
     return {"summary": ", ".join(parts) + raises + f" of {found['tensors']} rows", **found}
 
 
-def _print_outcomes(outcomes, reports: str, pdf: bool) -> None:
+def _print_outcomes(outcomes, reports: str, pdf: bool) -> int:
+    """Print one line per run and the index; return the exit status (see RUN_EXIT_CODES)."""
+    from llm_compression.workbook.run import exit_status
+
     width = max(len(o.run) for o in outcomes)
     for o in outcomes:
         message = o.message.splitlines()[0][:200] if o.message else ""
-        print(f"{o.run:<{width}}  {o.status:<12} {o.html or o.record}{'  ' + message if message else ''}")
+        status = "error (expected)" if o.expected else o.status
+        print(f"{o.run:<{width}}  {status:<12} {o.html or o.record}{'  ' + message if message else ''}")
     print(f"index: {reports}/index.html")
     if pdf:
         from llm_compression.workbook.pdf import print_reports
 
         for path in print_reports(reports, [o.run for o in outcomes]):
             print(f"pdf: {path}")
+    failed = [o.run for o in outcomes if not o.evaluated]
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} runs could not be evaluated ({', '.join(failed[:5])}"
+              f"{', ...' if len(failed) > 5 else ''}): their reports say why", file=sys.stderr)
+    return exit_status(outcomes)
+
+
+RUN_EXIT_CODES = ("exit status: 0 every run reached a verdict (a failed check is a verdict, not an error); "
+                  "1 a run could not be evaluated (its record and report say why); 2 bad input or usage "
+                  "(one message names the file); 130 / 143 stopped by Ctrl-C / SIGTERM")
 
 
 def _cmd_run(args) -> int:
@@ -133,8 +147,7 @@ def _cmd_run(args) -> int:
                              overrides=parse_overrides(args.param), executor=args.executor, address=args.address)
     except ParameterError as exc:
         raise StoreError(str(exc)) from None
-    _print_outcomes(outcomes, args.reports, args.pdf)
-    return 0
+    return _print_outcomes(outcomes, args.reports, args.pdf)
 
 
 def _cmd_evaluate(args) -> int:
@@ -153,15 +166,15 @@ def _cmd_evaluate(args) -> int:
         outcomes = run_batch([params], reports=args.reports, force=True, progress=not args.quiet)
     except ParameterError as exc:
         raise StoreError(str(exc)) from None
-    _print_outcomes(outcomes, args.reports, args.pdf)
-    return 0
+    return _print_outcomes(outcomes, args.reports, args.pdf)
 
 
 def _run_name(source: str) -> str:
-    import re
+    """A run name from a source: a safe file name (``/tmp/x/model.parquet`` -> ``tmp-x-model``)."""
+    from llm_compression.names import safe_stem
 
-    name = str(source).rstrip("/").removeprefix("builtin:").replace("/", "-").rsplit("/", 1)[-1]
-    return re.sub(r"[^\w.-]+", "-", name.removesuffix(".parquet").removesuffix(".gguf")) or "candidate"
+    name = str(source).rstrip("/").removeprefix("builtin:")
+    return safe_stem(name.removesuffix(".parquet").removesuffix(".gguf"))
 
 
 def _cmd_quantize(args) -> int:
@@ -247,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  llmc run parameters/default/*.yaml\n"
                               "  llmc run parameters/default/smollm2-ptq-int8.yaml -p max_eval_tokens 1024 -p measure_perf false\n"
                               "  llmc run parameters/default/*.yaml --pdf        # also reports/*.pdf (headless Chromium)\n"
-                              "  llmc run parameters/default/*.yaml --executor ray [--address auto]   # runs as Ray tasks")
+                              "  llmc run parameters/default/*.yaml --executor ray [--address auto]   # runs as Ray tasks\n\n"
+                              + RUN_EXIT_CODES)
     p.add_argument("parameters", nargs="+", help="parameters/*.yaml files")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a parameter of every run; VALUE is parsed as YAML (0.9, true, null, text)")
@@ -268,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  llmc evaluate builtin:smollm2/ptq-int4 --reference builtin:smollm2\n"
                               "  llmc evaluate model-int4.parquet --reference path/to/bf16-model -p context_length 512 "
                               "-p ppl_threshold 0.05\n"
-                              "  llmc evaluate AngelSlim/Qwen3-0_6B_int4_awq --reference Qwen/Qwen3-0.6B --reports reports/qwen3")
+                              "  llmc evaluate AngelSlim/Qwen3-0_6B_int4_awq --reference Qwen/Qwen3-0.6B --reports reports/qwen3\n\n"
+                              + RUN_EXIT_CODES)
     p.add_argument("candidate", help="HF directory, hub id, .parquet, .gguf or builtin:<name>")
     p.add_argument("--reference", required=True, help="the original it is compared with (same kinds of source)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),

@@ -13,7 +13,7 @@ import torch
 
 from llm_compression import __version__
 from llm_compression import quantize as ptq
-from llm_compression import schema as S
+from llm_compression import names, schema as S
 from llm_compression.errors import QuantizeError
 from llm_compression.formats import get_format
 from llm_compression.formats import ptq as ptq_format
@@ -168,5 +168,6 @@ def write_gptq_dir(source: Source, results: dict[str, ptq.QuantizedLinear], opti
         if meta.get(S.META_GENERATION_CONFIG) is not None:
             (tmp / "generation_config.json").write_text(meta[S.META_GENERATION_CONFIG], encoding="utf-8")
         for file_name, data in json.loads(meta.get(S.META_FILES, "{}")).items():
-            (tmp / file_name).write_bytes(base64.b64decode(data))
+            name = names.file_name(file_name, source=source.label, entry="side file")
+            (tmp / name).write_bytes(base64.b64decode(data))
     return 8.0 * q_bytes / q_numel if q_numel else 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -112,37 +113,130 @@ def _kv_value(item: dict, gguf):
 # ----------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one GGML type id lays out its weights: ``block`` weights in ``block_bytes`` bytes, or, for a
+    per-row layout, ``row_extra`` bytes plus ``bits`` per weight in every row."""
+
+    name: str
+    producer: str
+    block: int = 0
+    block_bytes: int = 0
+    row_extra: int = 0
+    bits: int = 0
+
+    def nbytes(self, dims: list[int]) -> int | None:
+        n = math.prod(dims)
+        if self.block:
+            return n * self.block_bytes // self.block if n % self.block == 0 else None
+        cols = dims[0] if dims else 1
+        return (n // cols) * (self.row_extra + cols * self.bits // 8) if cols * self.bits % 8 == 0 else None
+
+
+# Layouts written in the wild under ids that gguf-py knows differently, or not at all (gguf-notes.md).
+FOREIGN_LAYOUTS: dict[int, list[Layout]] = {
+    41: [Layout("Tencent 2-bit (custom Q1_0)", "Tencent's Hy-MT 2-bit GGUFs: an fp16 scale and 2-bit codes per row",
+                row_extra=2, bits=2)],
+    42: [Layout("Q2_0", "mainline ggml (64 weights in 18 bytes), newer than this gguf-py", block=64, block_bytes=18),
+         Layout("STQ1_0", "Tencent's Sherry 1.25-bit GGUFs (llama.cpp PR #22836, early builds)", block=256,
+                block_bytes=42)],
+    43: [Layout("STQ1_0", "Tencent's Sherry 1.25-bit GGUFs (llama.cpp PR #22836)", block=256, block_bytes=42)],
+}
+# Layouts from unmerged branches whose id is not fixed: matched for any id whose size does not fit.
+ANY_ID_LAYOUTS = [Layout("q2_0c", "AngelSlim's HY-1.8B-2Bit SEQ GGUF (llama.cpp PR #19357, unmerged)", block=512,
+                         block_bytes=130)]
+
+
+def _known_layout(type_id: int, gguf) -> Layout | None:
+    """The layout gguf-py gives ``type_id`` (None when it does not know the id)."""
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+    except ValueError:
+        return None
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return Layout(qtype.name, f"gguf-py {_gguf_version()}", block=block, block_bytes=size)
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
+def _fits(nbytes: int | None, span: int, alignment: int) -> bool:
+    return nbytes is not None and nbytes <= span and span - nbytes < max(alignment, 1)
+
+
+def _resolve_types(path: Path, infos: list[tuple[str, list[int], int, int]], data_offset: int, file_size: int,
+                   alignment: int, file_type, gguf) -> None:
+    """Check every tensor's type id against the bytes it occupies before anything is read.
+
+    ``infos``: (name, dims, type id, offset in the data section). A type is established by its id together
+    with the span between its offset and the next tensor's (or the file's end): a tensor is read only
+    when gguf-py's layout for its id fills that span; otherwise one error names the layout that does fit
+    and who writes it (ids 41-43 collide in the wild), or says that none does.
+    """
+    ordered = sorted(infos, key=lambda info: info[3])
+    ends = [info[3] for info in ordered[1:]] + [file_size - data_offset]
+    for (name, dims, type_id, offset), end in zip(ordered, ends):
+        if any(d < 0 for d in dims) or offset < 0 or data_offset + offset > file_size:
+            raise StoreError(f"{path}: tensor {name!r} claims offset {offset} and shape {dims}, past the file's "
+                             f"{file_size} bytes (truncated or corrupt GGUF file)")
+        span = end - offset
+        known = _known_layout(type_id, gguf)
+        if known is not None and _fits(known.nbytes(dims), span, alignment):
+            continue
+        foreign = [lay for lay in FOREIGN_LAYOUTS.get(type_id, []) + ANY_ID_LAYOUTS
+                   if _fits(lay.nbytes(dims), span, alignment)]
+        shape = "x".join(str(d) for d in reversed(dims))
+        hint = f"; general.file_type {file_type}" if file_type is not None else ""
+        claimed = (f"gguf-py {_gguf_version()} reads id {type_id} as {known.name} ({known.nbytes(dims)} bytes)"
+                   if known else f"gguf-py {_gguf_version()} does not know id {type_id}")
+        if foreign:
+            lay = foreign[0]
+            raise StoreError(
+                f"{path}: tensor {name!r} ({shape}) has GGML type id {type_id} and {span} bytes: that is "
+                f"{lay.name}, written by {lay.producer}; {claimed}{hint}. The store does not read {lay.name}: "
+                f"refused rather than read with the wrong block size")
+        if known is None:
+            raise StoreError(f"{path}: tensor {name!r} ({shape}) has GGML type id {type_id}, which "
+                             f"gguf-py {_gguf_version()} does not know and no known writer's layout fits its "
+                             f"{span} bytes{hint} (truncated file, or a newer or unmerged GGML type)")
+        raise StoreError(
+            f"{path}: tensor {name!r} ({known.name}, {known.nbytes(dims)} bytes as gguf-py sizes it) has {span} "
+            f"bytes before the next tensor or the file's end{hint}: truncated file, or its GGML type id "
+            f"does not mean here what it means to gguf-py (see the README, GGUF limits)")
+
+
+def _reader_class(gguf):
+    """gguf-py's reader, checking each tensor's type id against its span before gguf-py sizes it."""
+
+    class SpanCheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            infos = []
+            for field in fields:
+                _, name, _, dims, type_id, offset = field.parts
+                infos.append((bytes(name).decode("utf-8", "replace"), [int(d) for d in dims], int(type_id[0]),
+                              int(offset[0])))
+            file_type = self.fields.get("general.file_type")
+            file_type = int(file_type.parts[-1][0]) if file_type is not None and file_type.parts else None
+            _resolve_types(Path(self.data.filename), infos, int(start_offs), int(self.data.shape[0]),
+                           int(self.alignment), file_type, gguf)
+            super()._build_tensors(start_offs, fields)
+
+    return SpanCheckedReader
+
+
 def _open_reader(path: Path, gguf):
     try:
-        return gguf.GGUFReader(path)
+        return _reader_class(gguf)(path)
+    except StoreError:
+        raise
     except ValueError as exc:
         # gguf-py raises while building its tensor list when a type id is unknown to it or data is missing.
         raise StoreError(f"{path}: gguf-py cannot read it (truncated, or a GGML type id it does not know: {exc})") from None
     except (OSError, IndexError, KeyError, TypeError) as exc:
         raise StoreError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from None
-
-
-def _check_spans(path: Path, reader, alignment: int) -> None:
-    """Each tensor must end (padded) where the next starts, and the last at the end of the file.
-
-    A type id that gguf-py reads with another block size than the writer used (Tencent's 2-bit
-    GGUFs reuse id 41, which gguf-py takes for Q1_0) shows up here instead of as truncated data.
-    """
-    file_size = path.stat().st_size
-    ordered = sorted(reader.tensors, key=lambda t: t.data_offset)
-    for tensor, nxt in zip(ordered, ordered[1:] + [None]):
-        end = tensor.data_offset + int(tensor.n_bytes)
-        padded = end + (-end) % alignment
-        type_name = getattr(tensor.tensor_type, "name", tensor.tensor_type)
-        if nxt is not None and padded != nxt.data_offset and end != nxt.data_offset:
-            raise StoreError(
-                f"{path}: tensor {tensor.name!r} ({type_name}, {int(tensor.n_bytes)} bytes as gguf-py sizes it) "
-                f"ends at {end} but the next tensor {nxt.name!r} starts at {nxt.data_offset}: its GGML type id "
-                f"does not mean here what it means to gguf-py (see the README, GGUF limits)")
-        if nxt is None and not (end <= file_size and file_size - end < alignment):
-            raise StoreError(
-                f"{path}: tensor {tensor.name!r} ({type_name}) ends at {end} but the file has {file_size} bytes "
-                f"(truncated file or a GGML type id gguf-py sizes differently)")
 
 
 @contextmanager
@@ -265,7 +359,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFSource:
         raise StoreError(f"{path}: big-endian GGUF files are not supported")
     kv = [_field_entry(path, key, f, gguf) for key, f in reader.fields.items() if key not in HEADER_FIELDS]
     version = int(reader.fields["GGUF.version"].parts[-1][0])
-    _check_spans(path, reader, reader.alignment)
     arch = next((item["value"] for item in kv if item["key"] == "general.architecture"), None)
     if not isinstance(arch, str):
         raise StoreError(f"{path}: no general.architecture key")

@@ -15,20 +15,33 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import xxhash
 
-from llm_compression import formats, schema as S
+from llm_compression import formats, names, schema as S
 from llm_compression.store import remote
 from llm_compression.errors import StoreError
 from llm_compression.formats import aios as aios_format
 from llm_compression.formats.base import QuantizedTensor, Row
 
 DENSE = "dense"
+# Bounds on what a file may claim relative to its real size (see _check_claims).
+MIN_ROW_BYTES = 16  # a row carries at least a name, a shape and its data: no real file has fewer bytes per row
+MAX_INFLATION = 32  # snappy, which AI-OS's writer uses, cannot inflate more than ~21x; ours store arrays uncompressed
+SLACK_BYTES = 1 << 20  # headers and tiny files
+SHAPE_PARAMS = ("weight_shape", "gguf_shape", "shape")  # parameters that name a dequantized weight's shape
 AIOS = aios_format.NAME
 # torch dtype strings AI-OS's files carry -> safetensors codes (AI-OS's loader reads any other as float32)
 NAME_CODES = S.NAME_TO_CODE
+
+
+def _base64(data: object, path, name: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (TypeError, ValueError):
+        raise StoreError(f"{path}: side file {name!r} is not valid base64") from None
 
 
 class WeightLoaderV2:
@@ -69,14 +82,58 @@ class WeightLoaderV2:
         self._groups = self._build_groups()
 
     # --- index ---------------------------------------------------------------------------------
+    def _check_claims(self) -> None:
+        """What the footer claims (rows, values, byte spans, sizes after decompression), checked against the
+        file's real size before anything is read: a hostile footer is refused with bounded memory."""
+        meta, size = self._file.metadata, self.file_bytes
+        if meta.num_rows > size // MIN_ROW_BYTES + 1:
+            raise StoreError(f"{self.path}: the footer claims {meta.num_rows} rows in a {size}-byte file")
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+                column = chunk.path_in_schema
+                if start < 0 or chunk.total_compressed_size < 0 or start + chunk.total_compressed_size > size:
+                    raise StoreError(f"{self.path}: column {column!r} of row group {rg} claims bytes "
+                                     f"{start}..{start + chunk.total_compressed_size}, past the file's {size}")
+                if chunk.total_uncompressed_size > MAX_INFLATION * chunk.total_compressed_size + SLACK_BYTES:
+                    raise StoreError(
+                        f"{self.path}: column {column!r} of row group {rg} claims to inflate from "
+                        f"{chunk.total_compressed_size} to {chunk.total_uncompressed_size} bytes (more than "
+                        f"{MAX_INFLATION}x: a compression bomb or a corrupt footer)")
+                if chunk.num_values < 0 or 8 * chunk.num_values > MAX_INFLATION * size + SLACK_BYTES:
+                    raise StoreError(f"{self.path}: column {column!r} of row group {rg} claims {chunk.num_values} "
+                                     f"values in a {size}-byte file")
+
+    def _index_table(self, columns: list[str]) -> pa.Table:
+        """The index columns, strings kept dictionary-encoded until their decoded size is known to be sane."""
+        strings = [c for c in columns if pa.types.is_string(self._file.schema_arrow.field(c).type)
+                   or pa.types.is_binary(self._file.schema_arrow.field(c).type)]
+        try:
+            reader = pq.ParquetFile(self._remote_file if self.remote else self.path, metadata=self._file.metadata,
+                                    read_dictionary=strings, memory_map=not self.remote,
+                                    page_checksum_verification=True)
+            table = reader.read(columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"{self.path}: cannot read the tensor index ({exc})") from None
+        decoded = 0
+        for name in strings:
+            for chunk in table.column(name).chunks:
+                if pa.types.is_dictionary(chunk.type):
+                    lengths = pc.binary_length(chunk.dictionary).fill_null(0)
+                    decoded += pc.sum(pc.take(lengths, chunk.indices.drop_null())).as_py() or 0
+        if decoded > MAX_INFLATION * self.file_bytes + SLACK_BYTES:
+            raise StoreError(f"{self.path}: its tensor index would decode to {decoded} bytes from a "
+                             f"{self.file_bytes}-byte file (a dictionary bomb or a corrupt file)")
+        return table
+
     def _build_index(self) -> None:
         meta = self._file.metadata
         names = set(self._file.schema_arrow.names)
         columns = [c for c in S.INDEX_COLUMNS if c in names]
-        try:
-            table = self._file.read(columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise StoreError(f"{self.path}: cannot read the tensor index ({exc})") from None
+        self._check_claims()
+        table = self._index_table(columns)
         cols = {c: table.column(c).to_pylist() for c in columns}
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         row_group_of = np.repeat(np.arange(meta.num_row_groups), sizes)
@@ -265,12 +322,17 @@ class WeightLoaderV2:
                     out[pos : pos + size] = chunk(start, size)
                 pos += size
             return out
+        meta = self._file.metadata
+        held = sum(meta.row_group(rg).column(self._data_leaf).total_uncompressed_size for rg in info.row_groups)
+        if info.nbytes > held:
+            raise StoreError(f"{self.path}: tensor {tensor_name!r} claims {info.nbytes} bytes, but its data "
+                             f"column holds at most {held}")
         try:
             table = self._file.read_row_groups(list(info.row_groups), columns=[S.DATA])
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(f"{self.path}: tensor {tensor_name!r} is unreadable ({exc})") from None
         column = table.column(S.DATA)
-        out = np.empty(info.nbytes, dtype=np.uint8)
+        out = np.empty(info.nbytes, dtype=np.uint8)  # bounded: _check_claims and _expected_chunks
         pos = 0
         for chunk in column.chunks:
             for i in range(len(chunk)):
@@ -314,7 +376,10 @@ class WeightLoaderV2:
     @cached_property
     def files(self) -> dict[str, bytes]:
         raw = json.loads(self.metadata.get(S.META_FILES, "{}"))
-        files = {name: base64.b64decode(data) for name, data in raw.items()}
+        if not isinstance(raw, dict):
+            raise StoreError(f"{self.path}: its side files ({S.META_FILES}) are not a mapping of names to bytes")
+        files = {names.file_name(name, source=self.path, entry="side file"): _base64(data, self.path, name)
+                 for name, data in raw.items()}
         if not files and S.META_GGUF in self.metadata:
             from llm_compression.store.gguf import tokenizer_files  # GGUF files derive theirs from the stored key-values
 
@@ -327,7 +392,14 @@ class WeightLoaderV2:
     @cached_property
     def layout(self) -> dict | None:
         text = self.metadata.get(S.META_LAYOUT)
-        return json.loads(text) if text else None
+        layout = json.loads(text) if text else None
+        if layout is not None:
+            shards = layout.get("shards") if isinstance(layout, dict) else None
+            if not isinstance(shards, (dict, type(None))):
+                raise StoreError(f"{self.path}: its shard layout ({S.META_LAYOUT}) is not a mapping")
+            for shard in shards or {}:
+                names.file_name(shard, source=self.path, entry="shard")
+        return layout
 
     @cached_property
     def source(self) -> dict:
@@ -459,6 +531,21 @@ class WeightLoaderV2:
             tensors[info.weight_name] = self.load_tensor(name)
         return QuantizedTensor(fmt, layer_name, tensors, params)
 
+    def _check_output_claim(self, name: str, record: QuantizedTensor) -> None:
+        """A shape in the parameters must not promise more weights than the stored bytes can code (one bit
+        each at least): a hostile row cannot make dequantization allocate far beyond what was read."""
+        stored = sum(t.numel() * t.element_size() for t in record.tensors.values())
+        for key in SHAPE_PARAMS:
+            shape = record.params.get(key)
+            if key in record.tensors and record.tensors[key].numel() <= 8:  # compressed-tensors stores it as a tensor
+                shape = [int(d) for d in record.tensors[key].reshape(-1).tolist()]
+            if isinstance(shape, (list, tuple)) and shape:
+                if not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise StoreError(f"{self.path}: tensor {name!r} has an invalid {key} {list(shape)}")
+                if math.prod(shape) > 8 * stored + 4096:
+                    raise StoreError(f"{self.path}: tensor {name!r} claims {key} {list(shape)} "
+                                     f"({math.prod(shape)} weights) from {stored} stored bytes")
+
     def load_weight(
         self,
         layer_name: str,
@@ -478,6 +565,7 @@ class WeightLoaderV2:
             record = self.tensor_record(name) if name in self._per_tensor else self.record(layer_name)
             if not dequantize:
                 return record
+            self._check_output_claim(name, record)
             try:
                 tensor = formats.get_format(record.format).dequantize(record, dtype or torch.float32)
             except StoreError:
@@ -503,6 +591,11 @@ class WeightLoaderV2:
     def verify_all(self) -> list[str]:
         """Read every array; return one message per problem (empty list: all checksums verify)."""
         problems = []
+        for check in (lambda: self.files, lambda: self.layout):  # names a later export would write
+            try:
+                check()
+            except (StoreError, json.JSONDecodeError) as exc:
+                problems.append(str(exc))
         for name in self.rows:
             try:
                 self.load_tensor(name)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from llm_compression import names
 from llm_compression.errors import StoreError
 from llm_compression.formats.base import TensorInfo
 from llm_compression.schema import dtype_code
@@ -173,6 +174,7 @@ def open_checkpoint(root: Path, allow_pickle: bool = False) -> Checkpoint:
         index_meta = index.get("metadata")
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
+            names.file_name(shard, source=index_path, entry="shard")  # read from root only, never beside it
             if not (root / shard).is_file():
                 example = next(n for n, s in weight_map.items() if s == shard)
                 raise StoreError(f"{root / shard}: shard named in {INDEX_FILE} is missing (holds tensor {example!r})")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_compression import __version__, cache_root
+from llm_compression.errors import StoreError
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
@@ -38,7 +39,7 @@ ANGELSLIM_VERSION = "0.5.0"  # what tools/angelslim/build_env.sh installs
 BUILD_VERSION = 2  # 2: schema 3 files, provenance kept beside each build
 
 
-class BuiltinError(ValueError):
+class BuiltinError(StoreError):
     """An unknown builtin name, or a builtin that could not be built."""
 
 

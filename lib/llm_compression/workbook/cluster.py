@@ -41,7 +41,8 @@ def execute_run(params: dict) -> dict:
         outcome = run_one(params, Path(scratch), force=True)
         files = {suffix: (Path(scratch) / f"{params['run']}{suffix}").read_bytes()
                  for suffix in RUN_FILES if (Path(scratch) / f"{params['run']}{suffix}").exists()}
-    return {"status": outcome.status, "message": outcome.message, "files": files, "node": os.uname().nodename}
+    return {"status": outcome.status, "message": outcome.message, "expected": outcome.expected, "files": files,
+            "node": os.uname().nodename}
 
 
 def _publish(reports: Path, run: str, files: dict[str, bytes]) -> None:
@@ -98,7 +99,7 @@ def run_on_ray(runs: list, reports: Path, force: bool, progress: bool, overrides
                 html = reports / f"{name}.html"
                 outcomes[name] = RunOutcome(name, result["status"], reports / f"{name}.ipynb",
                                             html if html.exists() else None, reports / f"{name}.json",
-                                            result["message"])
+                                            result["message"], result.get("expected", False))
             bar.update(1)
         bar.close()
     except KeyboardInterrupt:

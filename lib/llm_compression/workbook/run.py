@@ -22,7 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from llm_compression import REPO_ROOT
-from llm_compression import __version__
+from llm_compression import __version__, names
 from llm_compression.store import atomic
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -63,6 +63,7 @@ DEFAULTS: dict = {
     "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
     "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
     "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
+    "expect_error": None,  # text of a known failure this run documents (a producer's bug): it then does not fail `llmc run`
     "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
 }
 
@@ -94,7 +95,10 @@ def check_parameters(raw: dict, origin: str, overrides: dict | None = None) -> d
     params = {**DEFAULTS, **raw, **overrides}
     if overrides:
         params["overrides"] = overrides  # travels into the record and the inputs digest
-    params["run"] = params["run"] or Path(origin).stem
+    params["run"] = params["run"] or names.safe_stem(Path(origin).stem)
+    why = names.problem(params["run"]) or ("starts with '-'" if str(params["run"]).startswith("-") else None)
+    if why:  # the run name is a file name in the reports directory
+        raise ParameterError(f"{origin}: run name {params['run']!r} {why}; use letters, digits, '.', '_' or '-'")
     for key in ("model", "reference"):
         if not params[key]:
             raise ParameterError(f"{origin}: parameter {key!r} is required")
@@ -143,6 +147,17 @@ class RunOutcome:
     html: Path | None
     record: Path
     message: str = ""
+    expected: bool = False  # an error the run's ``expect_error`` names: documented, not a failure of the batch
+
+    @property
+    def evaluated(self) -> bool:
+        """Did the run reach a verdict (a failed check is a verdict), or fail as documented?"""
+        return self.status != "error" or self.expected
+
+
+def exit_status(outcomes: list[RunOutcome]) -> int:
+    """0 when every run reached a verdict (or failed as its ``expect_error`` says), 1 otherwise."""
+    return 0 if all(o.evaluated for o in outcomes) else 1
 
 
 def render_html(notebook: Path) -> tuple[Path, Path]:
@@ -259,7 +274,10 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     html_path = notebook.with_suffix(".html") if notebook.with_suffix(".html").exists() else None
-    return RunOutcome(run, status, notebook, html_path, record, message)
+    expected = bool(status == "error" and params.get("expect_error") and str(params["expect_error"]) in message)
+    if params.get("expect_error") and status != "error":
+        message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
+    return RunOutcome(run, status, notebook, html_path, record, message, expected)
 
 
 @contextmanager
