@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup report test bench lab angelslim-env setup-browser clean
+.PHONY: setup report test bench fuzz lab angelslim-env setup-browser clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_scale.py
+
+# Coverage-guided fuzzing of the weight-file readers (atheris), FUZZ_SECONDS per target; findings are kept
+# under tests/fuzz_cases/ and replayed by make test.
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	$(BIN)/python tools/fuzz.py --seconds $(FUZZ_SECONDS)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks

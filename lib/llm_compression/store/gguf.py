@@ -317,6 +317,16 @@ def tokenizer_files(loader) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
+def _check_config_claims(config, path: Path) -> None:
+    """The key-values build a transformers model (on the meta device) to map names: a layer count or width
+    far beyond any real model would take minutes to build from a few bytes of a hostile file."""
+    for key, limit in (("num_hidden_layers", 1024), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 19),
+                       ("num_attention_heads", 1 << 12), ("num_key_value_heads", 1 << 12), ("vocab_size", 1 << 22)):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not 0 <= value <= limit:
+            raise StoreError(f"{path}: GGUF key-values give {key} = {value}, beyond any real model (limit {limit})")
+
+
 def _hf_names(config, arch: str, path: Path) -> dict[str, str]:
     """GGUF tensor name -> transformers parameter name, by transformers' own mapping."""
     import torch
@@ -327,6 +337,7 @@ def _hf_names(config, arch: str, path: Path) -> dict[str, str]:
     if cls.__name__ not in fmt.ONE_TO_ONE_PROCESSORS:
         raise StoreError(f"{path}: GGUF architecture {arch!r} splits or merges tensors on load ({cls.__name__}); "
                          f"the store maps one GGUF tensor to one parameter")
+    _check_config_claims(config, path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return get_gguf_hf_weights_map(model, cls(config=config.to_dict()))

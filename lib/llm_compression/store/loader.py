@@ -4,10 +4,13 @@ dequantizing on request."""
 from __future__ import annotations
 
 import base64
+import faulthandler
 import json
 import math
 import mmap
 import os
+import select
+import signal
 import tempfile
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -67,21 +70,66 @@ class WeightLoaderV2:
                 self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)
             arrow_schema = self._file.schema_arrow
             self.version = S.detect_version(arrow_schema)
-        except (pa.ArrowException, OSError, ValueError) as exc:
+        except (pa.ArrowException, OSError, ValueError, RuntimeError) as exc:  # pyarrow's, on a corrupt footer
             raise StoreError(f"{self.path}: not a readable weight-store Parquet file ({exc})") from None
         raw_meta = self._file.metadata.metadata or {}
-        self.metadata = {k.decode(): v.decode() for k, v in raw_meta.items() if k.decode().startswith("llmc.")}
+        try:
+            self.metadata = {k.decode(): v.decode() for k, v in raw_meta.items() if k.startswith(b"llmc.")}
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"{self.path}: a footer key-value is not UTF-8 text ({exc})") from None
         self.rows: dict[str, S.RowInfo] = {}
         self._row_offsets: dict[str, tuple[int, int]] = {}  # AI-OS files: name -> (row group, row)
         self._aios: dict[str, S.AiosQuant] = {}  # our rows that AI-OS's loader dequantizes: their V2 parameters
         self._row_group_data: tuple[int, pa.ChunkedArray] | None = None  # AI-OS files: the last row group's data
         self._spans: dict[str, list[tuple[int, int]] | None] = {}  # V2.1, filled on first read: see _payload_spans
-        self._build_index()
+        try:
+            self._build_index()
+        except (pa.ArrowException, OSError, UnicodeDecodeError, RuntimeError) as exc:  # pyarrow, corrupt footer/page
+            raise StoreError(f"{self.path}: not a readable weight-store Parquet file ({type(exc).__name__}: "
+                             f"{exc})") from None
         # Rows of formats whose every array dequantizes on its own (GGUF): name -> its format.
         self._per_tensor = {name for name, info in self.rows.items() if formats.is_per_tensor(info.format)}
         self._groups = self._build_groups()
 
     # --- index ---------------------------------------------------------------------------------
+    def _probe_column_metadata(self) -> None:
+        """Touch every column chunk's metadata in a forked child first: on some corrupt footers (size statistics
+        or codec ids out of range) pyarrow's metadata accessors abort the whole process instead of raising
+        (apache/arrow#45283 family); in a child that is one clear error here instead of a dead kernel."""
+        if not hasattr(os, "fork"):
+            return
+        meta = self._file.metadata
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no Python-level cleanup, only the accessors, then _exit
+            code = 0
+            try:
+                os.close(read_end)
+                os.dup2(write_end, 2)
+                faulthandler.disable()  # pyarrow's abort message is the answer, not the child's traceback
+                for rg in range(meta.num_row_groups):
+                    group = meta.row_group(rg)
+                    for c in range(group.num_columns):
+                        chunk = group.column(c)
+                        (chunk.path_in_schema, chunk.compression, chunk.has_dictionary_page, chunk.num_values,
+                         chunk.data_page_offset, chunk.dictionary_page_offset, chunk.total_compressed_size,
+                         chunk.total_uncompressed_size)
+            except BaseException:
+                code = 3  # a Python exception: the parent's own accessors raise it again, with context
+            os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready, _, _ = select.select([pipe], [], [], 120)
+            message = pipe.read().decode("utf-8", "replace") if ready else ""
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            why = next((line.split("what():", 1)[1].strip() for line in message.splitlines() if "what():" in line),
+                       f"signal {os.WTERMSIG(status)}")
+            raise StoreError(f"{self.path}: corrupt column metadata in the footer ({why}); pyarrow would abort "
+                             f"reading it")
+
     def _check_claims(self) -> None:
         """What the footer claims (rows, values, byte spans, sizes after decompression), checked against the
         file's real size before anything is read: a hostile footer is refused with bounded memory."""
@@ -132,36 +180,69 @@ class WeightLoaderV2:
         meta = self._file.metadata
         names = set(self._file.schema_arrow.names)
         columns = [c for c in S.INDEX_COLUMNS if c in names]
-        self._check_claims()
+        # The index first: pyarrow's reader raises on corrupt column metadata, while its metadata accessors,
+        # which _check_claims uses, abort the process (apache/arrow#45283's SizeStatistics validation).
         table = self._index_table(columns)
+        self._probe_column_metadata()
+        self._check_claims()
         cols = {c: table.column(c).to_pylist() for c in columns}
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        if any(n < 0 for n in sizes) or sum(sizes) != table.num_rows:
+            raise StoreError(f"{self.path}: the footer's row counts {sizes[:8]} disagree with its index "
+                             f"({table.num_rows} rows)")
         row_group_of = np.repeat(np.arange(meta.num_row_groups), sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         chunks: dict[str, list[int]] = {}
         for i in range(table.num_rows):
-            rg = int(row_group_of[i])
-            if self.version.is_aios:
-                info = self._aios_row(cols, i, rg)
-                if info.tensor_name in self.rows:
-                    raise StoreError(f"{self.path}: tensor {info.tensor_name!r} appears twice")
-                self.rows[info.tensor_name] = info
-                self._row_offsets[info.tensor_name] = (rg, int(i - starts[rg]))
-                continue
-            name = cols[S.TENSOR_NAME][i] if self.version is S.SchemaVersion.V2_1 else cols[S.LAYER_NAME][i]
-            chunks.setdefault(name, []).append(rg)
-            if cols[S.CHUNK][i] == 0:
-                self.rows[name] = self._store_row(cols, i, name)
+            try:
+                self._index_row(cols, i, int(row_group_of[i]), int(starts[row_group_of[i]]), chunks)
+            except StoreError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+                # a malformed entry of an untrusted index: say which row, whatever the entry got wrong
+                name = cols.get(S.LAYER_NAME, [None] * table.num_rows)[i]
+                raise StoreError(f"{self.path}: index row {i} ({name!r}) is malformed "
+                                 f"({type(exc).__name__}: {exc})") from None
         for name, rgs in chunks.items():
             info = self.rows.get(name)
             if info is None or len(rgs) != self._expected_chunks(info):
                 raise StoreError(f"{self.path}: tensor {name!r} has missing or extra chunks")
             self.rows[name] = S.RowInfo(**{**info.__dict__, "row_groups": tuple(rgs)})
 
+    def _index_row(self, cols: dict, i: int, rg: int, start: int, chunks: dict[str, list[int]]) -> None:
+        if self.version.is_aios:
+            info = self._aios_row(cols, i, rg)
+            if info.tensor_name in self.rows:
+                raise StoreError(f"{self.path}: tensor {info.tensor_name!r} appears twice")
+            self.rows[info.tensor_name] = info
+            self._row_offsets[info.tensor_name] = (rg, i - start)
+            return
+        name = cols[S.TENSOR_NAME][i] if self.version is S.SchemaVersion.V2_1 else cols[S.LAYER_NAME][i]
+        if not isinstance(name, str) or not name:
+            raise StoreError(f"{self.path}: index row {i} has no tensor name")
+        chunks.setdefault(name, []).append(rg)
+        if cols[S.CHUNK][i] == 0:
+            if name in self.rows:
+                raise StoreError(f"{self.path}: tensor {name!r} appears twice")
+            self.rows[name] = self._checked(self._store_row(cols, i, name))
+
+    def _checked(self, info: S.RowInfo) -> S.RowInfo:
+        """A row whose shape, dtype and byte count agree, so that reading it cannot reshape into nonsense."""
+        if not all(isinstance(d, int) and d >= 0 for d in info.shape):
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} has an invalid shape {list(info.shape)}")
+        try:
+            itemsize = S.torch_dtype(info.dtype).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} has an unknown dtype {info.dtype!r}") from None
+        if not isinstance(info.nbytes, int) or info.nbytes != math.prod(info.shape) * itemsize:
+            raise StoreError(f"{self.path}: tensor {info.tensor_name!r} claims {info.nbytes} bytes, but shape "
+                             f"{list(info.shape)} of {info.dtype} takes {math.prod(info.shape) * itemsize}")
+        return info
+
     def _store_row(self, cols: dict, i: int, name: str) -> S.RowInfo:
         """A row of our own files: schema 3 (AI-OS's V2 columns plus ours) or 2.1."""
         layer, weight = S.split_name(name)
-        params = json.loads(cols[S.PARAMS][i] or "{}")
+        params = self._json(cols[S.PARAMS][i] or "{}", f"tensor {name!r}: params", dict)
         fmt, quant_type, shape = cols[S.FORMAT][i], cols[S.QUANT_TYPE][i], tuple(cols[S.SHAPE][i])
         if self.version is S.SchemaVersion.V2_1:
             return S.RowInfo(name, layer, weight, cols[S.DTYPE][i], shape, fmt, params, cols[S.NBYTES][i],
@@ -360,10 +441,20 @@ class WeightLoaderV2:
         return groups
 
     # --- file-level accessors -----------------------------------------------------------------
+    def _json(self, text: str, what: str, kind: type):
+        """JSON from inside the file, of the expected kind, or one StoreError naming the file and the entry."""
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
+            raise StoreError(f"{self.path}: {what} is not valid JSON ({exc})") from None
+        if not isinstance(value, kind):
+            raise StoreError(f"{self.path}: {what} is not a JSON {kind.__name__}")
+        return value
+
     @cached_property
     def config(self) -> dict:
         text = self.config_text
-        return json.loads(text) if text else {}
+        return self._json(text, S.META_CONFIG, dict) if text else {}
 
     @property
     def config_text(self) -> str | None:
@@ -375,9 +466,7 @@ class WeightLoaderV2:
 
     @cached_property
     def files(self) -> dict[str, bytes]:
-        raw = json.loads(self.metadata.get(S.META_FILES, "{}"))
-        if not isinstance(raw, dict):
-            raise StoreError(f"{self.path}: its side files ({S.META_FILES}) are not a mapping of names to bytes")
+        raw = self._json(self.metadata.get(S.META_FILES, "{}"), S.META_FILES, dict)
         files = {names.file_name(name, source=self.path, entry="side file"): _base64(data, self.path, name)
                  for name, data in raw.items()}
         if not files and S.META_GGUF in self.metadata:
@@ -392,9 +481,9 @@ class WeightLoaderV2:
     @cached_property
     def layout(self) -> dict | None:
         text = self.metadata.get(S.META_LAYOUT)
-        layout = json.loads(text) if text else None
+        layout = self._json(text, S.META_LAYOUT, dict) if text else None
         if layout is not None:
-            shards = layout.get("shards") if isinstance(layout, dict) else None
+            shards = layout.get("shards")
             if not isinstance(shards, (dict, type(None))):
                 raise StoreError(f"{self.path}: its shard layout ({S.META_LAYOUT}) is not a mapping")
             for shard in shards or {}:
@@ -403,7 +492,7 @@ class WeightLoaderV2:
 
     @cached_property
     def source(self) -> dict:
-        return json.loads(self.metadata.get(S.META_SOURCE, "{}"))
+        return self._json(self.metadata.get(S.META_SOURCE, "{}"), S.META_SOURCE, dict)
 
     @cached_property
     def quantization_config(self) -> dict | None:
