@@ -34,6 +34,7 @@ DENSE = "dense"
 MIN_ROW_BYTES = 16  # a row carries at least a name, a shape and its data: no real file has fewer bytes per row
 MAX_INFLATION = 32  # snappy, which AI-OS's writer uses, cannot inflate more than ~21x; ours store arrays uncompressed
 SLACK_BYTES = 1 << 20  # headers and tiny files
+_PROBED: set = set()  # local files whose column metadata a forked child has read without aborting
 SHAPE_PARAMS = ("weight_shape", "gguf_shape", "shape")  # parameters that name a dequantized weight's shape
 AIOS = aios_format.NAME
 # torch dtype strings AI-OS's files carry -> safetensors codes (AI-OS's loader reads any other as float32)
@@ -98,6 +99,10 @@ class WeightLoaderV2:
         (apache/arrow#45283 family); in a child that is one clear error here instead of a dead kernel."""
         if not hasattr(os, "fork"):
             return
+        key = None if self.remote else (str(self.path), *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))(
+            self.path.stat()))
+        if key in _PROBED:
+            return  # a fork costs ~30 ms in a large process: once per file version is enough
         meta = self._file.metadata
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -129,6 +134,8 @@ class WeightLoaderV2:
                        f"signal {os.WTERMSIG(status)}")
             raise StoreError(f"{self.path}: corrupt column metadata in the footer ({why}); pyarrow would abort "
                              f"reading it")
+        if key is not None:
+            _PROBED.add(key)
 
     def _check_claims(self) -> None:
         """What the footer claims (rows, values, byte spans, sizes after decompression), checked against the
