@@ -88,7 +88,10 @@ def aios_findings(path: str | os.PathLike, loader=None) -> list[AiosFinding]:
     from llm_compression.store.loader import WeightLoaderV2
 
     loader = loader or WeightLoaderV2(path)
-    table = pq.read_table(path)  # what AI-OS does: the whole table
+    try:
+        table = pq.read_table(path)  # what AI-OS does: the whole table
+    except (pa.ArrowException, OSError) as exc:  # what AI-OS's loader would meet too: a page ours never reads
+        raise StoreError(f"{path}: AI-OS's loader cannot read the file ({exc})") from None
     has_quant_type = S.QUANT_TYPE in table.schema.names
     findings = []
     for row in table.to_pylist():

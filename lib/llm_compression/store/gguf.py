@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -317,7 +318,7 @@ def tokenizer_files(loader) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def _check_config_claims(config, path: Path) -> None:
+def _check_config_claims(config, path: Path, tensor_names: list[str]) -> None:
     """The key-values build a transformers model (on the meta device) to map names: a layer count or width
     far beyond any real model would take minutes to build from a few bytes of a hostile file."""
     for key, limit in (("num_hidden_layers", 1024), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 19),
@@ -325,9 +326,14 @@ def _check_config_claims(config, path: Path) -> None:
         value = getattr(config, key, None)
         if isinstance(value, int) and not 0 <= value <= limit:
             raise StoreError(f"{path}: GGUF key-values give {key} = {value}, beyond any real model (limit {limit})")
+    blocks = {int(m.group(1)) for name in tensor_names if (m := re.match(r"blk\.(\d+)\.", name))}
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(blocks) + 1:  # mapping names builds every claimed layer
+        raise StoreError(f"{path}: GGUF key-values give {layers} layers, but the file holds tensors of "
+                         f"{len(blocks)} blocks")
 
 
-def _hf_names(config, arch: str, path: Path) -> dict[str, str]:
+def _hf_names(config, arch: str, path: Path, tensor_names: list[str]) -> dict[str, str]:
     """GGUF tensor name -> transformers parameter name, by transformers' own mapping."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -337,7 +343,7 @@ def _hf_names(config, arch: str, path: Path) -> dict[str, str]:
     if cls.__name__ not in fmt.ONE_TO_ONE_PROCESSORS:
         raise StoreError(f"{path}: GGUF architecture {arch!r} splits or merges tensors on load ({cls.__name__}); "
                          f"the store maps one GGUF tensor to one parameter")
-    _check_config_claims(config, path)
+    _check_config_claims(config, path, tensor_names)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return get_gguf_hf_weights_map(model, cls(config=config.to_dict()))
@@ -375,7 +381,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFSource:
         raise StoreError(f"{path}: no general.architecture key")
     _check_heads(path, kv, arch, reader.tensors)
     config = _transformers_config(path, kv, [t.name for t in reader.tensors])
-    names = _hf_names(config, arch, path)
+    names = _hf_names(config, arch, path, [t.name for t in reader.tensors])
     raw_config = config.to_dict()
     proc_config = {k: raw_config[k] for k in fmt.PROCESSOR_KEYS if k in raw_config}
     tensors = []
