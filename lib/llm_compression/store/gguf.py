@@ -344,8 +344,12 @@ def _hf_names(config, arch: str, path: Path, tensor_names: list[str]) -> dict[st
         raise StoreError(f"{path}: GGUF architecture {arch!r} splits or merges tensors on load ({cls.__name__}); "
                          f"the store maps one GGUF tensor to one parameter")
     _check_config_claims(config, path, tensor_names)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ArithmeticError, ValueError, TypeError) as exc:  # e.g. a head count of 0 in the key-values
+        raise StoreError(f"{path}: transformers cannot build a model from its key-values "
+                         f"({type(exc).__name__}: {exc})") from None
     return get_gguf_hf_weights_map(model, cls(config=config.to_dict()))
 
 
