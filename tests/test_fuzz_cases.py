@@ -23,7 +23,7 @@ def test_every_seed_reads_cleanly(target):
 
 
 def _damaged(seed: bytes):
-    """A seed with a few bytes overwritten, a slice cut out, or truncated: what a bad disk or a hostile
+    """(Derandomized: the same inputs every run, so CI is stable; exploring is make fuzz's job.) A seed with a few bytes overwritten, a slice cut out, or truncated: what a bad disk or a hostile
     sender makes of a real file."""
     n = len(seed)
     overwrite = st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 255)), min_size=1, max_size=8).map(
@@ -43,7 +43,7 @@ def _apply(seed: bytes, edits) -> bytes:
 def test_damaged_files_end_in_a_read_or_one_store_error(target):
     seeds = fuzz_targets.seeds(target)
 
-    @settings(max_examples=60 if target == "gguf" else 150, deadline=None, database=None,
+    @settings(max_examples=60 if target == "gguf" else 150, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.sampled_from(range(len(seeds))).flatmap(lambda i: _damaged(seeds[i])))
     def check(data):
