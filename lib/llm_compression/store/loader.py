@@ -690,7 +690,7 @@ class WeightLoaderV2:
         for check in (lambda: self.files, lambda: self.layout):  # names a later export would write
             try:
                 check()
-            except (StoreError, json.JSONDecodeError) as exc:
+            except StoreError as exc:  # _json and names.file_name say what is wrong
                 problems.append(str(exc))
         for name in self.rows:
             try:
