@@ -13,12 +13,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,lab,cluster]'
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
+	# An editable install skips the wheel's .pth (setup.py): write it, pointing at the checkout.
+	echo "$(CURDIR)/lib/llm_workbook_aios_api" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_workbook_aios_api.pth"
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-compression --display-name "llm-compression (.venv)" >/dev/null
 	touch $(STAMP)
 

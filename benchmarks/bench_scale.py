@@ -68,7 +68,7 @@ def generate(directory: Path, size_mb: float) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_compression.workbook import builtins
+    from llm_workbook.workbook import builtins
 
     config = llama_config(size_mb)
     with torch.device("meta"):
@@ -107,13 +107,13 @@ def _child_peak(command: list[str], env: dict | None = None) -> tuple[float, flo
     return time.perf_counter() - started, peak_kib / 1024
 
 
-EVAL = ("import sys, torch; from llm_compression.evaluation.compare import evaluate; "
+EVAL = ("import sys, torch; from llm_workbook.evaluation.compare import evaluate; "
         "evaluate(sys.argv[1], sys.argv[2], context_length=256, max_eval_tokens=1024, gen_tokens=4, perf=False, "
         "reference_cache=sys.argv[3])")
 
 LOAD = """
 import json, sys, time, torch
-from llm_compression.runtime.model import model_from_parquet
+from llm_workbook.runtime.model import model_from_parquet
 from transformers import AutoModelForCausalLM
 torch.manual_seed(0)
 ids = torch.randint(0, 1000, (1, 32))
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.work_dir / f"llama-{args.size_mb:g}mb"
     shutil.rmtree(root, ignore_errors=True)
-    llmc = [sys.executable, "-m", "llm_compression"]
+    llmc = [sys.executable, "-m", "llm_workbook"]
     try:
         model = generate(root / "hf", args.size_mb)
         model_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / MIB

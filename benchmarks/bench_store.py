@@ -202,7 +202,7 @@ def _rss_mb() -> float:
 
 def child_load_parquet(parquet: str) -> dict:
     """Every tensor as a materialized torch tensor, the way users get them (checksums verified)."""
-    from llm_compression import WeightLoaderV2
+    from llm_workbook import WeightLoaderV2
 
     base = _rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -237,7 +237,7 @@ def child_load_safetensors(directory: str) -> dict:
 
 
 def child_convert(src: str, out: str) -> dict:
-    from llm_compression import HuggingFaceToParquetConverter
+    from llm_workbook import HuggingFaceToParquetConverter
 
     base = _rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -263,7 +263,7 @@ def child_copy(src: str, out: str) -> dict:
 
 def measure_lazy(parquet: str, name: str, repeats: int, warmup: int) -> dict:
     """Open the file and load one tensor, ``warmup + repeats`` times (in this process: memory plays no part)."""
-    from llm_compression import WeightLoaderV2
+    from llm_workbook import WeightLoaderV2
 
     opened, loaded = [], []
     for _ in range(warmup + repeats):
@@ -323,7 +323,7 @@ def prepare(work: Path, size_mb: float) -> tuple[Path, Path, ModelSpec, bool]:
         return model_dir, parquet, spec, True
     shutil.rmtree(root, ignore_errors=True)
     generate_checkpoint(model_dir, spec)
-    from llm_compression import HuggingFaceToParquetConverter  # torch is already loaded here
+    from llm_workbook import HuggingFaceToParquetConverter  # torch is already loaded here
 
     HuggingFaceToParquetConverter(progress=False).convert(model_dir, parquet)
     marker.write_text(json.dumps(wanted))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, export_to_hf
+from llm_workbook import HuggingFaceToParquetConverter, export_to_hf
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ANGELSLIM = FIXTURES / "angelslim"
@@ -140,7 +140,7 @@ def parquet_and_reference_logits(parquet: str | Path, config: dict, reference: d
                                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits, on the same seeded tokens, of the model built from ``parquet`` and of the dense
     ``reference`` weights under ``config``."""
-    from llm_compression.runtime.model import model_from_parquet
+    from llm_workbook.runtime.model import model_from_parquet
 
     ids = token_batch(config["vocab_size"], seed=seed)
     return (logits(model_from_parquet(parquet, torch.float32), ids),

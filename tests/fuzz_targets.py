@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_compression.errors import StoreError
+from llm_workbook.errors import StoreError
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "fuzz_cases"
@@ -28,7 +28,7 @@ AIOS_FIXTURES = HERE / "fixtures" / "aios"
 
 
 def _read_store(path: Path) -> None:
-    from llm_compression.store.loader import WeightLoaderV2
+    from llm_workbook.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(path)
     loader.files, loader.layout, loader.config  # noqa: B018 - what an export or a tokenizer load reads
@@ -60,7 +60,7 @@ def aios(data: bytes) -> None:
 
 def gguf(data: bytes) -> None:
     """GGUF files, as ``llmc convert`` opens them."""
-    from llm_compression.store.gguf import open_gguf
+    from llm_workbook.store.gguf import open_gguf
 
     with _file(data, "model.gguf") as path:
         source = open_gguf(path)
@@ -70,7 +70,7 @@ def gguf(data: bytes) -> None:
 
 def safetensors(data: bytes) -> None:
     """A checkpoint directory's safetensors file, as ``llmc convert`` opens it."""
-    from llm_compression.store.sources import open_checkpoint
+    from llm_workbook.store.sources import open_checkpoint
 
     with _file(data, "model.safetensors") as path:
         (path.parent / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
@@ -81,7 +81,7 @@ def safetensors(data: bytes) -> None:
 
 def inspect(data: bytes) -> None:
     """``llmc inspect --verify --json``: exit 0, 1 (problems found) or 2 (refused), never a traceback."""
-    from llm_compression.cli import main
+    from llm_workbook.cli import main
 
     with _file(data, "model.parquet") as path, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
@@ -144,10 +144,10 @@ def _safetensors_seed() -> bytes:
 def _store_seeds() -> list[bytes]:
     import torch
 
-    from llm_compression.formats import ptq as ptq_format
-    from llm_compression.formats.base import Row
-    from llm_compression.quantize.rtn import quantize_rtn
-    from llm_compression.store.convert import HuggingFaceToParquetConverter, StoreWriter
+    from llm_workbook.formats import ptq as ptq_format
+    from llm_workbook.formats.base import Row
+    from llm_workbook.quantize.rtn import quantize_rtn
+    from llm_workbook.store.convert import HuggingFaceToParquetConverter, StoreWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model"

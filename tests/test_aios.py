@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_compression import schema as S
-from llm_compression.errors import StoreError
-from llm_compression.formats import aios as aios_format
-from llm_compression.quantize.aios import quantize_ptq
-from llm_compression.store.aios import aios_findings, aios_reads, export_aios, summarize_findings
-from llm_compression.store.convert import HuggingFaceToParquetConverter
-from llm_compression.store.loader import WeightLoaderV2
+from llm_workbook import schema as S
+from llm_workbook.errors import StoreError
+from llm_workbook.formats import aios as aios_format
+from llm_workbook.quantize.aios import quantize_ptq
+from llm_workbook.store.aios import aios_findings, aios_reads, export_aios, summarize_findings
+from llm_workbook.store.convert import HuggingFaceToParquetConverter
+from llm_workbook.store.loader import WeightLoaderV2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AIOS = FIXTURES / "aios"
@@ -166,7 +166,7 @@ def test_aios_gptq_variant_gives_arrowquantizers_codes():
     ArrowQuantizer._quantize_gptq): the same codes, scales and zero points. Its variant uses the full
     inverse Hessian's rows without updating them as columns are fixed, so it is not always better than
     its PTQ: for int8 symmetric this case's output error is larger (0.0358 against 0.0318)."""
-    from llm_compression.quantize.aios import quantize_gptq
+    from llm_workbook.quantize.aios import quantize_gptq
 
     cases = np.load(FIXTURES / "aios_arrowquantizer_gptq_cases.npz")
     x = torch.from_numpy(cases["x"])
@@ -185,7 +185,7 @@ def test_aios_gptq_variant_gives_arrowquantizers_codes():
 @pytest.fixture(scope="module")
 def qwen3_files(qwen3_dir, tmp_path_factory) -> dict[str, Path]:
     """The tiny Qwen3 in our store: bf16 as converted, and our int8 / int4 of it."""
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.run import quantize
 
     root = tmp_path_factory.mktemp("qwen3_files")
     files = {"bf16": HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, root / "bf16.parquet").output}
@@ -229,7 +229,7 @@ def test_aios_reading_model_reproduces_each_rule():
 
 def test_int8_row_of_our_quantizer_reads_right_in_aios(tmp_path, qwen3_dir):
     from llm_compression.inference.weight_loader import WeightLoader
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.run import quantize
 
     bf16 = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
     for symmetric in (True, False):
@@ -269,7 +269,7 @@ def test_export_aios_v2_equals_our_tensors_and_aios_reads_every_row(qwen3_files,
 def test_export_aios_model_directory_via_cli(qwen3_dir, tmp_path):
     bf16 = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
     out = tmp_path / "aios_model"
-    result = subprocess.run([sys.executable, "-m", "llm_compression", "export", str(bf16), str(out), "--format", "aios-v2",
+    result = subprocess.run([sys.executable, "-m", "llm_workbook", "export", str(bf16), str(out), "--format", "aios-v2",
                              "-q"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "written as float32" in result.stdout
@@ -338,13 +338,13 @@ def test_bad_aios_rows_are_one_clear_error(tmp_path, change, message):
 def test_aios_file_with_wrong_byte_count_fails_cli_verify(tmp_path):
     tensor = "model.norm.weight"
     bad = _rewrite(AIOS / "v1_fp32.parquet", tmp_path / "bad.parquet", tensor, data=b"\x00" * 12)
-    result = subprocess.run([sys.executable, "-m", "llm_compression", "inspect", str(bad), "--verify"],
+    result = subprocess.run([sys.executable, "-m", "llm_workbook", "inspect", str(bad), "--verify"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and tensor in result.stdout and "1 FAILED" in result.stdout
 
 
 def test_cli_verify_says_what_aios_gets_wrong():
-    result = subprocess.run([sys.executable, "-m", "llm_compression", "inspect", str(AIOS / "v2_int2_group128.parquet"),
+    result = subprocess.run([sys.executable, "-m", "llm_workbook", "inspect", str(AIOS / "v2_int2_group128.parquet"),
                              "--verify"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "AI-OS's WeightLoader  1 reads right, 5 reads wrong of 6 rows" in result.stdout
@@ -372,7 +372,7 @@ def test_schema_2_1_files_still_read_bit_for_bit(name, tmp_path):
         assert hashlib.sha256(raw).hexdigest() == digest
     # converted forward: the same values in schema 3
     out = tmp_path / "v3.parquet"
-    from llm_compression.store.convert import StoreWriter
+    from llm_workbook.store.convert import StoreWriter
 
     with StoreWriter(out) as writer:
         for tensor_name in loader.stored_keys():
@@ -462,8 +462,8 @@ def test_aios_int8_reads_are_lazy_per_row_group(tmp_path):
 
 
 def test_aios_backend_quantizes_every_tensor_as_arrowquantizer_and_as_aios_reads(qwen3_dir, tmp_path):
-    from llm_compression.quantize.aios import as_aios_reads
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.aios import as_aios_reads
+    from llm_workbook.quantize.run import quantize
 
     source = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
     result = quantize(source, tmp_path / "int2.parquet", "int2", backend="aios", progress=False)
@@ -501,7 +501,7 @@ def test_aios_backend_quantizes_every_tensor_as_arrowquantizer_and_as_aios_reads
      ["rope_scaling 'dynamic'", "qk-norm"]),
 ])
 def test_aios_engine_says_what_it_cannot_run(config, tensors, expected):
-    from llm_compression.runtime.aios_engine import engine_findings
+    from llm_workbook.runtime.aios_engine import engine_findings
 
     layer = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
@@ -524,7 +524,7 @@ def test_aios_engine_says_what_it_cannot_run(config, tensors, expected):
 
 
 def test_a_run_record_says_whether_aios_runs_the_file(qwen3_dir, tmp_path):
-    from llm_compression.runtime import aios_engine
+    from llm_workbook.runtime import aios_engine
 
     ours = HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, tmp_path / "bf16.parquet").output
     verdict = aios_engine.verdict(WeightLoaderV2(ours))
@@ -537,7 +537,7 @@ def test_a_run_record_says_whether_aios_runs_the_file(qwen3_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_causal_lm(tmp_path_factory) -> Path:
-    from llm_compression.fixtures.toy_models import make_tiny_model
+    from llm_workbook.fixtures.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 
@@ -557,7 +557,7 @@ def _as_aios_wrote_it(ours: Path, out: Path) -> Path:
 
 
 def _aios_int2_of(model: Path, tmp_path: Path) -> Path:
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.run import quantize
 
     source = HuggingFaceToParquetConverter(progress=False).convert(model, tmp_path / "bf16.parquet").output
     return quantize(source, tmp_path / "int2.parquet", "int2", backend="aios", progress=False).output
@@ -565,8 +565,8 @@ def _aios_int2_of(model: Path, tmp_path: Path) -> Path:
 
 def test_an_aios_file_is_stored_with_the_references_config_and_evaluated_as_written_and_as_aios_reads_it(
         tiny_causal_lm, tmp_path):
-    from llm_compression.evaluation.compare import evaluate
-    from llm_compression.workbook import report
+    from llm_workbook.evaluation.compare import evaluate
+    from llm_workbook.workbook import report
 
     int2 = _aios_int2_of(tiny_causal_lm, tmp_path)
     theirs = _as_aios_wrote_it(int2, tmp_path / "aios_v2.parquet")
@@ -597,7 +597,7 @@ def test_an_aios_file_is_stored_with_the_references_config_and_evaluated_as_writ
 
 
 def test_an_aios_file_aios_cannot_load_says_so_without_a_second_evaluation(tiny_causal_lm, tmp_path):
-    from llm_compression.workbook import report
+    from llm_workbook.workbook import report
 
     theirs = _as_aios_wrote_it(_aios_int2_of(tiny_causal_lm, tmp_path), tmp_path / "aios_v2.parquet")
     rows = pq.read_table(theirs).to_pylist()
@@ -614,7 +614,7 @@ def test_an_aios_file_aios_cannot_load_says_so_without_a_second_evaluation(tiny_
 
 
 def test_llmc_evaluate_takes_an_aios_model_directory_in_one_command(tiny_causal_lm, tmp_path):
-    from llm_compression.cli import main
+    from llm_workbook.cli import main
 
     model_dir = _as_aios_wrote_it(_aios_int2_of(tiny_causal_lm, tmp_path), tmp_path / "aios_model")
     out = tmp_path / "reports"

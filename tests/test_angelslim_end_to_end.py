@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_compression import HuggingFaceToParquetConverter, WeightLoaderV2
-from llm_compression.evaluation.compare import evaluate
+from llm_workbook import HuggingFaceToParquetConverter, WeightLoaderV2
+from llm_workbook.evaluation.compare import evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "angelslim"
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)

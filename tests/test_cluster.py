@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
-from llm_compression.cli import main
+from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
+from llm_workbook.cli import main
 
 from conftest import REPO
 
@@ -50,7 +50,7 @@ def s3(s3_endpoint, monkeypatch):
 
 def _count_reads(monkeypatch) -> list[int]:
     """Bytes returned by every read of a remote file object (what range requests fetched)."""
-    from llm_compression.store import remote
+    from llm_workbook.store import remote
 
     counted: list[int] = []
     real = remote.open_read
@@ -130,7 +130,7 @@ def test_missing_bucket_bad_credentials_and_network_error_are_one_clear_error(s3
 
 def test_bad_credentials_are_one_clear_error(s3, qwen3_dir, tmp_path, capsys):
     # moto accepts any key unless IAM is enforced; a 403 from the endpoint is what real S3 answers.
-    from llm_compression.store import remote
+    from llm_workbook.store import remote
 
     err = remote._explain("s3://b/k", PermissionError("Forbidden"))
     assert "access denied: check AWS_ACCESS_KEY_ID" in str(err)
@@ -172,7 +172,7 @@ def test_hf_urls_read_through_fsspec(qwen3_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ray_runs_two_default_files_in_parallel_with_the_verdicts_of_a_sequential_run(tmp_path):
     pytest.importorskip("ray")
-    from llm_compression.workbook import run as workbook
+    from llm_workbook.workbook import run as workbook
 
     files = [REPO / "parameters" / "default" / f"{name}.yaml" for name in ("minilm-ptq-int8", "minilm-ptq-int2")]
     small = {"max_eval_tokens": 512, "measure_perf": False}
@@ -198,8 +198,8 @@ def test_ray_runs_two_default_files_in_parallel_with_the_verdicts_of_a_sequentia
 def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
     import builtins
 
-    from llm_compression.workbook import cluster
-    from llm_compression.workbook import run as workbook
+    from llm_workbook.workbook import cluster
+    from llm_workbook.workbook import run as workbook
 
     real_import = builtins.__import__
 
@@ -214,7 +214,7 @@ def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_ray_task_resources_come_from_the_parameters():
-    from llm_compression.workbook.cluster import _options
+    from llm_workbook.workbook.cluster import _options
 
     assert _options({"resources": {"num_cpus": 2, "num_gpus": 1}}) == {"num_cpus": 2.0, "num_gpus": 1.0}
     assert _options({}) == {"num_cpus": 1.0, "num_gpus": 0.0}

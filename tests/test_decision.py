@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from llm_compression.workbook import tables
+from llm_workbook.workbook import tables
 
 
 def _record(run: str, *, ppl: float, passed: bool, reasons: list[str] = (), perf: dict | None = None) -> dict:

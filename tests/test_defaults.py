@@ -15,12 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import llm_compression  # noqa: E402
-from llm_compression import WeightLoaderV2  # noqa: E402
-from llm_compression.workbook import builtins
-from llm_compression.fixtures import toy_models
-from llm_compression.fixtures import checkpoints
-from llm_compression.workbook.run import DEFAULTS, load_parameters  # noqa: E402
+import llm_workbook  # noqa: E402
+from llm_workbook import WeightLoaderV2  # noqa: E402
+from llm_workbook.workbook import builtins
+from llm_workbook.fixtures import toy_models
+from llm_workbook.fixtures import checkpoints
+from llm_workbook.workbook.run import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = REPO / "parameters" / "default"
@@ -38,7 +38,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
-    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_workbook.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny_dir)
     return tmp_path / "cache" / "builtin"
 
@@ -186,7 +186,7 @@ def test_producer_and_model_name_of_each_candidate() -> None:
 
 
 def test_angelslim_failure_is_kept_and_repeated_without_rerunning(cache, tiny_dir, monkeypatch) -> None:
-    from llm_compression.quantize import angelslim as quantize
+    from llm_workbook.quantize import angelslim as quantize
 
     calls = []
 

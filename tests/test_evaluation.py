@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_compression import HuggingFaceToParquetConverter
-from llm_compression.evaluation.record import EvaluationRecord, Thresholds, judge
-from llm_compression.evaluation.compare import evaluate
+from llm_workbook import HuggingFaceToParquetConverter
+from llm_workbook.evaluation.record import EvaluationRecord, Thresholds, judge
+from llm_workbook.evaluation.compare import evaluate
 
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
 
@@ -20,7 +20,7 @@ SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_pr
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     """A random Qwen3 (hidden 256, 2 layers) with the BPE tokenizer trained on pydoc, saved bf16."""
-    from llm_compression.fixtures.toy_models import make_tiny_model
+    from llm_workbook.fixtures.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 
@@ -50,16 +50,16 @@ def test_identical_models_through_parquet(tiny_lm, tmp_path):
     assert all(t["sqnr_db"] == math.inf and t["relative_error"] == 0.0 for t in we["tensors"])
     assert record.sizes["original"]["bits_per_weight"] == pytest.approx(16.0)
     assert record.settings["eval_tokens"] == 193 and record.settings["corpus"] == "pydoc"
-    for key in ("python", "torch", "transformers", "llm_compression"):
+    for key in ("python", "torch", "transformers", "llm_workbook"):
         assert record.versions[key]
     assert record.machine["cpu_count"] >= 1 and record.machine["ram_bytes"] > 0
 
 
 def test_perplexity_matches_metrics_reference_with_overlapping_windows(tiny_lm):
     """The single pass that also gathers cosine/KLD scores the same tokens as metrics.perplexity."""
-    from llm_compression.evaluation import metrics
-    from llm_compression.corpus import TEXT_SEPARATOR, encode_text, load_texts
-    from llm_compression.runtime.load import load_model, load_tokenizer
+    from llm_workbook.evaluation import metrics
+    from llm_workbook.corpus import TEXT_SEPARATOR, encode_text, load_texts
+    from llm_workbook.runtime.load import load_model, load_tokenizer
 
     texts = load_texts("pydoc", "eval")[:3]
     record = evaluate(tiny_lm, tiny_lm, texts=texts, **{**SMALL, "stride": 40})
@@ -181,7 +181,7 @@ def test_angelslim_int8_dynamic_fixture_end_to_end():
 
 
 def _int4_candidate(tiny_lm: Path, out: Path) -> Path:
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.run import quantize
 
     quantize(tiny_lm, out, method="int4", progress=False)
     return out
@@ -233,7 +233,7 @@ def test_corrupted_reference_file_is_refused(tiny_lm, tmp_path):
 def test_nan_candidate_is_an_evaluation_fault(tiny_lm, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from llm_compression.evaluation.record import EvaluationFault
+    from llm_workbook.evaluation.record import EvaluationFault
 
     broken = tmp_path / "nan"
     shutil.copytree(tiny_lm, broken)
@@ -284,8 +284,8 @@ def test_runs_with_and_without_tasks_share_the_originals_scored_windows(tiny_lm,
 
 
 def test_lm_eval_task_items_come_from_the_held_out_split_only():
-    from llm_compression import corpus
-    from llm_compression.evaluation.tasks import heldout_passages
+    from llm_workbook import corpus
+    from llm_workbook.evaluation.tasks import heldout_passages
 
     items = heldout_passages(50)
     train = corpus.load_text("pydoc", "train")
@@ -300,7 +300,7 @@ def test_staged_scoring_stops_once_every_check_is_decided_and_scores_on_while_un
     assert ppl["num_tokens"] == 128 and ppl["stopped"] == f"decided at 128 of {ppl['text_tokens']:,} tokens"
     assert same.verdict["outcome"] == "pass"
     # while no stage can decide, the whole text is scored
-    from llm_compression.evaluation import uncertainty
+    from llm_workbook.evaluation import uncertainty
 
     monkeypatch.setattr(uncertainty, "classify", lambda *a, **k: uncertainty.INCONCLUSIVE)
     edge = evaluate(tiny_lm, tiny_lm, reference_cache=tmp_path / "ref", stage_tokens=128, **settings)
@@ -314,8 +314,8 @@ def test_staged_scoring_stops_once_every_check_is_decided_and_scores_on_while_un
 
 def test_lm_eval_runs_quietly(tiny_lm, capsys):
     """lm-eval's progress bars and notices would read as an error block in a report."""
-    from llm_compression.evaluation.tasks import run_tasks
-    from llm_compression.runtime.load import load_model, load_tokenizer
+    from llm_workbook.evaluation.tasks import run_tasks
+    from llm_workbook.runtime.load import load_model, load_tokenizer
 
     model, _ = load_model(tiny_lm)
     answers = run_tasks(model, load_tokenizer(tiny_lm), ("heldout_lambada",), 8)

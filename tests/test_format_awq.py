@@ -35,9 +35,9 @@ from format_fixtures import (
     save_checkpoint,
     tiny_qwen3,
 )
-from llm_compression import StoreError, WeightLoaderV2, formats
-from llm_compression.formats import awq
-from llm_compression.formats.base import UnsupportedFormatError
+from llm_workbook import StoreError, WeightLoaderV2, formats
+from llm_workbook.formats import awq
+from llm_workbook.formats.base import UnsupportedFormatError
 
 VECTORS = FIXTURES / "reference" / "angelslim_vectors.safetensors"
 AUTOAWQ_VECTORS = FIXTURES / "reference" / "awq_autoawq_vectors.safetensors"

@@ -32,10 +32,10 @@ from format_fixtures import (
     tiny_qwen3,
     token_batch,
 )
-from llm_compression import StoreError, WeightLoaderV2, formats
-from llm_compression.formats import fp8
-from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
-from llm_compression.runtime.model import model_from_parquet
+from llm_workbook import StoreError, WeightLoaderV2, formats
+from llm_workbook.formats import fp8
+from llm_workbook.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
+from llm_workbook.runtime.model import model_from_parquet
 
 FP8_MAX = 448.0
 

@@ -17,11 +17,11 @@ from gguf_fixtures import LAYER_TYPES, write_tiny_llama
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
 
-from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2  # noqa: E402
-from llm_compression.store.inventory import entries, summary  # noqa: E402
-from llm_compression.cli import main  # noqa: E402
-from llm_compression.store.gguf import export_gguf  # noqa: E402
-from llm_compression.runtime.model import model_from_parquet  # noqa: E402
+from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2  # noqa: E402
+from llm_workbook.store.inventory import entries, summary  # noqa: E402
+from llm_workbook.cli import main  # noqa: E402
+from llm_workbook.store.gguf import export_gguf  # noqa: E402
+from llm_workbook.runtime.model import model_from_parquet  # noqa: E402
 
 
 def sha256(path: Path) -> str:
@@ -217,7 +217,7 @@ def test_export_refuses_a_non_gguf_file(qwen3_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> tuple[Path, WeightLoaderV2]:
-    from llm_compression.workbook.builtins import BuiltinError, smollm2_gguf_path
+    from llm_workbook.workbook.builtins import BuiltinError, smollm2_gguf_path
 
     try:
         src = smollm2_gguf_path()
@@ -288,7 +288,7 @@ COLLISIONS = [  # (type id, bytes the writer used, what the error must name)
 @pytest.mark.parametrize("type_id, nbytes, names", COLLISIONS)
 def test_a_type_id_is_established_by_its_span_and_a_foreign_layout_is_refused_by_name(tmp_path, type_id, nbytes,
                                                                                         names):
-    from llm_compression.store.gguf import open_gguf
+    from llm_workbook.store.gguf import open_gguf
 
     src = _file_with_type(tmp_path / "t.gguf", type_id, ROWS, COLS, nbytes)
     with pytest.raises(StoreError, match=f"t.gguf: tensor 'blk.0.attn_q.weight' \\(256x2048\\) has GGML type id "
@@ -298,7 +298,7 @@ def test_a_type_id_is_established_by_its_span_and_a_foreign_layout_is_refused_by
 
 
 def test_id_41_with_mainline_q1_0_spans_is_read_as_q1_0(tmp_path):
-    from llm_compression.store.gguf import _open_reader
+    from llm_workbook.store.gguf import _open_reader
 
     src = _file_with_type(tmp_path / "t.gguf", 41, ROWS, COLS, ROWS * COLS // 128 * 18)
     reader = _open_reader(src, gguf)

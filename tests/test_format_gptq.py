@@ -31,9 +31,9 @@ from format_fixtures import (
     save_checkpoint,
     tiny_qwen3,
 )
-from llm_compression import StoreError, WeightLoaderV2, formats
-from llm_compression.formats import gptq
-from llm_compression.formats.base import UnsupportedFormatError
+from llm_workbook import StoreError, WeightLoaderV2, formats
+from llm_workbook.formats import gptq
+from llm_workbook.formats.base import UnsupportedFormatError
 
 VECTORS = FIXTURES / "reference" / "gptq_autogptq_vectors.safetensors"
 MODULE = "model.layers.0.mlp.down_proj"

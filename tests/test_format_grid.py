@@ -22,11 +22,11 @@ from format_fixtures import (
     save_checkpoint,
     token_batch,
 )
-from llm_compression import StoreError, WeightLoaderV2, export_to_hf, formats
-from llm_compression.store.inventory import entries
-from llm_compression.formats import grid
-from llm_compression.formats.base import QuantizedTensor
-from llm_compression.runtime.model import model_from_parquet
+from llm_workbook import StoreError, WeightLoaderV2, export_to_hf, formats
+from llm_workbook.store.inventory import entries
+from llm_workbook.formats import grid
+from llm_workbook.formats.base import QuantizedTensor
+from llm_workbook.runtime.model import model_from_parquet
 
 BUDGET_BITS = 2.3
 

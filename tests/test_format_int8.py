@@ -29,10 +29,10 @@ from format_fixtures import (
     tiny_qwen3,
     token_batch,
 )
-from llm_compression import StoreError, WeightLoaderV2
-from llm_compression.formats import int8
-from llm_compression.formats.base import QuantizedTensor, TensorInfo
-from llm_compression.runtime.model import model_from_parquet
+from llm_workbook import StoreError, WeightLoaderV2
+from llm_workbook.formats import int8
+from llm_workbook.formats.base import QuantizedTensor, TensorInfo
+from llm_workbook.runtime.model import model_from_parquet
 
 TOKEN_ACTS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
 # AngelSlim's int8_dynamic quantization_config (docs/source/features/quantization/int8.md, save.py)

@@ -31,9 +31,9 @@ from format_fixtures import (
     save_checkpoint,
     tiny_qwen3,
 )
-from llm_compression import StoreError, WeightLoaderV2, formats
-from llm_compression.formats import nvfp4
-from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
+from llm_workbook import StoreError, WeightLoaderV2, formats
+from llm_workbook.formats import nvfp4
+from llm_workbook.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
 
 SCHEME = preset_name_to_scheme("NVFP4", ["Linear"])
 CT_NVFP4 = ct_config(SCHEME, "nvfp4-pack-quantized")

@@ -29,9 +29,9 @@ from format_fixtures import (
     save_checkpoint,
     tiny_qwen3,
 )
-from llm_compression import StoreError, WeightLoaderV2
-from llm_compression.formats import packed
-from llm_compression.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
+from llm_workbook import StoreError, WeightLoaderV2
+from llm_workbook.formats import packed
+from llm_workbook.formats.base import QuantizedTensor, TensorInfo, UnsupportedFormatError
 
 
 def _qconfig(args: QuantizationArgs) -> dict:

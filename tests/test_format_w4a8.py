@@ -37,10 +37,10 @@ from format_fixtures import (
     save_checkpoint,
     tiny_qwen3,
 )
-from llm_compression import StoreError, WeightLoaderV2, formats
-from llm_compression import schema
-from llm_compression.formats import w4a8
-from llm_compression.formats.base import TensorInfo, UnsupportedFormatError
+from llm_workbook import StoreError, WeightLoaderV2, formats
+from llm_workbook import schema
+from llm_workbook.formats import w4a8
+from llm_workbook.formats.base import TensorInfo, UnsupportedFormatError
 
 VECTORS = FIXTURES / "reference" / "angelslim_vectors.safetensors"
 MODULE = "model.layers.0.mlp.experts.0.down_proj"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llm_compression"
+PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llm_workbook"
 
 # Each layer may import its own layer and the ones before it, never one after it.
 LAYERS = [
@@ -24,7 +24,7 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 def top_part(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if parts[0] == "llm_compression" and len(parts) > 1 else None
+    return parts[1] if parts[0] == "llm_workbook" and len(parts) > 1 else None
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -33,9 +33,9 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.level:
-                raise AssertionError(f"{path}:{node.lineno}: relative import; use llm_compression.…")
-            if node.module == "llm_compression":
-                found += [(node.lineno, f"llm_compression.{a.name}") for a in node.names]
+                raise AssertionError(f"{path}:{node.lineno}: relative import; use llm_workbook.…")
+            if node.module == "llm_workbook":
+                found += [(node.lineno, f"llm_workbook.{a.name}") for a in node.names]
             else:
                 found.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):
@@ -64,10 +64,10 @@ def test_no_module_imports_a_private_name_of_another():
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_compression"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_workbook"):
                 for alias in node.names:
                     private = alias.name.startswith("_") and not alias.name.startswith("__")
-                    own_package = ".".join(("llm_compression", *path.relative_to(PACKAGE).parts[:-1]))
+                    own_package = ".".join(("llm_workbook", *path.relative_to(PACKAGE).parts[:-1]))
                     # a private module of one's own package (formats/_bitpack, formats/_codec) is fine
                     if private and not (node.module == own_package or node.module.endswith("._codec")):
                         bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} imports {node.module}.{alias.name}")
@@ -80,8 +80,8 @@ def test_every_registered_format_has_the_required_verbs_and_defaults_for_the_opt
 
     import torch
 
-    from llm_compression import formats
-    from llm_compression.formats.base import Format, QuantizedTensor
+    from llm_workbook import formats
+    from llm_workbook.formats.base import Format, QuantizedTensor
 
     names = [f.NAME for f in formats.all_formats()]
     assert len(names) == len(set(names)) and "dense" in names and "ptq" in names

@@ -1,4 +1,4 @@
-"""Tests for llm_compression.evaluation.metrics: expected values are worked out by hand or by an independent oracle."""
+"""Tests for llm_workbook.evaluation.metrics: expected values are worked out by hand or by an independent oracle."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from llm_compression.evaluation import metrics
-from llm_compression.evaluation.metrics import (
+from llm_workbook.evaluation import metrics
+from llm_workbook.evaluation.metrics import (
     cosine_stats,
     embedding_cosine,
     generation_agreement,
@@ -22,7 +22,7 @@ from llm_compression.evaluation.metrics import (
     token_kl_divergence,
     weight_error,
 )
-from llm_compression.runtime.embeddings import l2_normalize, mean_pooling
+from llm_workbook.runtime.embeddings import l2_normalize, mean_pooling
 
 # ----------------------------------------------------------------------------- toy models
 

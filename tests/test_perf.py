@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_compression import HuggingFaceToParquetConverter
-from llm_compression.evaluation.perf import PerfSettings, measure, model_size, summarize
+from llm_workbook import HuggingFaceToParquetConverter
+from llm_workbook.evaluation.perf import PerfSettings, measure, model_size, summarize
 
 QUICK = PerfSettings(warmup=1, repeats=2, prompt_tokens=16, decode_tokens=4, sentences=8, batch_size=4)
 
@@ -62,8 +62,8 @@ def test_measure_encoder_throughput(minilm_dir):
 def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     """The candidate's perf block inside an evaluation record: load from Parquet vs from_pretrained on
     the exported safetensors, prefill and decode, memory; every figure from a child process."""
-    from llm_compression.evaluation.record import EvaluationRecord
-    from llm_compression.evaluation.compare import evaluate
+    from llm_workbook.evaluation.record import EvaluationRecord
+    from llm_workbook.evaluation.compare import evaluate
 
     parquet = tmp_path / "m.parquet"
     HuggingFaceToParquetConverter(progress=False).convert(qwen3_dir, parquet)

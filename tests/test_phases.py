@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_compression.workbook import decision as phases
+from llm_workbook.workbook import decision as phases
 
 ENVIRONMENT = {"angelslim_env": None, "angelslim_version": "0.5.0", "cli_backend": True,
                "readme": "...\n### AngelSlim backend\n..."}
@@ -128,7 +128,7 @@ def _with_blocks(rec: dict, shift: float, noise_seed: int, n: int = 4096) -> dic
     """A record carrying per-block sums: the candidate's NLL is the original's plus ``shift`` per token."""
     import numpy as np
 
-    from llm_compression.evaluation import uncertainty as U
+    from llm_workbook.evaluation import uncertainty as U
 
     rng = np.random.default_rng(0)
     nll_o = rng.gamma(2.0, 1.2, n)

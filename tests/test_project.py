@@ -38,5 +38,5 @@ def test_no_deps_wheels_agree_across_makefile_and_environment_yml():
 
 
 def test_console_script_and_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "llm_compression", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "llm_workbook", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout and "inspect" in result.stdout

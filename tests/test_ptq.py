@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from llm_compression.quantize import (
+from llm_workbook.quantize import (
     GPTQError,
     HessianAccumulator,
     QuantizedLinear,
@@ -19,7 +19,7 @@ from llm_compression.quantize import (
     quantize_rtn,
     run_gptq,
 )
-from llm_compression.quantize.model import _LayerCall, _sequential_groups
+from llm_workbook.quantize.model import _LayerCall, _sequential_groups
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, WeightLoaderV2, corpus, export_to_hf
-from llm_compression import quantize as ptq
-from llm_compression.fixtures import toy_models
-from llm_compression.cli import main as llmc
-from llm_compression.formats import ptq as ptq_format
-from llm_compression.formats.base import QuantizedTensor, StoreError
-from llm_compression.runtime.model import model_from_parquet
-from llm_compression.errors import QuantizeError
-from llm_compression.quantize.angelslim import angelslim_missing
-from llm_compression.quantize.run import backend_output, quantize
+from llm_workbook import HuggingFaceToParquetConverter, WeightLoaderV2, corpus, export_to_hf
+from llm_workbook import quantize as ptq
+from llm_workbook.fixtures import toy_models
+from llm_workbook.cli import main as llmc
+from llm_workbook.formats import ptq as ptq_format
+from llm_workbook.formats.base import QuantizedTensor, StoreError
+from llm_workbook.runtime.model import model_from_parquet
+from llm_workbook.errors import QuantizeError
+from llm_workbook.quantize.angelslim import angelslim_missing
+from llm_workbook.quantize.run import backend_output, quantize
 
 # The defaults the brief specifies: method -> (bits, group_size, symmetric).
 SPEC_DEFAULTS = {"int8": (8, -1, True), "int4": (4, 128, True), "int2": (2, 128, False), "gptq": (4, 128, True)}
@@ -233,7 +233,7 @@ def test_gptq_from_a_quantized_parquet_source_matches_the_in_memory_model(tiny, 
 
 
 def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
-    from llm_compression.quantize import run as quantize_module
+    from llm_workbook.quantize import run as quantize_module
 
     seen: list[int] = []
     real_load = quantize_module.SourceLayers.load

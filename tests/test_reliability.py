@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_compression
+import llm_workbook
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
-from llm_compression.store import atomic
-from llm_compression.workbook import run as workbook
+from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
+from llm_workbook.store import atomic
+from llm_workbook.workbook import run as workbook
 
-LLMC = [sys.executable, "-m", "llm_compression"]
+LLMC = [sys.executable, "-m", "llm_workbook"]
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -147,7 +147,7 @@ def test_gguf_export_failing_mid_write_leaves_nothing(tmp_path, monkeypatch):
     gguf = pytest.importorskip("gguf")
     from gguf_fixtures import write_tiny_llama
 
-    from llm_compression.store.gguf import export_gguf
+    from llm_workbook.store.gguf import export_gguf
 
     src = write_tiny_llama(tmp_path / "t.gguf")
     HuggingFaceToParquetConverter(progress=False).convert(src, tmp_path / "t.parquet")
@@ -191,13 +191,13 @@ def test_report_publish_failing_keeps_the_previous_reports(tmp_path, monkeypatch
 
 
 def test_cache_entry_is_whole_or_absent(tmp_path, monkeypatch):
-    from llm_compression.workbook import builtins
-    from llm_compression.fixtures import toy_models
-    from llm_compression.fixtures import checkpoints
+    from llm_workbook.workbook import builtins
+    from llm_workbook.fixtures import toy_models
+    from llm_workbook.fixtures import checkpoints
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_workbook.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     import safetensors.torch
 
@@ -280,12 +280,12 @@ def test_second_batch_into_the_same_reports_waits_for_the_first(tmp_path, capsys
 
 
 def test_two_builds_of_one_cache_entry_build_it_once(tmp_path, monkeypatch):
-    from llm_compression.workbook import builtins
-    from llm_compression.fixtures import toy_models
+    from llm_workbook.workbook import builtins
+    from llm_workbook.fixtures import toy_models
 
     tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
                                       num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
-    monkeypatch.setenv(llm_compression.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(llm_workbook.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     builds = []
     real = builtins._build
@@ -333,7 +333,7 @@ def fake_angelslim(tmp_path, qwen3_dir):
     ("incomplete", "output is incomplete"),
 ])
 def test_angelslim_run_that_hangs_dies_or_half_writes_fails_cleanly(fake_angelslim, tmp_path, monkeypatch, mode, message):
-    from llm_compression.quantize import angelslim as quantize
+    from llm_workbook.quantize import angelslim as quantize
 
     python, model = fake_angelslim
     monkeypatch.setenv("FAKE_MODE", mode)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_compression.workbook import report
+from llm_workbook.workbook import report
 
 
 def record_data(packed: bool) -> dict:

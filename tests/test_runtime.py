@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
-from llm_compression.runtime.model import model_from_parquet
-from llm_compression.runtime.activations import ActivationScheme, QuantInputLinear, declared_activation, fake_quantize_activation, layer_type
-from llm_compression.runtime.packed import PackedLinear
-from llm_compression.runtime.load import load_model, load_tokenizer
-from llm_compression.runtime.embeddings import sentence_embeddings
+from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2
+from llm_workbook.runtime.model import model_from_parquet
+from llm_workbook.runtime.activations import ActivationScheme, QuantInputLinear, declared_activation, fake_quantize_activation, layer_type
+from llm_workbook.runtime.packed import PackedLinear
+from llm_workbook.runtime.load import load_model, load_tokenizer
+from llm_workbook.runtime.embeddings import sentence_embeddings
 
 FP8_MAX = 448.0
 
 
 def _fp8_format_available() -> bool:
     try:
-        from llm_compression.formats import get_format
+        from llm_workbook.formats import get_format
 
         get_format("fp8")
         return True
@@ -31,7 +31,7 @@ def _fp8_format_available() -> bool:
         return False
 
 
-needs_fp8 = pytest.mark.skipif(not _fp8_format_available(), reason="llm_compression.formats has no 'fp8' format module yet")
+needs_fp8 = pytest.mark.skipif(not _fp8_format_available(), reason="llm_workbook.formats has no 'fp8' format module yet")
 
 
 def _ids(n: int = 12, vocab: int = 96, seed: int = 3) -> torch.Tensor:
@@ -174,7 +174,7 @@ def write_fp8_static(src: Path, dst: Path, with_input_scale: bool = True, static
 @pytest.fixture(scope="module")
 def fp8_parquet(qwen3_dir, tmp_path_factory) -> Path:
     if not _fp8_format_available():
-        pytest.skip("llm_compression.formats has no 'fp8' format module yet")
+        pytest.skip("llm_workbook.formats has no 'fp8' format module yet")
     work = tmp_path_factory.mktemp("fp8")
     hf = write_fp8_static(qwen3_dir, work / "fp8_static")
     out = work / "fp8_static.parquet"
@@ -310,7 +310,7 @@ EXPECTED_SCHEMES = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMES))
 def test_angelslim_fixture_schemes_and_keep_packed(name):
-    from llm_compression import UnsupportedFormatError
+    from llm_workbook import UnsupportedFormatError
 
     path = ANGELSLIM / name
     if not (path / "config.json").is_file():
@@ -334,7 +334,7 @@ def test_angelslim_fixture_schemes_and_keep_packed(name):
 
 
 def test_group_activation_quantization_takes_a_shorter_last_group():
-    from llm_compression.runtime.activations import ActivationScheme, fake_quantize_activation
+    from llm_workbook.runtime.activations import ActivationScheme, fake_quantize_activation
 
     scheme = ActivationScheme("fp8", "group", dynamic=True, group_size=128)
     x = torch.randn(3, 576) * torch.linspace(0.1, 10, 576)  # 576 = 4 full groups and one of 64
@@ -350,9 +350,9 @@ def test_an_unquantized_checkpoint_loads_tensor_by_tensor_with_from_pretrained_s
     parameters and buffers from_pretrained gives, for a causal LM with tied embeddings and for an encoder."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from llm_compression.fixtures import toy_models
-    from llm_compression.runtime.model import model_from_checkpoint
-    from llm_compression.workbook import builtins
+    from llm_workbook.fixtures import toy_models
+    from llm_workbook.runtime.model import model_from_checkpoint
+    from llm_workbook.workbook import builtins
 
     cases = [
         (toy_models.make_tiny_model(tmp_path / "tied", tie_word_embeddings=True), AutoModelForCausalLM, None),

@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
-from llm_compression import schema as S
-from llm_compression.runtime.model import model_from_parquet
+from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
+from llm_workbook import schema as S
+from llm_workbook.runtime.model import model_from_parquet
 
 
-LLMC = [sys.executable, "-m", "llm_compression"]
+LLMC = [sys.executable, "-m", "llm_workbook"]
 
 
 def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -346,7 +346,7 @@ def test_payload_layouts_other_than_ours_still_load(tmp_path, monkeypatch):
 def test_convert_does_not_import_pandas(qwen3_dir, tmp_path):
     code = (
         "import sys\n"
-        "from llm_compression import HuggingFaceToParquetConverter\n"
+        "from llm_workbook import HuggingFaceToParquetConverter\n"
         f"HuggingFaceToParquetConverter(progress=False).convert({str(qwen3_dir)!r}, {str(tmp_path / 'm.parquet')!r})\n"
         "print('pandas' in sys.modules)\n"
     )

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from format_fixtures import FIXTURES, convert, max_abs_diff, round_trip
-from llm_compression import WeightLoaderV2
+from llm_workbook import WeightLoaderV2
 
 REFERENCE = FIXTURES / "reference"
 # fixture directory: (our format name, quant_method in its config)

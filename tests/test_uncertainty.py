@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llm_compression.evaluation import uncertainty as U
-from llm_compression.evaluation.metrics import token_comparison, token_kl_divergence
-from llm_compression.evaluation.record import Thresholds, judge
+from llm_workbook.evaluation import uncertainty as U
+from llm_workbook.evaluation.metrics import token_comparison, token_kl_divergence
+from llm_workbook.evaluation.record import Thresholds, judge
 
 
 def _series(n=4096, shift=0.13, seed=0):

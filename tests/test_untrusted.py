@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from llm_compression import names, schema as S
-from llm_compression.cli import main
-from llm_compression.errors import StoreError
-from llm_compression.store.convert import HuggingFaceToParquetConverter
-from llm_compression.store.loader import WeightLoaderV2
+from llm_workbook import names, schema as S
+from llm_workbook.cli import main
+from llm_workbook.errors import StoreError
+from llm_workbook.store.convert import HuggingFaceToParquetConverter
+from llm_workbook.store.loader import WeightLoaderV2
 
 HOSTILE_NAMES = ["../escaped.txt", "/tmp/absolute.txt", "sub/dir.txt", "..", ".bashrc", "CON", "nul.txt",
                  "a\\b", "c:evil", "tab\tname", "", "x" * 300, "trailing.", " lead"]
@@ -133,7 +133,7 @@ def test_side_files_that_are_not_base64_are_one_clear_error(store_file, tmp_path
 
 
 def test_a_run_name_that_is_a_path_is_refused_before_anything_runs(tmp_path):
-    from llm_compression.workbook.run import ParameterError, check_parameters
+    from llm_workbook.workbook.run import ParameterError, check_parameters
 
     for bad in ("../../x", "/abs", "-rf", "a/b"):
         with pytest.raises(ParameterError, match="run name"):
@@ -141,7 +141,7 @@ def test_a_run_name_that_is_a_path_is_refused_before_anything_runs(tmp_path):
 
 
 def test_a_run_name_made_from_a_path_is_a_safe_file_name():
-    from llm_compression.cli import _run_name
+    from llm_workbook.cli import _run_name
 
     assert _run_name("/tmp/x/model.parquet") == "tmp-x-model"
     assert _run_name("builtin:smollm2/ptq-int4") == "smollm2-ptq-int4"
@@ -167,7 +167,7 @@ def test_an_unknown_model_id_is_exit_status_2(tmp_path, capsys):
 
 
 def test_exit_status_counts_documented_errors_as_evaluated():
-    from llm_compression.workbook.run import RunOutcome, exit_status
+    from llm_workbook.workbook.run import RunOutcome, exit_status
 
     def outcome(status, expected=False):
         return RunOutcome("r", status, Path("r.ipynb"), None, Path("r.json"), "", expected)
@@ -227,8 +227,8 @@ def test_a_row_claiming_a_terabyte_is_refused_before_memory_is_allocated(store_f
 def test_a_compression_bomb_is_refused_from_the_footer(tmp_path):
     import pyarrow as pa
 
-    from llm_compression.store.convert import StoreWriter
-    from llm_compression.formats.base import Row
+    from llm_workbook.store.convert import StoreWriter
+    from llm_workbook.formats.base import Row
     import torch
 
     good = tmp_path / "good.parquet"
@@ -246,7 +246,7 @@ def test_a_compression_bomb_is_refused_from_the_footer(tmp_path):
 
 
 def test_a_quantized_row_whose_shape_promises_more_weights_than_its_bytes_is_refused(tmp_path, qwen3_dir):
-    from llm_compression.quantize.run import quantize
+    from llm_workbook.quantize.run import quantize
 
     out = tmp_path / "int4.parquet"
     quantize(qwen3_dir, out, method="int4", progress=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compression import HuggingFaceToParquetConverter
-from llm_compression.evaluation.validator import PrecisionValidator, ValidationResult
+from llm_workbook import HuggingFaceToParquetConverter
+from llm_workbook.evaluation.validator import PrecisionValidator, ValidationResult
 
 FAST = dict(context_length=64, max_eval_tokens=256, gen_tokens=4, generation_prompts=2, prompt_tokens=8)
 SENTENCES = [
@@ -41,7 +41,7 @@ def fake_quant_copy(src: Path, dst: Path, bits: int, per_channel: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
-    from llm_compression.fixtures.toy_models import make_tiny_model
+    from llm_workbook.fixtures.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 

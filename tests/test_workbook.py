@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from llm_compression.workbook import run as workbook
+from llm_workbook.workbook import run as workbook
 
 from conftest import REPO, make_checkpoint
 
@@ -76,7 +76,7 @@ def test_rerun_skips_unchanged_inputs_unless_forced(batch):
 
 
 def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, tmp_path):
-    from llm_compression.cli import main
+    from llm_workbook.cli import main
 
     reports, _, params = batch
     common = yaml.safe_load((params / "tiny-int8.yaml").read_text())
@@ -97,7 +97,7 @@ def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, t
 
 
 def test_missing_source_is_one_clear_error(tmp_path, capsys):
-    from llm_compression.cli import main
+    from llm_workbook.cli import main
 
     assert main(["evaluate", str(tmp_path / "nope"), "--reference", "builtin:smollm2", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

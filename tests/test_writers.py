@@ -20,12 +20,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from format_fixtures import cosine, round_trip  # noqa: E402
-from llm_compression import WeightLoaderV2  # noqa: E402
-from llm_compression.store import inventory as catalog
-from llm_compression.fixtures import toy_models
-from llm_compression.fixtures import checkpoints as writers
-from llm_compression.formats import awq  # noqa: E402
-from llm_compression.runtime.model import model_from_parquet  # noqa: E402
+from llm_workbook import WeightLoaderV2  # noqa: E402
+from llm_workbook.store import inventory as catalog
+from llm_workbook.fixtures import toy_models
+from llm_workbook.fixtures import checkpoints as writers
+from llm_workbook.formats import awq  # noqa: E402
+from llm_workbook.runtime.model import model_from_parquet  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEAD_DIM = 128, 256, 64
 K_PROJ = "model.layers.0.self_attn.k_proj"  # [64, 128]
@@ -215,7 +215,7 @@ def test_gptq_layout_and_config(written, original_tensors) -> None:
     # symmetric 4-bit: zero point 8, stored minus one -> every nibble 7 (0x77777777)
     assert bool((t[f"{DOWN_PROJ}.qzeros"] == 0x77777777).all())
     assert torch.equal(t[f"{DOWN_PROJ}.g_idx"], torch.arange(256, dtype=torch.int32) // 128)
-    from llm_compression.formats.gptq import unpack_gptq
+    from llm_workbook.formats.gptq import unpack_gptq
 
     weight = unpack_gptq({s: t[f"{DOWN_PROJ}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")}, 4, 128).dequantize()
     original = original_tensors[f"{DOWN_PROJ}.weight"].float()
@@ -235,8 +235,8 @@ def test_awq_pack_hand_checked_vector() -> None:
 
 
 def test_awq_layout_config_and_reader_agree(written, original_tensors) -> None:
-    from llm_compression import quantize as ptq
-    from llm_compression.formats import awq
+    from llm_workbook import quantize as ptq
+    from llm_workbook.formats import awq
 
     out = written["awq_int4"]
     t = _tensors(out)

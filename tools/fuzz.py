@@ -31,13 +31,13 @@ def fuzz_once(target: str, corpus: Path, seconds: int, timeout: int, rss_limit_m
     """The child: atheris on ``target`` until the time is up or the first finding (written as an artifact)."""
     import atheris
 
-    with atheris.instrument_imports(include=["llm_compression", "gguf", "safetensors", "fuzz_targets"]):
+    with atheris.instrument_imports(include=["llm_workbook", "gguf", "safetensors", "fuzz_targets"]):
         import fuzz_targets
-        import llm_compression.cli  # noqa: F401 - every module a target reaches, instrumented on import
+        import llm_workbook.cli  # noqa: F401 - every module a target reaches, instrumented on import
         import llm_compression.inference.weight_loader  # noqa: F401
-        import llm_compression.store.gguf  # noqa: F401
-        import llm_compression.store.loader  # noqa: F401
-        import llm_compression.store.sources  # noqa: F401
+        import llm_workbook.store.gguf  # noqa: F401
+        import llm_workbook.store.loader  # noqa: F401
+        import llm_workbook.store.sources  # noqa: F401
     found = fuzz_targets.CASES / target
     found.mkdir(parents=True, exist_ok=True)
     atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={seconds}", f"-timeout={timeout}",

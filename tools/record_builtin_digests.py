@@ -1,4 +1,4 @@
-"""Write lib/llm_compression/workbook/builtin_digests.json from the builtins built here (run `make report` first).
+"""Write lib/llm_workbook/workbook/builtin_digests.json from the builtins built here (run `make report` first).
 
 Every later build compares its digest with the one recorded here and says in its provenance (and in every
 run record that uses it) when it differs. Usage: .venv/bin/python tools/record_builtin_digests.py
@@ -11,8 +11,8 @@ import platform
 import sys
 from pathlib import Path
 
-from llm_compression.store import atomic
-from llm_compression.workbook import builtins
+from llm_workbook.store import atomic
+from llm_workbook.workbook import builtins
 
 
 def cpu_model() -> str:

@@ -23,7 +23,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-MARKER = "# stand-in written by llm_compression tools/angelslim/patch_env.py"
+MARKER = "# stand-in written by llm_workbook tools/angelslim/patch_env.py"
 
 # (file under the angelslim package, the exact import text it must contain)
 EXPECTED_IMPORTERS: tuple[tuple[str, str], ...] = (

@@ -1,3 +1,0 @@
-from llm_compression.cli import main
-
-raise SystemExit(main())

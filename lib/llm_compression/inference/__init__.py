@@ -1,1 +1,0 @@
-"""Compatibility package: the import paths of our older code."""

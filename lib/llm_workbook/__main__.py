@@ -1,0 +1,3 @@
+from llm_workbook.cli import main
+
+raise SystemExit(main())

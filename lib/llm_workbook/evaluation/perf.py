@@ -1,0 +1,385 @@
+"""Performance figures of one model, each measured in a fresh Python process.
+
+``measure(source)`` runs three children (``python -c``, the spec on stdin, one JSON line back):
+
+* ``load`` from Parquet: ``runtime.load.load_model`` on the Parquet file (warm-up, then repeats);
+* ``load`` from HF safetensors: ``from_pretrained`` on the same checkpoint as an HF directory
+  (a Parquet source is exported to a temporary directory, an HF source converted to a temporary
+  Parquet file), so the two load times compare the same weights; their ratio is reported;
+* ``run``: one load (peak RSS of the load), then warm-up and repeats of prefill at a fixed prompt
+  length and greedy decode with the KV cache (causal LMs) or sentence embedding (encoders), and the
+  peak RSS while running (the high-water mark is reset after the load where Linux allows it).
+
+Every timing reports the median, the quartiles (IQR) and min/max of its repeats. Peak RSS is the
+child's ``VmHWM`` (Linux; ``ru_maxrss`` elsewhere), current RSS comes from psutil.
+``model_size(source)`` gives the size on disk and bits per weight without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULT_MARKER = "LLMC_PERF_RESULT "
+
+
+@dataclass
+class PerfSettings:
+    """Sizes of the perf runs; the defaults keep a tiny model's perf block to a few seconds of work."""
+
+    warmup: int = 1
+    repeats: int = 3
+    prompt_tokens: int = 64  # prefill length
+    decode_tokens: int = 16  # greedy tokens per decode run
+    sentences: int = 32  # encoder: sentences per embedding run
+    batch_size: int = 16
+    threads: int | None = None  # torch threads in the child (None: torch's default)
+    timeout_s: float = 900.0
+    compare_hf_load: bool = True  # also time from_pretrained on an HF copy
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PerfSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"PerfSettings.warmup must be >= 0, got {self.warmup}")
+
+
+def summarize(values: list[float]) -> dict:
+    """Median, quartiles (IQR), min, max and the raw values of a list of measurements."""
+    if not values:
+        raise ValueError("summarize: no values")
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": ordered[0],
+            "max": ordered[-1], "n": len(ordered), "values": list(values)}
+
+
+# ============================================================================================
+# Size on disk
+# ============================================================================================
+
+
+def model_size(source: str | os.PathLike) -> dict:
+    """Bytes on disk, parameters and bits per weight of a Parquet file or an HF checkpoint.
+
+    Parquet files use ``inventory.summary`` (quantized groups counted by their dequantized shape);
+    an HF directory counts its safetensors files (exact for unquantized checkpoints).
+    """
+    from llm_workbook.store import inventory
+    from llm_workbook.store.loader import WeightLoaderV2
+
+    if str(source).endswith(".parquet"):
+        s = inventory.summary(WeightLoaderV2(source))
+        return {"path": str(source), "file_bytes": s["file_bytes"], "stored_bytes": s["stored_bytes"],
+                "parameters": s["parameters"], "bits_per_weight": s["bits_per_weight"],
+                "compression_vs_bf16": s["compression_vs_bf16"], "quantized_bits_per_weight": s["quantized_bits_per_weight"],
+                "formats": s["formats"]}
+    from llm_workbook.schema import torch_dtype
+    from llm_workbook.store.sources import open_checkpoint, resolve_source
+
+    root = resolve_source(source)
+    ckpt = open_checkpoint(root)
+    stored = numel = 0
+    for info in ckpt.tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        numel += n
+        stored += n * torch.empty((), dtype=torch_dtype(info.dtype)).element_size()
+    file_bytes = sum(p.stat().st_size for p in {*ckpt.tensor_file.values()})
+    bpw = 8.0 * stored / numel if numel else 0.0
+    quantized = bool(ckpt.quantization_config)
+    return {"path": str(root), "file_bytes": file_bytes, "stored_bytes": stored,
+            "parameters": None if quantized else numel,
+            "bits_per_weight": None if quantized else bpw,  # packed codes: convert to Parquet for exact figures
+            "compression_vs_bf16": None if quantized or not bpw else 16.0 / bpw, "quantized_bits_per_weight": None,
+            "formats": None if quantized else ["dense"]}
+
+
+# ============================================================================================
+# Parent side
+# ============================================================================================
+
+
+def _run_child(spec: dict, timeout: float) -> dict:
+    """Run one measurement in a fresh interpreter; its result (or error) as a dict."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code = "from llm_workbook.evaluation.perf import _child_main; _child_main()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{spec['op']} of {spec['source']} timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    return {"error": f"{spec['op']} of {spec['source']} exited with code {proc.returncode}: {tail}"}
+
+
+def _counterparts(source: str, workdir: Path) -> tuple[str, str]:
+    """(parquet, hf_dir) holding the same checkpoint; the missing one is written into ``workdir``."""
+    if source.endswith(".parquet"):
+        from llm_workbook.store.convert import export_to_hf
+
+        return source, str(export_to_hf(source, workdir / "hf", progress=False))
+    from llm_workbook.store.convert import HuggingFaceToParquetConverter
+    from llm_workbook.store.sources import resolve_source
+
+    root = resolve_source(source)
+    parquet = workdir / "model.parquet"
+    HuggingFaceToParquetConverter(progress=False).convert(root, parquet)
+    return str(parquet), str(root)
+
+
+def measure(
+    source: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    task: str | None = None,
+    activation_quant: bool = True,
+    keep_packed: bool = False,
+    settings: PerfSettings | None = None,
+) -> dict:
+    """Load time (Parquet vs HF safetensors), latency / throughput and peak memory of one model.
+
+    Each figure comes from its own fresh subprocess. A failed HF load (e.g. a quantization method
+    transformers cannot run on CPU) is reported as ``load.hf_error``; a failed Parquet load or run
+    raises ``RuntimeError`` with the child's message.
+    """
+    settings = settings or PerfSettings()
+    source = str(source)
+    common = {"dtype": str(dtype).removeprefix("torch."), "task": task, "activation_quant": activation_quant,
+              "keep_packed": keep_packed, "settings": asdict(settings)}
+    workdir = Path(tempfile.mkdtemp(prefix="llmc-perf-"))
+    load: dict[str, Any] = {"parquet_s": None, "hf_s": None, "ratio_parquet_vs_hf": None, "hf_error": None}
+    try:
+        if settings.compare_hf_load:
+            parquet, hf_dir = _counterparts(source, workdir)
+        else:
+            parquet, hf_dir = (source, None) if source.endswith(".parquet") else (None, source)
+        disk = {"source_bytes": model_size(source)["file_bytes"],
+                "parquet_bytes": os.path.getsize(parquet) if parquet else None}
+        if parquet:
+            load_pq = _run_child({"op": "load", "via": "parquet", "source": parquet, **common}, settings.timeout_s)
+            if "error" in load_pq:
+                raise RuntimeError(f"perf: Parquet load failed: {load_pq['error']}")
+            load["parquet_s"] = summarize(load_pq["seconds"])
+        if hf_dir:
+            load_hf = _run_child({"op": "load", "via": "hf", "source": hf_dir, **common}, settings.timeout_s)
+            if "error" in load_hf:
+                load["hf_error"] = load_hf["error"]
+            else:
+                load["hf_s"] = summarize(load_hf["seconds"])
+        if load["parquet_s"] and load["hf_s"]:
+            load["ratio_parquet_vs_hf"] = load["parquet_s"]["median"] / load["hf_s"]["median"]
+        run = _run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
+        if "error" in run:
+            raise RuntimeError(f"perf: run failed: {run['error']}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"source": source, "settings": common, "load": load, **run, "disk": disk}
+
+
+# ============================================================================================
+# Child side
+# ============================================================================================
+
+
+def _peak_rss_bytes() -> tuple[int, str]:
+    """Peak RSS of this process and where it was read.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this address space. ``ru_maxrss``
+    is only the fallback: after fork/vfork + exec it starts at the *parent's* peak, so a child of a
+    large parent would report the parent's memory.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "ru_maxrss"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _timed(fn) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _load(spec: dict):
+    dtype = getattr(torch, spec["dtype"])
+    if spec["via"] == "hf":
+        from transformers import AutoConfig
+
+        from llm_workbook.runtime.model import model_class
+
+        config = AutoConfig.from_pretrained(spec["source"])
+        return model_class(config, spec["task"]).from_pretrained(spec["source"], dtype=dtype).eval()
+    from llm_workbook.runtime.load import load_model
+
+    model, _ = load_model(spec["source"], dtype=dtype, task=spec["task"], activation_quant=spec["activation_quant"],
+                          keep_packed=spec["keep_packed"])
+    return model
+
+
+def _child_load(spec: dict) -> dict:
+    import gc
+
+    settings = spec["settings"]
+    for _ in range(settings["warmup"]):
+        _load(spec)
+        gc.collect()
+    seconds = []
+    for _ in range(settings["repeats"]):
+        seconds.append(_timed(lambda: _load(spec)))
+        gc.collect()
+    return {"seconds": seconds}
+
+
+def _decode(model, prompt: torch.Tensor, steps: int) -> None:
+    from llm_workbook.evaluation.metrics import cache_of  # the cache keyword differs between transformers 4 and 5
+
+    with torch.inference_mode():
+        out = model(prompt, use_cache=True)
+        for _ in range(steps):
+            cache = cache_of(out)
+            token = out.logits[:, -1:].argmax(dim=-1)
+            out = model(token, use_cache=True, **({cache[0]: cache[1]} if cache else {}))
+
+
+def _child_run(spec: dict) -> dict:
+    import time
+
+    settings = spec["settings"]
+    _preimport(spec["source"], spec["task"])  # so the baseline holds the code, and the load delta the weights
+    baseline = _rss_bytes()
+    start = time.perf_counter()
+    model = _load(spec)
+    load_seconds = time.perf_counter() - start
+    model_rss = _rss_bytes()
+    load_peak, peak_source = _peak_rss_bytes()  # read second: a peak is never below the RSS read before it
+    memory: dict[str, Any] = {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak,
+                              "model_rss_bytes": model_rss, "peak_source": peak_source}
+    # from here the peak counts inference only (the loaded model stays resident, so it is included)
+    memory["inference_peak_is_since_load"] = _reset_peak_rss()
+    result: dict[str, Any] = {"pid": os.getpid(), "first_load_s": load_seconds}
+    from llm_workbook.runtime.load import CAUSAL_LM, model_kind
+
+    if model_kind(model) == CAUSAL_LM:
+        n_prompt, n_decode = settings["prompt_tokens"], settings["decode_tokens"]
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+
+        def prefill() -> None:
+            with torch.inference_mode():
+                model(prompt, use_cache=False)
+
+        for _ in range(settings["warmup"]):
+            prefill()
+            _decode(model, prompt, n_decode)
+        prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
+        # decode time = prefill + n steps, minus the prefill's median: per-token cost of the cached steps
+        decode_total = [_timed(lambda: _decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
+        prefill_median = statistics.median(prefill_s)
+        result.update({
+            "kind": CAUSAL_LM,
+            "prefill_tokens": n_prompt,
+            "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
+            "decode_tokens": n_decode,
+            "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
+        })
+    else:
+        from llm_workbook.runtime.load import load_tokenizer
+        from llm_workbook.runtime.embeddings import sentence_embeddings
+
+        tokenizer = load_tokenizer(spec["source"], model)
+        sentences = _perf_sentences(settings["sentences"])
+        batch = settings["batch_size"]
+        for _ in range(settings["warmup"]):
+            sentence_embeddings(model, tokenizer, sentences, batch)
+        runs = [_timed(lambda: sentence_embeddings(model, tokenizer, sentences, batch)) for _ in range(settings["repeats"])]
+        result.update({"kind": "encoder", "sentences": len(sentences), "batch_size": batch,
+                       "embedding_sentences_per_s": summarize([len(sentences) / t for t in runs])})
+    memory["inference_peak_rss_bytes"] = _peak_rss_bytes()[0]
+    result["memory"] = memory
+    return result
+
+
+def _preimport(source: str, task: str | None) -> None:
+    """Import transformers and the model's class module before measuring memory and load time."""
+    import copy
+
+    from transformers import AutoConfig
+
+    from llm_workbook.runtime.model import model_class
+    from llm_workbook.runtime.load import read_config
+
+    raw = copy.deepcopy(read_config(source))
+    raw.pop("quantization_config", None)
+    model_type = raw.pop("model_type", None)
+    if model_type:
+        model_class(AutoConfig.for_model(model_type, **raw), task)
+
+
+def _perf_sentences(count: int) -> list[str]:
+    """Fixed English sentences of varied length from CPython's pydoc topics (no corpus split needed)."""
+    from pydoc_data.topics import topics
+
+    from llm_workbook.runtime.embeddings import split_sentences
+
+    sentences = split_sentences([topics[key] for key in sorted(topics)[:40]])
+    return [sentences[i % len(sentences)] for i in range(count)]
+
+
+def _child_main() -> None:
+    spec = json.loads(sys.stdin.read())
+    if spec["settings"].get("threads"):
+        torch.set_num_threads(int(spec["settings"]["threads"]))
+    try:
+        result = _child_load(spec) if spec["op"] == "load" else _child_run(spec)
+    except Exception as exc:  # reported to the parent, which decides whether it is fatal
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write("\n" + RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+__all__ = ["PerfSettings", "measure", "model_size", "summarize"]

@@ -1,0 +1,361 @@
+"""What one run of the evaluation notebook computes besides the evaluation itself: the store check
+(convert, verify, round trip), the run record and its verdict. The notebook only calls and shows these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm_workbook import schema as S
+from llm_workbook.store import atomic
+from llm_workbook.store import inventory
+from llm_workbook.store.aios import AiosView, aios_view, convert_aios, is_aios_source
+from llm_workbook.workbook import tables
+from llm_workbook.store.convert import HuggingFaceToParquetConverter, export_to_hf
+from llm_workbook.store.gguf import export_gguf, is_gguf_file
+from llm_workbook.store.loader import WeightLoaderV2
+from llm_workbook.store.remote import is_remote
+
+
+@dataclass
+class StoreCheck:
+    """The candidate as stored: its Parquet file, whether every checksum verifies, whether it came back exactly."""
+
+    parquet: Path
+    source_kind: str  # "parquet" (given as a weight file), "gguf", "hf" or "aios" (an AI-OS V1/V2 file or model directory)
+    convert_seconds: float | None
+    checksum_problems: list[str]
+    lossless: bool | None  # None: nothing to compare with (the candidate was a Parquet file already)
+    lossless_detail: str = ""
+    summary: dict = field(default_factory=dict)
+    aios: "AiosView | None" = None  # an AI-OS file: what AI-OS's own loader makes of it
+
+    @property
+    def ok(self) -> bool:
+        return not self.checksum_problems and self.lossless is not False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
+    from llm_workbook.store.sources import open_checkpoint, resolve_source
+
+    exported = scratch / "exported"
+    shutil.rmtree(exported, ignore_errors=True)
+    export_to_hf(parquet, exported, progress=False)
+    try:
+        src = open_checkpoint(resolve_source(source))
+        back = open_checkpoint(exported)
+        mismatched = [n for n in src.tensors
+                      if n not in back.tensors or not _same_bytes(src.read(n), back.read(n))]
+        extra = set(back.tensors) - set(src.tensors)
+    finally:
+        shutil.rmtree(exported, ignore_errors=True)
+    if mismatched or extra:
+        return False, f"{len(mismatched)} tensors differ (first: {(mismatched or sorted(extra))[0]})"
+    return True, f"all {len(src.tensors)} tensors bit for bit"
+
+
+def _gguf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
+    back = scratch / "back.gguf"
+    back.unlink(missing_ok=True)
+    try:
+        differences = export_gguf(parquet, back)
+        same = _sha256(back) == _sha256(source)
+    finally:
+        back.unlink(missing_ok=True)
+    if same:
+        return True, "GGUF rewritten byte for byte (same sha256)"
+    return False, "GGUF rewritten with differences: " + ("; ".join(differences) or "bytes differ")
+
+
+def _aios_round_trip(source: Path, parquet: Path) -> tuple[bool, str]:
+    """Every tensor of the stored file equals the AI-OS file's as its writer meant it (codes, scales, floats)."""
+    theirs, ours = WeightLoaderV2(source / "weights.parquet" if source.is_dir() else source), WeightLoaderV2(parquet)
+    names = theirs.stored_keys()
+    if sorted(names) != sorted(ours.stored_keys()):
+        return False, "the stored file holds other tensors than the AI-OS file"
+    for name in names:
+        layer, weight = S.split_name(name)
+        if not torch.equal(theirs.load_weight(layer, weight).float(), ours.load_weight(layer, weight).float()):
+            return False, f"{name} differs from the AI-OS file's value"
+    return True, f"{len(names)} tensors equal the AI-OS file's values as its writer meant them"
+
+
+def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | Path | None = None) -> StoreCheck:
+    """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
+    check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte. An AI-OS
+    V1/V2 file or model directory is converted as its writer meant it, with the config and tokenizer of
+    ``reference`` (AI-OS keeps none), and viewed as AI-OS's own loader reads it (``StoreCheck.aios``)."""
+    if is_aios_source(candidate_src):
+        parquet = scratch / "candidate.parquet"
+        parquet.unlink(missing_ok=True)
+        started = time.perf_counter()
+        convert_aios(candidate_src, parquet, progress=False, config_source=reference)
+        seconds = time.perf_counter() - started
+        view = aios_view(candidate_src, parquet, scratch / "candidate-as-aios-reads.parquet")
+        lossless, detail = _aios_round_trip(Path(candidate_src), parquet)
+        loader = WeightLoaderV2(parquet)
+        return StoreCheck(parquet, "aios", seconds, loader.verify_all(), lossless, detail, inventory.summary(loader), view)
+    if str(candidate_src).endswith(".parquet"):
+        parquet, kind, seconds = (str(candidate_src) if is_remote(str(candidate_src)) else Path(candidate_src)), "parquet", None
+    else:
+        kind = "gguf" if Path(candidate_src).is_file() and is_gguf_file(candidate_src) else "hf"
+        parquet = scratch / "candidate.parquet"
+        parquet.unlink(missing_ok=True)
+        started = time.perf_counter()
+        HuggingFaceToParquetConverter(progress=False).convert(candidate_src, parquet)
+        seconds = time.perf_counter() - started
+    loader = WeightLoaderV2(parquet)
+    problems = loader.verify_all()
+    lossless, detail = None, "n/a (given as a Parquet weight file)"
+    if kind == "hf":
+        lossless, detail = _hf_round_trip(Path(candidate_src), parquet, scratch)
+    elif kind == "gguf":
+        lossless, detail = _gguf_round_trip(Path(candidate_src), parquet, scratch)
+    return StoreCheck(parquet, kind, seconds, problems, lossless, detail, inventory.summary(loader))
+
+
+def as_aios_reads(check: StoreCheck, reference_src, settings: dict) -> dict | None:
+    """For an AI-OS file that AI-OS's own loader reads differently from how its writer wrote it: the same
+    evaluation (``settings``, the keywords the run passed to ``evaluate``; no speed or task runs) of what AI-OS
+    computes with, beside the run's figures as written. None when AI-OS reads the file as written."""
+    from llm_workbook.evaluation.compare import evaluate
+
+    view = check.aios
+    if view is None or not view.differs:
+        return None
+    out = {"view": "as AI-OS's own loader reads the file", **view.as_dict()}
+    if view.parquet is None:
+        out["verdict"] = {"outcome": "fail", "passed": False,
+                          "reasons": [f"AI-OS's loader raises on {len(view.raises)} tensors: the model does not load in AI-OS "
+                                      f"(first: {view.raises[0]})"]}
+        return out
+    record = evaluate(reference_src, view.parquet, **{**settings, "perf": False, "lm_eval_tasks": ()}).to_dict()
+    metrics = record["metrics"]
+    out.update(verdict=record["verdict"], cosine=metrics.get("cosine_similarity"),
+               aios_validator_cosine=(metrics.get("aios_validator_cosine") or {}).get("mean"),
+               kld_mean=(metrics.get("kld") or {}).get("mean"), top1_agreement=metrics.get("top1_agreement"),
+               ppl=metrics.get("ppl"), intervals=metrics.get("intervals"))
+    return out
+
+
+def as_read_line(read: dict | None) -> str | None:
+    """One line for the index: what the run's verdict becomes as AI-OS reads the file (None: it reads it as written)."""
+    if not read:
+        return None
+    outcome = tables.LABELS.get((read.get("verdict") or {}).get("outcome"), "FAIL")
+    if not read.get("loads_in_aios", True):
+        return f"as AI-OS reads the file: {outcome}, it does not load ({read['raises']} tensors raise)"
+    ppl = (read.get("ppl") or {}).get("delta_percent")
+    return f"as AI-OS reads the file ({read['reads_wrong']} tensors read wrong): {outcome}, PPL {tables.format_ppl_delta(ppl)}"
+
+
+def as_written_and_as_read(data: dict) -> list[dict]:
+    """The table beside each other: the file as its writer meant it, and as AI-OS reads it."""
+    read = data.get("as_aios_reads")
+    if not read:
+        return []
+    metrics = data["metrics"]
+
+    def row(label, outcome, cosine, validator, kld, top1, ppl, iv):
+        iv = iv or {}
+        return {"read": label, "verdict": outcome, "cosine": cosine, "AI-OS validator cosine": validator,
+                "KLD mean": kld, "top-1 agreement": top1,
+                "PPL change [95 %]": tables.ppl_with_interval(ppl, iv.get("low"), iv.get("high"))}
+
+    return [
+        row("as written (its writer's values)", data["verdict"].get("outcome"), metrics.get("cosine_similarity"),
+            (metrics.get("aios_validator_cosine") or {}).get("mean"), metrics["kld"]["mean"], metrics.get("top1_agreement"),
+            metrics["ppl"].get("delta_percent"), (metrics.get("intervals") or {}).get("ppl_change_percent")),
+        row("as AI-OS's loader reads it", read["verdict"].get("outcome"), read.get("cosine"), read.get("aios_validator_cosine"),
+            read.get("kld_mean"), read.get("top1_agreement"), (read.get("ppl") or {}).get("delta_percent"),
+            (read.get("intervals") or {}).get("ppl_change_percent")),
+    ]
+
+
+def store_facts(check: StoreCheck) -> dict:
+    store = check.summary
+    return {
+        "file size (MB)": round(store["file_bytes"] / 1e6, 3),
+        "parameters": f"{store['parameters']:,}",
+        "bits per weight (all tensors)": round(store["bits_per_weight"], 3),
+        "bits per weight (quantized tensors)": None if store["quantized_bits_per_weight"] is None
+        else round(store["quantized_bits_per_weight"], 3),
+        "compression vs bf16": f"{store['compression_vs_bf16']:.2f}x",
+        "storage formats": ", ".join(store["formats"]),
+        "checksums": "all verify" if not check.checksum_problems else f"{len(check.checksum_problems)} FAILED",
+        "round trip": {True: "exact: ", False: "NOT exact: ", None: ""}[check.lossless] + check.lossless_detail,
+        "conversion time (s)": None if check.convert_seconds is None else round(check.convert_seconds, 2),
+    }
+
+
+def _run_parameters(params: dict) -> dict:
+    keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens",
+            "stage_tokens", "reference_precision", "dtype",
+            "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold",
+            "lm_eval_tasks", "lm_eval_limit", "overrides")
+    return {k: params.get(k) for k in keys}
+
+
+def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
+    """The run's record: the evaluation record, the store check, and the verdict (which also fails when the
+    file is not a bit-exact, verified copy of the checkpoint)."""
+    verdict = dict(data["verdict"])
+    reasons = list(verdict.get("reasons") or [])
+    if not check.ok:
+        reasons.append("the Parquet file is not a bit-exact copy of the checkpoint"
+                       + (f" ({check.lossless_detail})" if check.lossless is False else " (checksums fail)"))
+    passed = bool(verdict.get("passed")) and check.ok
+    outcome = "fail" if not check.ok else verdict.get("outcome") or ("pass" if passed else "fail")
+    verdict.update(passed=passed, reasons=reasons, outcome=outcome)
+    summary = tables.run_summary({**data, "verdict": verdict}, params)
+    summary["passed"] = passed
+    from llm_workbook.runtime import aios_engine
+    from llm_workbook.workbook import builtins
+
+    summary["self_source"] = builtins.is_own_source(params.get("model", ""), params.get("reference", ""))
+    engine = aios_engine.verdict(WeightLoaderV2(check.parquet))
+    summary["aios_engine"] = aios_engine.summary_line(engine)
+    summary["as_aios_reads"] = as_read_line(data.get("as_aios_reads"))
+    return {
+        "run": params["run"], "title": params["title"], "status": RUN_STATUS[outcome],
+        "inputs_digest": params.get("inputs_digest"), "parameters": _run_parameters(params),
+        "store": {**check.summary, "checksums_verify": not check.checksum_problems,
+                  "export_bit_exact": check.lossless, "round_trip": check.lossless_detail},
+        **{k: v for k, v in data.items() if k != "verdict"}, "verdict": verdict, "summary": summary,
+        "aios_engine": engine,
+    }
+
+
+RUN_STATUS = {"pass": "passed", "fail": "failed-check", "inconclusive": "inconclusive"}
+
+
+def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> dict:
+    """The record of a run the evaluation refused (NaN logits, another vocabulary or architecture...): it
+    fails with that reason, and the batch goes on."""
+    summary = {"run": params["run"], "title": params["title"], "model": params.get("model"),
+               "reference": params.get("reference"), "producer": params.get("producer"), "passed": False}
+    return {
+        "run": params["run"], "title": params["title"], "status": "failed", "inputs_digest": params.get("inputs_digest"),
+        "parameters": _run_parameters(params),
+        **({"store": {**check.summary, "checksums_verify": not check.checksum_problems,
+                      "export_bit_exact": check.lossless}} if check else {}),
+        "verdict": {"passed": False, "reasons": [reason], "checks": []}, "summary": summary,
+    }
+
+
+def evaluated(record, params: dict) -> dict:
+    """The evaluation record as the run keeps it: who produced the candidate and which model the original is
+    (from the parameters, else the builtin catalogue)."""
+    from llm_workbook.workbook import builtins
+
+    data = record.to_dict()
+    data["candidate"]["producer"] = params.get("producer") or builtins.producer(params["model"])
+    data["original"]["model"] = params.get("model_name") or builtins.model_name(params["reference"])
+    data["candidate"]["build"] = builtins.provenance(params["model"])
+    return data
+
+
+CHECK_LABELS = {"cosine": "cosine similarity (at least)", "ppl_increase": "perplexity increase, fraction (at most)",
+                "kld": "KL divergence, mean (at most)", "top1": "top-1 agreement (at least)"}
+
+
+def quality_rows(data: dict) -> list[dict]:
+    """One row per verdict check: what it measures, the value with its 95 % interval, its threshold, and the
+    outcome (yes / NO / undecided, with the tokens that would decide it)."""
+    rows = []
+    for c in data["verdict"]["checks"]:
+        scale = 100.0 if c["name"] == "ppl_increase" else 1.0
+        iv = c.get("interval")
+        value = c["value"]
+        shown = value if iv is None or value is None else (
+            f"{value:.4g} [{iv['low'] / scale:.4g}, {iv['high'] / scale:.4g}]")
+        outcome = {"pass": "yes", "fail": "NO", "inconclusive": "undecided"}.get(c.get("outcome"),
+                                                                               {True: "yes", False: "NO", None: "—"}[c["passed"]])
+        if c.get("outcome") == "inconclusive" and c.get("tokens_to_decide"):
+            outcome += f" (about {c['tokens_to_decide']:,} tokens would decide)"
+        rows.append({"check": CHECK_LABELS.get(c["name"], c["name"]), "value [95 % interval]": shown,
+                     "threshold": "none set" if c["threshold"] is None else c["threshold"], "passed": outcome})
+    return rows
+
+
+def task_rows(data: dict) -> list[dict]:
+    """One row per lm-eval task: both accuracies, recovery and flips, each with its 95 % interval."""
+    def shown(iv: dict, percent: bool = True) -> str:
+        f = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3f}")
+        return f"{f(iv['estimate'])} [{f(iv['low'])}, {f(iv['high'])}]"
+
+    rows = []
+    for name, t in ((data.get("metrics") or {}).get("tasks") or {}).items():
+        rows.append({"task": name, "what": t["label"], "items": t["items"],
+                     "accuracy, original": shown(t["accuracy_original"]),
+                     "accuracy, candidate": shown(t["accuracy_candidate"]),
+                     "recovery": shown(t["recovery"], percent=False),
+                     "flips": f"{shown(t['flips'])} ({t['flips_lost']} lost, {t['flips_gained']} gained)"})
+    return rows
+
+
+def divergence_rows(data: dict) -> list[dict]:
+    """llama.cpp's --kl-divergence figures (KLD and Δp percentiles, RMS Δp, same top-1), to read against its tables."""
+    d = (data.get("metrics") or {}).get("divergence")
+    if not d:
+        return []
+    k, dp, top = d["kld"], d["delta_p"], d["same_top1"]
+    rows = [{"statistic": "Mean KLD", "value": f"{k['mean']:.6f} ± {k['mean_se']:.6f}"},
+            *({"statistic": f"KLD {q}", "value": f"{k[key]:.6f}"} for q, key in
+              (("99.9%", "p99.9"), ("99.0%", "p99"), ("90.0%", "p90"), ("median", "p50"), ("10.0%", "p10"),
+               ("5.0%", "p5"), ("1.0%", "p1"), ("max", "max"))),
+            {"statistic": "Mean Δp", "value": f"{100 * dp['mean']:+.3f} ± {100 * dp['mean_se']:.3f} %"},
+            {"statistic": "RMS Δp", "value": f"{100 * dp['rms']:.3f} ± {100 * dp['rms_se']:.3f} %"},
+            *({"statistic": f"Δp {q}", "value": f"{100 * dp[key]:+.3f} %"} for q, key in
+              (("max", "max"), ("99.9%", "p99.9"), ("99.0%", "p99"), ("95.0%", "p95"), ("90.0%", "p90"),
+               ("median", "p50"), ("10.0%", "p10"), ("5.0%", "p5"), ("1.0%", "p1"), ("0.1%", "p0.1"),
+               ("min", "min"))),
+            {"statistic": "Same top p", "value": f"{100 * top['mean']:.3f} ± {100 * top['se']:.3f} %"}]
+    return rows
+
+
+def perf_rows(data: dict) -> list[dict]:
+    """Size, load time, speed and peak memory per measured model (the candidate twice when it was also run
+    with its codes kept packed)."""
+    perf = data.get("perf") or {}
+    rows = []
+    for who in ("original", "candidate", "candidate_packed"):
+        measured = perf.get(who) or {}
+        if who == "candidate_packed" and not measured:
+            continue
+        size = data["sizes"]["candidate" if who == "candidate_packed" else who]
+        rows.append({
+            "model": {"candidate_packed": "candidate (packed)"}.get(who, who),
+            "size on disk (MB)": (size.get("file_bytes") or 0) / 1e6,
+            "load time (s)": ((measured.get("load") or {}).get("parquet_s") or {}).get("median"),
+            "prefill (ms/token)": (measured.get("prefill_ms_per_token") or {}).get("median"),
+            "decode (tokens/s)": (measured.get("decode_tokens_per_s") or {}).get("median"),
+            "embedding (sentences/s)": (measured.get("embedding_sentences_per_s") or {}).get("median"),
+            "peak RSS (MB)": ((measured.get("memory") or {}).get("inference_peak_rss_bytes") or 0) / 1e6 or None,
+        })
+    return rows
+
+
+def write_record(out_dir: str | Path, record: dict) -> Path:
+    return atomic.write_text(Path(out_dir) / f"{record['run']}.json", json.dumps(record, indent=2, default=str))

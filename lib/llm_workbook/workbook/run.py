@@ -1,0 +1,487 @@
+"""The workbook: parameter files -> papermill runs of evaluate_model.ipynb -> HTML reports -> index.
+
+One YAML per run. A run whose inputs (parameters, notebook, package version) have not changed since
+its last successful execution is skipped unless ``force``. A failing run does not stop the batch:
+its executed notebook keeps the error cell and its record says ``failed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import shutil
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from llm_workbook import REPO_ROOT
+from llm_workbook import __version__, names
+from llm_workbook.store import atomic
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+EVALUATE_NOTEBOOK = NOTEBOOKS / "evaluate_model.ipynb"
+COMPARE_NOTEBOOK = NOTEBOOKS / "compare_models.ipynb"
+KERNEL = "python3"
+
+# Every parameter the evaluation notebook takes, with its default.
+DEFAULTS: dict = {
+    "run": None,  # name of the run: reports/<run>.*
+    "title": None,
+    "model": None,  # candidate: HF dir, hub id, .parquet, or builtin:<name>
+    "reference": None,  # original: same kinds of source
+    "format_notes": "",
+    "task": "causal-lm",  # causal-lm | encoder
+    "corpus": "pydoc",  # offline default; a .txt/.jsonl path or (online) a datasets id
+    "context_length": 128,
+    "stride": 128,
+    "max_eval_tokens": 2048,  # tokens of the held-out text scored at most
+    "stage_tokens": None,  # score in stages of this many tokens, stopping once every check is decided (null: all)
+    "reference_precision": "float32",  # the original's stored logits: float32 (exact) or float16 (half the disk)
+    "gen_tokens": 16,
+    "dtype": "float32",
+    "device": "cpu",
+    "activation_quant": True,
+    "keep_packed": False,
+    "measure_perf": True,
+    "perf_models": "original,candidate",  # whose speed and memory to measure (each costs fresh processes)
+    "perf_hf_load": True,  # also time loading from HF safetensors, for the Parquet/HF load-time ratio
+    "perf_packed": True,  # also measure the candidate with its weights kept packed (memory as deployed)
+    "cosine_threshold": 0.95,
+    "ppl_threshold": 0.15,
+    "kld_threshold": None,
+    "top1_threshold": None,
+    "lm_eval_tasks": "",  # lm-evaluation-harness tasks, comma-separated: heldout_lambada (offline) or any reachable task
+    "lm_eval_limit": 200,  # items per task at most (null: all)
+    "output_dir": "reports",
+    "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
+    "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
+    "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
+    "expect_error": None,  # text of a known failure this run documents (a producer's bug): it then does not fail `llmc run`
+    "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
+}
+
+
+class ParameterError(ValueError):
+    pass
+
+
+def parse_overrides(pairs: list[tuple[str, str]] | None) -> dict:
+    """``-p KEY VALUE`` pairs, each value parsed as YAML (as papermill's ``-p``/``-y`` do): ``0.9`` is a
+    number, ``true`` a bool, ``null`` None, anything else a string."""
+    out = {}
+    for key, value in pairs or []:
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def check_parameters(raw: dict, origin: str, overrides: dict | None = None) -> dict:
+    """Parameters from a mapping, merged over DEFAULTS with ``overrides`` last; unknown keys are an error."""
+    if not isinstance(raw, dict):
+        raise ParameterError(f"{origin}: expected a mapping of parameters")
+    overrides = dict(overrides or {})
+    unknown = sorted((set(raw) | set(overrides)) - set(DEFAULTS))
+    if unknown:
+        raise ParameterError(f"{origin}: unknown parameters {unknown}; known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **raw, **overrides}
+    if overrides:
+        params["overrides"] = overrides  # travels into the record and the inputs digest
+    params["run"] = params["run"] or names.safe_stem(Path(origin).stem)
+    why = names.problem(params["run"]) or ("starts with '-'" if str(params["run"]).startswith("-") else None)
+    if why:  # the run name is a file name in the reports directory
+        raise ParameterError(f"{origin}: run name {params['run']!r} {why}; use letters, digits, '.', '_' or '-'")
+    for key in ("model", "reference"):
+        if not params[key]:
+            raise ParameterError(f"{origin}: parameter {key!r} is required")
+    params["title"] = params["title"] or params["run"]
+    return params
+
+
+def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """A run's parameters: the YAML merged over DEFAULTS (then ``overrides``), checked for unknown keys and
+    required ones."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParameterError(f"{path}: cannot read parameters ({exc})") from None
+    return check_parameters(raw, str(path), overrides)
+
+
+def check_source(key: str, source: str) -> None:
+    """One clear error naming a source that does not exist (builtins and hub ids are checked where resolved)."""
+    from llm_workbook.workbook import builtins
+    from llm_workbook.store.sources import HUB_ID
+
+    if builtins.is_builtin(source):
+        builtins.describe(source)  # an unknown builtin name raises, listing the known ones
+        return
+    text = str(source)
+    if Path(text).exists() or text.startswith(("s3://", "hf://")) or HUB_ID.match(text):
+        return
+    raise ParameterError(f"{key}: {text} does not exist (not a file, directory, hub id or builtin:<name>)")
+
+
+def inputs_digest(params: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(EVALUATE_NOTEBOOK.read_bytes())
+    h.update(__version__.encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RunOutcome:
+    run: str
+    status: str  # passed | failed-check | inconclusive | error | skipped
+    notebook: Path
+    html: Path | None
+    record: Path
+    message: str = ""
+    expected: bool = False  # an error the run's ``expect_error`` names: documented, not a failure of the batch
+
+    @property
+    def evaluated(self) -> bool:
+        """Did the run reach a verdict (a failed check is a verdict), or fail as documented?"""
+        return self.status != "error" or self.expected
+
+
+def exit_status(outcomes: list[RunOutcome]) -> int:
+    """0 when every run reached a verdict (or failed as its ``expect_error`` says), 1 otherwise."""
+    return 0 if all(o.evaluated for o in outcomes) else 1
+
+
+def render_html(notebook: Path) -> tuple[Path, Path]:
+    """Full HTML and a meeting version (inputs hidden) next to the executed notebook (each written atomically)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(notebook, as_version=4)
+    full, _ = HTMLExporter().from_notebook_node(nb)
+    meeting_exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    meeting, _ = meeting_exporter.from_notebook_node(nb)
+    full_path = notebook.with_suffix(".html")
+    meeting_path = notebook.with_suffix(".meeting.html")
+    atomic.write_text(full_path, full)
+    atomic.write_text(meeting_path, meeting)
+    return full_path, meeting_path
+
+
+def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
+    import papermill
+
+    papermill.execute_notebook(
+        str(notebook), str(output), parameters=parameters, kernel_name=KERNEL, cwd=str(cwd),
+        progress_bar=False, log_output=False,
+        # ipykernel warns on every start that its local TCP channel is unencrypted; keep the batch output readable.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+    )
+
+
+def _error_summary(params: dict) -> dict:
+    """Who made the candidate and which model it is, for a run that stopped before its record was written."""
+    from llm_workbook.workbook import builtins
+
+    try:
+        producer = params.get("producer") or builtins.producer(params["model"])
+        model = params.get("model_name") or builtins.model_name(params["reference"])
+    except builtins.BuiltinError:
+        producer, model = None, None
+    return {"run": params["run"], "title": params["title"], "model": params["model"], "reference": params["reference"],
+            "producer": producer, "original_model": model, "passed": False}
+
+
+def unchanged(params: dict, reports: Path) -> bool:
+    """Did the last successful run of these parameters (same notebook and package version) already write its reports?"""
+    record = reports / f"{params['run']}.json"
+    if not (record.exists() and (reports / f"{params['run']}.html").exists()):
+        return False
+    try:
+        old = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    return old.get("inputs_digest") == inputs_digest(params) and old.get("status") != "error"
+
+
+RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
+
+
+def _publish(staging: Path, reports: Path, run: str) -> None:
+    """Move a finished run's files into ``reports`` (each an atomic rename; the record, which marks a run
+    complete, last), replacing the previous run's."""
+    for suffix in RUN_FILES:
+        produced = staging / f"{run}{suffix}"
+        if produced.exists():
+            os.replace(produced, reports / f"{run}{suffix}")
+
+
+def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrides: dict | None = None) -> RunOutcome:
+    """Execute one run in a staging directory beside ``reports`` and publish its files when it ends: a run
+    that is stopped or killed leaves the previous run's reports as they were. ``param_file``: a YAML path
+    or an already checked parameter mapping (``llmc evaluate``)."""
+    import papermill
+
+    params = dict(param_file) if isinstance(param_file, dict) else load_parameters(param_file, overrides)
+    run = params["run"]
+    notebook = reports / f"{run}.ipynb"
+    record = reports / f"{run}.json"
+    digest = inputs_digest(params)
+    if not force and unchanged(params, reports):
+        return RunOutcome(run, "skipped", notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
+    staging = atomic.temp_path(reports / run)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    params["output_dir"] = str(staging.resolve())
+    params["inputs_digest"] = digest
+    status, message = "passed", ""
+    staged_record = staging / f"{run}.json"
+    try:
+        try:
+            execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO_ROOT)
+        except papermill.PapermillExecutionError as exc:
+            status, message = "error", f"{exc.ename}: {exc.evalue}"
+        except Exception as exc:  # kernel died, bad notebook...
+            status, message = "error", f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        if status == "error":
+            staged_record.write_text(json.dumps({
+                "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
+                "status": "error", "error": message, "inputs_digest": digest,
+                "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
+                "summary": _error_summary(params),
+            }, indent=2))
+        elif staged_record.exists():
+            data = json.loads(staged_record.read_text())
+            status = data.get("status") if data.get("status") in ("failed", "inconclusive") else (
+                "passed" if data.get("verdict", {}).get("passed") else "failed-check")
+            message = "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
+        else:
+            status, message = "error", "the notebook finished without writing its record"
+            staged_record.write_text(json.dumps({"run": run, "status": "error", "error": message, "inputs_digest": digest,
+                                                 "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+        if (staging / notebook.name).exists():
+            render_html(staging / notebook.name)
+        _publish(staging, reports, run)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    html_path = notebook.with_suffix(".html") if notebook.with_suffix(".html").exists() else None
+    expected = bool(status == "error" and params.get("expect_error") and str(params["expect_error"]) in message)
+    if params.get("expect_error") and status != "error":
+        message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
+    return RunOutcome(run, status, notebook, html_path, record, message, expected)
+
+
+@contextmanager
+def batch_lock(reports: Path, wait: bool = True):
+    """One batch at a time per reports directory: a second ``llmc run`` waits, saying for whom."""
+    import fcntl
+
+    path = reports / ".llmc-run.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise ParameterError(f"{reports}: another llmc run ({holder}) is writing reports there") from None
+            print(f"{reports}: waiting for another llmc run ({holder}) to finish writing there ...", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike = "reports", force: bool = False,
+              progress: bool = True, overrides: dict | None = None, executor: str = "local",
+              address: str | None = None) -> list[RunOutcome]:
+    """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
+    the comparison notebook, then write reports/index.html. ``executor="ray"`` runs each as a Ray task
+    (``cluster``), on a local Ray or the cluster at ``address``."""
+    reports = Path(reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
+    if not runs:
+        raise ParameterError("no parameter files given")
+    if executor not in EXECUTORS:
+        raise ParameterError(f"unknown executor {executor!r}; choose one of {list(EXECUTORS)}")
+    with batch_lock(reports):
+        if executor == "ray":
+            from llm_workbook.workbook.cluster import run_on_ray
+
+            outcomes = run_on_ray(runs, reports, force, progress, overrides, address)
+            return finish_batch(reports, outcomes)
+        return _run_batch(runs, reports, force, progress, overrides)
+
+
+def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides: dict | None) -> list[RunOutcome]:
+    outcomes = []
+    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+    for param_file in bar:
+        name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
+        bar.set_postfix_str(name)
+        try:
+            outcomes.append(run_one(param_file, reports, force, overrides))
+        except ParameterError as exc:
+            outcomes.append(error_outcome(reports, name, str(exc)))
+    return finish_batch(reports, outcomes)
+
+
+def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
+    """A run that could not start (bad parameters file): its record says why."""
+    record = reports / f"{name}.json"
+    atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": message,
+                                          "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+    return RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, message)
+
+
+def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """The comparison notebook and the index, once, after every run."""
+    import papermill
+
+    compare = reports / "compare_models.ipynb"
+    try:
+        with atomic.replacing(compare, fsync=False) as staged:
+            staged_nb = staged.with_name(staged.name + ".ipynb")
+            try:
+                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO_ROOT)
+            except papermill.PapermillExecutionError as exc:  # its report shows the error; the index still follows
+                print(f"compare_models.ipynb failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
+            finally:
+                if staged_nb.exists():
+                    os.replace(staged_nb, staged)
+    finally:
+        if compare.exists():
+            render_html(compare)
+    write_index(reports, outcomes)
+    return outcomes
+
+
+def load_records(reports: Path, runs: list[str] | None = None) -> list[dict]:
+    records = []
+    for path in sorted(Path(reports).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict) or "run" not in data:
+            continue
+        if runs is None or data["run"] in runs:
+            records.append(data)
+    return records
+
+
+def _figure_png(fig) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _criteria_html(criteria, reports: Path) -> str:
+    rows = []
+    for c in criteria:
+        evidence = html.escape(c.evidence)
+        if c.run and (reports / f"{c.run}.meeting.html").exists():
+            evidence = f'<a href="{html.escape(c.run)}.meeting.html">{evidence}</a>'
+        mark = '<span class="ok">yes</span>' if c.met else '<span class="no">NO</span>'
+        rows.append(f"<tr><td>{html.escape(c.name)}</td><td>{mark}</td><td>{evidence}</td></tr>")
+    return "<table><tr><th>criterion</th><th>met</th><th>evidence</th></tr>" + "".join(rows) + "</table>"
+
+
+def decision_html(records: list[dict], reports: Path) -> str:
+    """The index's opening: the Phase 1 verdict with its evidence, the Phase 2 checklist, a recommendation
+    per original model and the size/quality picture, all computed from the records (``phases``)."""
+    from llm_workbook.workbook import decision
+
+    decided = decision.decide(records, decision.project_environment(REPO_ROOT))
+    css = {"go": "go", "no-go": "nogo"}.get(decided.outcome, "none")
+    parts = [f'<div class="headline {css}">{html.escape(decided.headline)}</div>',
+             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in decided.in_words) + "</ul>",
+             "<h3>Phase 1: validate AngelSlim's checkpoints</h3>", _criteria_html(decided.phase1, reports),
+             "<h3>Phase 2: integrate AngelSlim (what this project shows)</h3>", _criteria_html(decided.phase2, reports),
+             "<h3>Recommendation per original model</h3>"]
+    for model, lines in decided.recommendations.items():
+        parts.append(f"<h4>{html.escape(model)}</h4><ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
+    fig = decision.size_quality_figure(records)
+    if fig is not None:
+        parts.append("<h3>Size against quality</h3><p>Bits per weight of the quantized layers against the "
+                     "perplexity change (cosine loss for the encoder); green passes, red fails.</p>"
+                     f'<img alt="size against quality" style="max-width:100%" src="data:image/png;base64,{_figure_png(fig)}">')
+    return '<section id="decision"><h2>Decision</h2>' + "".join(parts) + "</section>"
+
+
+def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
+    """reports/index.html: the decision, the decision table and links to every run's reports."""
+    from llm_workbook.workbook.tables import decision_table, perf_table, style_decision_table
+
+    records = load_records(reports)  # every run in the directory, not only this batch's
+    table = decision_table(records)
+    this_batch = {o.run: o for o in outcomes}
+    outcomes = list(outcomes) + [
+        RunOutcome(r["run"], r.get("status", "?"), reports / f"{r['run']}.ipynb", None, reports / f"{r['run']}.json",
+                   "from an earlier batch")
+        for r in records if r["run"] not in this_batch
+    ]
+    table_html = style_decision_table(table, compact=True).to_html() if len(table) else "<p>No runs.</p>"
+    speed = perf_table(table) if len(table) else None
+    speed_html = ("<h2>Speed and memory</h2><p>Measured in fresh processes (median of repeats) in the runs that "
+                  "measure them; <code>make bench</code> has the full set.</p>" + speed.to_html()) if speed is not None else ""
+    items = []
+    for o in outcomes:
+        links = []
+        for suffix, label in ((".html", "full report"), (".meeting.html", "meeting version"), (".json", "record")):
+            target = reports / f"{o.run}{suffix}"
+            if target.exists():
+                links.append(f'<a href="{html.escape(target.name)}">{label}</a>')
+        message = o.message.splitlines()[0][:300] if o.message else ""
+        items.append(f"<li><b>{html.escape(o.run)}</b> — {html.escape(o.status)}"
+                     f"{' (' + html.escape(message) + ')' if message else ''}: {' · '.join(links)}</li>")
+    compare = '<p><a href="compare_models.html">Comparison notebook (plots)</a></p>' if (reports / "compare_models.html").exists() else ""
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Quantized checkpoint evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1250px}} table{{border-collapse:collapse;margin-bottom:1em}}
+td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
+border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{{background:#fff4d6}}
+.ok{{color:#2e7d32;font-weight:bold}} .no{{color:#c62828;font-weight:bold}}
+@media print{{body{{margin:0;max-width:none;font-size:10px}} table{{font-size:9px}} img{{max-width:100%}}
+#decision-table td,#decision-table th{{padding:2px 3px}} h2,h3{{break-after:avoid}} tr{{break-inside:avoid}}}}</style></head>
+<body><h1>Is this quantized checkpoint fit for our Parquet weight store?</h1>
+{decision_html(records, reports) if records else ""}
+<h2>All runs</h2>
+<p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted. Runs whose activations
+are quantized (W8A8) are a different comparison from weight-only runs: the activations column says which.</p>
+<div id="decision-table">{table_html}</div>
+{speed_html}
+{compare}
+<h2>Reports</h2><ul>{''.join(items)}</ul>
+<p><small>llm_workbook {__version__}</small></p>
+</body></html>"""
+    index = reports / "index.html"
+    atomic.write_text(index, page)
+    return index

@@ -1,0 +1,243 @@
+"""The decision table: one row per run (model/format) from the runs' JSON records.
+
+Each record carries a flat ``summary`` block written by evaluate_model.ipynb (see
+``summary_from_record``); failed runs carry only ``status``/``error``/``verdict``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from llm_workbook.workbook.decision import first_line, format_ppl_delta
+
+COLUMNS = {
+    "run": "run",
+    "producer": "produced by",
+    "format": "format",
+    "activations": "activations",
+    "bits_per_weight": "bits/weight (all)",
+    "quantized_bits_per_weight": "bits/weight (quantized)",
+    "size_mb": "size (MB)",
+    "compression_vs_bf16": "× vs bf16",
+    "cosine": "cosine (mean)",
+    "kld_mean": "KLD (mean)",
+    "top1_agreement": "top-1 agree",
+    "ppl_delta_pct": "PPL change [95 % interval]",
+    "latency": "latency",
+    "peak_rss_mb": "peak RSS, dequantized (MB)",
+    "peak_rss_packed_mb": "peak RSS, packed (MB)",
+    "verdict": "verdict",
+    "why": "why (failed or undecided)",
+}
+
+INTERNAL = ["_passed", "_reference", "_order", "_ppl_low", "_ppl_high"]  # for sorting and plots, never shown
+LABELS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
+ORDER = {"PASS": 0, "UNDECIDED": 1, "FAIL": 2, "ROUND TRIP": 3, "ERROR": 4}
+
+
+def _number(value):
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def decision_table(records: list[dict]) -> pd.DataFrame:
+    """Sorted: passing runs first, then by PPL change (smallest first), then by size."""
+    rows = []
+    for record in records:
+        s = record.get("summary") or {}
+        status = record.get("status") or s.get("status")
+        verdict = record.get("verdict") or {}
+        passed = bool(verdict.get("passed")) and status not in ("error",)
+        outcome = verdict.get("outcome") or ("pass" if passed else "fail")
+        if status == "error":
+            label = "ERROR"
+        elif s.get("self_source"):
+            label = "ROUND TRIP"  # the original's own source: a store check, never a quantization to recommend
+        else:
+            label = LABELS.get(outcome, "FAIL")
+        low, high = (s.get("ppl_interval") or [None, None])[:2]
+        rows.append({
+            "run": record.get("run"),
+            "producer": s.get("producer") or "",
+            "format": s.get("format", "?"),
+            "activations": s.get("activations") or "",
+            "bits_per_weight": _number(s.get("bits_per_weight")),
+            "quantized_bits_per_weight": _number(s.get("quantized_bits_per_weight")),
+            "size_mb": _number(s.get("size_mb")),
+            "compression_vs_bf16": _number(s.get("compression_vs_bf16")),
+            "cosine": _number(s.get("cosine")),
+            "kld_mean": _number(s.get("kld_mean")),
+            "top1_agreement": _number(s.get("top1_agreement")),
+            "ppl_delta_pct": _number(s.get("ppl_delta_pct")),
+            "latency": s.get("latency_label", ""),
+            "peak_rss_mb": _number(s.get("peak_rss_mb")),
+            "peak_rss_packed_mb": _number(s.get("peak_rss_packed_mb")),
+            "verdict": label,
+            "why": "; ".join(filter(None, [
+                "" if passed else "; ".join(first_line(r) for r in verdict.get("reasons") or []) or first_line(
+                    record.get("error") or ""),
+                s.get("as_aios_reads")])),  # an AI-OS file AI-OS's own loader reads otherwise
+            "_passed": passed,
+            "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
+            "_order": ORDER.get(label, 5),
+            "_ppl_low": _number(low),
+            "_ppl_high": _number(high),
+        })
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + INTERNAL)
+    if len(table):
+        table = table.sort_values(["_order", "ppl_delta_pct", "size_mb"], ascending=[True, True, True], na_position="last")
+    return table.reset_index(drop=True)
+
+
+# Speed and memory: measured in few runs, so the index shows them in a table of their own (``perf_table``)
+# and the all-runs table keeps to what every run has, within a 1,400 px page.
+PERF_COLUMNS = ["latency", "peak_rss_mb", "peak_rss_packed_mb"]
+WIDE_COLUMNS = ["bits_per_weight", "compression_vs_bf16"]  # derivable from size and the quantized bits
+
+
+def style_decision_table(table: pd.DataFrame, compact: bool = False):
+    """A pandas Styler: failures highlighted, numbers rounded, internal columns hidden. ``compact``: without
+    the speed and memory columns and the derivable size columns (the index's page width)."""
+    ppl = [ppl_with_interval(v, lo, hi) for v, lo, hi in zip(table["ppl_delta_pct"], table["_ppl_low"], table["_ppl_high"])]
+    dropped = INTERNAL + (PERF_COLUMNS + WIDE_COLUMNS if compact else [])
+    shown = table.assign(ppl_delta_pct=ppl).drop(columns=dropped).rename(columns=COLUMNS)
+    # columns no run fills (activations all weight-only, memory not measured...) only widen the page
+    empty = [c for c in shown.columns if shown[c].isna().all() or (shown[c].astype(str).isin(["", "nan", "None", "weight-only"]).all())]
+    shown = shown.drop(columns=[c for c in empty if c != COLUMNS["verdict"]])
+
+    def highlight(row):
+        verdict = row[COLUMNS["verdict"]]
+        color = {"PASS": "#e6f4ea", "FAIL": "#fde2e1", "ERROR": "#f9c8c4", "UNDECIDED": "#fff4d6",
+                 "ROUND TRIP": "#eeeeee"}.get(verdict, "")
+        return [f"background-color: {color}" if color else "" for _ in row]
+
+    fmt = {
+        COLUMNS["bits_per_weight"]: "{:.2f}", COLUMNS["quantized_bits_per_weight"]: "{:.2f}", COLUMNS["size_mb"]: "{:.2f}", COLUMNS["compression_vs_bf16"]: "{:.2f}",
+        COLUMNS["cosine"]: "{:.4f}", COLUMNS["kld_mean"]: "{:.4f}", COLUMNS["top1_agreement"]: "{:.3f}",
+        COLUMNS["peak_rss_mb"]: "{:.0f}", COLUMNS["peak_rss_packed_mb"]: "{:.0f}",
+    }
+    fmt = {k: v for k, v in fmt.items() if k in shown.columns}
+    return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
+
+
+def perf_table(table: pd.DataFrame):
+    """The runs that measured speed or memory, with their size: a Styler, or None when no run measured them."""
+    measured = table[(table["latency"].astype(str) != "not measured") & (table["latency"].astype(str) != "")]
+    if not len(measured):
+        return None
+    shown = measured[["run", "size_mb", *PERF_COLUMNS]].rename(columns=COLUMNS)
+    fmt = {COLUMNS["size_mb"]: "{:.2f}", COLUMNS["peak_rss_mb"]: "{:.0f}", COLUMNS["peak_rss_packed_mb"]: "{:.0f}"}
+    return shown.style.format(fmt, na_rep="—", escape="html").hide(axis="index")
+
+
+def ppl_with_interval(value, low, high) -> str:
+    """``+14.8 % [13.5, 16.2]``: the change and its 95 % interval (the interval left out where there is none)."""
+    text = format_ppl_delta(value)
+    if text == "—" or any(math.isnan(_number(x)) for x in (low, high)) or abs(_number(value)) >= 1000:
+        return text
+    return f"{text} [{low:+.1f}, {high:+.1f}]"
+
+
+def _dig(data, *path, default=None):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def activation_label(candidate: dict) -> str:
+    """``W8A8 simulated (fp8 static per tensor)`` where activations were quantized, else ``weight-only``:
+    the two are different comparisons and every figure of such a run carries this label."""
+    schemes = sorted(set((candidate.get("activation_schemes") or {}).values()))
+    if candidate.get("activation_quant") and schemes:
+        return "W8A8, simulated (" + ", ".join(schemes) + ")"
+    return "weight-only"
+
+
+def run_summary(record: dict, params: dict) -> dict:
+    """The flat block the decision table reads, from an evaluation record (``EvaluationRecord.to_dict()``)."""
+    size = _dig(record, "sizes", "candidate", default={}) or {}
+    perf = _dig(record, "perf", "candidate", default={}) or {}
+    formats = size.get("formats") or _dig(record, "candidate", "formats", default=[]) or []
+    fmt = "+".join(f for f in formats if f != "dense") or "dense"
+    latency_label, latency_value, latency_metric = ("not measured" if not perf else ""), None, None
+    prefill = _dig(perf, "prefill_ms_per_token", "median")
+    if prefill is not None:
+        latency_value, latency_label, latency_metric = prefill, f"{prefill:.2f} ms/token (prefill)", "prefill_ms_per_token"
+    embed = _dig(perf, "embedding_sentences_per_s", "median")
+    if embed is not None:
+        latency_value, latency_label, latency_metric = embed, f"{embed:.1f} sentences/s (embedding)", "embedding_sentences_per_s"
+    peak = _dig(perf, "memory", "inference_peak_rss_bytes")
+    packed = _dig(record, "perf", "candidate_packed", "memory", "inference_peak_rss_bytes")
+    return {
+        "run": params.get("run"),
+        "title": params.get("title"),
+        "model": params.get("model"),
+        "reference": params.get("reference"),
+        "producer": _dig(record, "candidate", "producer"),
+        "original_model": _dig(record, "original", "model"),
+        "format": fmt,
+        "activations": activation_label(record.get("candidate") or {}),
+        "kind": record.get("kind"),
+        "bits_per_weight": size.get("bits_per_weight"),
+        "quantized_bits_per_weight": size.get("quantized_bits_per_weight"),
+        "size_mb": (size.get("file_bytes") or 0) / 1e6 or None,
+        "compression_vs_bf16": size.get("compression_vs_bf16"),
+        "cosine": _dig(record, "metrics", "cosine_similarity"),
+        "kld_mean": _dig(record, "metrics", "kld", "mean"),
+        "top1_agreement": _dig(record, "metrics", "top1_agreement"),
+        "ppl_delta_pct": _dig(record, "metrics", "ppl", "delta_percent"),
+        "ppl_interval": [_dig(record, "metrics", "intervals", "ppl_change_percent", "low"),
+                         _dig(record, "metrics", "intervals", "ppl_change_percent", "high")],
+        "kld_interval": [_dig(record, "metrics", "intervals", "kld_mean", "low"),
+                         _dig(record, "metrics", "intervals", "kld_mean", "high")],
+        "outcome": _dig(record, "verdict", "outcome"),
+        "ppl_tokens": _dig(record, "metrics", "ppl", "num_tokens"),
+        "latency": latency_value,
+        "latency_label": latency_label,
+        "latency_metric": latency_metric,  # what ``latency`` measures: prefill_ms_per_token | embedding_sentences_per_s
+        "peak_rss_mb": peak / 1e6 if peak else None,
+        "peak_rss_packed_mb": packed / 1e6 if packed else None,
+        "passed": bool(_dig(record, "verdict", "passed")),
+    }
+
+
+LATENCY_PANELS = {
+    "prefill_ms_per_token": "prefill latency (ms per token, lower is better)",
+    "embedding_sentences_per_s": "embedding throughput (sentences per second, higher is better)",
+}
+
+
+def latency_table(records: list[dict]) -> pd.DataFrame:
+    """run, value, panel: one row per measured run, the panel naming the unit and what was measured."""
+    rows = []
+    for r in records:
+        s = r.get("summary") or {}
+        metric = s.get("latency_metric")
+        value = _number(s.get("latency"))
+        if metric in LATENCY_PANELS and not math.isnan(value):
+            rows.append({"run": r.get("run"), "value": value, "panel": LATENCY_PANELS[metric]})
+    return pd.DataFrame(rows, columns=["run", "value", "panel"])
+
+
+def sqnr_by_layer_type(records: list[dict]) -> pd.DataFrame:
+    """Mean weight SQNR (dB) per run and layer type (q_proj, down_proj, ...), unchanged tensors left out."""
+    cells = []
+    for record in records:
+        for t in ((record.get("metrics") or {}).get("weight_error") or {}).get("tensors") or []:
+            value = _number(t.get("sqnr_db"))  # the record spells infinity "inf": an unchanged tensor
+            if math.isnan(value) or math.isinf(value):
+                continue
+            parts = t["name"].split(".")
+            cells.append({"run": record["run"], "layer type": parts[-2] if len(parts) > 1 else t["name"],
+                          "sqnr_db": value})
+    if not cells:
+        return pd.DataFrame()
+    return pd.DataFrame(cells).pivot_table(index="run", columns="layer type", values="sqnr_db", aggfunc="mean")

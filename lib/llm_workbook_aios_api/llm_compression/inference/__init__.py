@@ -1,0 +1,1 @@
+"""``llm_compression.inference``: AI-OS's module paths for ``llm_workbook.inference``."""
