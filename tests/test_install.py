@@ -99,14 +99,34 @@ def test_with_aios_installed_aios_keeps_its_package_and_ours_still_works(tmp_pat
     assert out.split("|") == [AIOS_MARKER, "True", "llm_workbook.inference.weight_loader"]
 
 
-def test_with_aios_installed_editable_aios_keeps_its_package(tmp_path, wheel):
+FINDER = """import importlib.util, sys
+class AiosFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "llm_compression":
+            return importlib.util.spec_from_file_location(name, {init!r}, submodule_search_locations=[{pkg!r}])
+def install():
+    sys.meta_path.append(AiosFinder)
+"""
+
+
+@pytest.mark.parametrize("how", ["path line", "finder"])
+def test_with_aios_installed_editable_aios_keeps_its_package(tmp_path, wheel, how):
     site = _site(tmp_path, wheel)
     checkout = tmp_path / "ArrowQuant_V2"
     _write_aios(checkout)
-    # What `pip install -e` of AI-OS's flat setup.py writes: a path line naming its checkout.
-    (site / "__editable__.llm_compression-0.1.0.pth").write_text(f"{checkout}\n")
-    out = _imports(site, "import llm_compression; print(llm_compression.__file__)")
-    assert Path(out).is_relative_to(checkout)
+    pth = site / "__editable__.llm_compression-0.1.0.pth"
+    if how == "path line":  # older setuptools: the checkout on sys.path
+        pth.write_text(f"{checkout}\n")
+    else:  # setuptools >= 64 on AI-OS's flat setup.py: a finder appended to sys.meta_path, after sys.path
+        package = checkout / "llm_compression"
+        (site / "aios_editable_finder.py").write_text(FINDER.format(init=str(package / "__init__.py"), pkg=str(package)))
+        pth.write_text("import aios_editable_finder; aios_editable_finder.install()\n")
+    out = _imports(site, "import llm_compression, llm_compression.inference.weight_loader as w; "
+                         "print(llm_compression.AIOS, w.__file__, sep='|')")
+    marker, loader = out.split("|")
+    assert marker == AIOS_MARKER
+    assert Path(loader).is_relative_to(checkout)
 
 
 def test_our_package_never_imports_llm_compression():
