@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
 	# An editable install skips the wheel's .pth (setup.py): write it, pointing at the checkout.
 	echo "$(CURDIR)/lib/llm_workbook_aios_api" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_workbook_aios_api.pth"
-	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-compression --display-name "llm-compression (.venv)" >/dev/null
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-workbook --display-name "llm-workbook (.venv)" >/dev/null
 	touch $(STAMP)
 
 # The default set includes AngelSlim's own PTQ of SmolLM2, so the report needs AngelSlim's environment.
@@ -48,8 +48,10 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
 	$(BIN)/python tools/fuzz.py --seconds $(FUZZ_SECONDS)
 
+# JupyterLab on notebooks/ with the project's kernel (the notebooks name it) and make report's environment
+# (the exports above). Jupyter refuses root without --allow-root: containers usually run as root.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
 angelslim-env: $(ANGELSLIM_STAMP)

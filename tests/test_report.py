@@ -51,3 +51,38 @@ def test_evaluated_names_producer_and_original_from_parameters_or_the_catalogue(
     from_catalogue = report.evaluated(Record(), {"model": "builtin:smollm2/ptq-int8", "reference": "builtin:smollm2"})
     assert from_catalogue["candidate"]["producer"].startswith("llmc ptq")
     assert "SmolLM2" in from_catalogue["original"]["model"]
+
+
+def test_summary_rows_say_why_a_figure_is_missing():
+    from llm_workbook.workbook.report import SUMMARY_ROWS, summary_rows
+
+    summary = {key: None for key in SUMMARY_ROWS} | {"cosine": 0.99871, "format": "int8"}
+    not_run = summary_rows({"summary": summary, "perf": None})
+    assert "None" not in not_run.values() and len(not_run) == len(SUMMARY_ROWS)
+    assert not_run["cosine similarity (mean)"] == "0.9987"
+    assert not_run["peak memory, dequantized (MB)"] == "not measured (measure_perf: false)"
+    assert summary_rows({"summary": summary | {"latency_label": "not measured"}, "perf": None})["latency"] != "not measured"
+    only_original = summary_rows({"summary": summary, "perf": {"original": {"peak_rss_mb": 900}}})
+    assert only_original["latency"] == "not measured for the candidate (perf_models)"
+
+
+def test_verdict_cells_move_after_the_heading_in_the_report():
+    import nbformat
+
+    from llm_workbook.workbook.run import verdict_first
+
+    cell = lambda text, *tags: nbformat.v4.new_code_cell(text, metadata={"tags": list(tags)})  # noqa: E731
+    nb = nbformat.v4.new_notebook(cells=[cell("params", "parameters"), cell("head", "heading"), cell("figures"),
+                                         cell("## Verdict", "verdict"), cell("verdict", "verdict"), cell("raw")])
+    assert [c.source for c in verdict_first(nb).cells] == ["params", "head", "## Verdict", "verdict", "figures", "raw"]
+    assert [c.source for c in nb.cells][2] == "figures"  # the executed notebook itself is left as it ran
+
+
+def test_reports_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from llm_workbook import REPO_ROOT, reports_root
+
+    monkeypatch.delenv("LLMC_REPORTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert reports_root() == REPO_ROOT / "reports"
+    monkeypatch.setenv("LLMC_REPORTS_DIR", str(tmp_path / "elsewhere"))
+    assert reports_root() == tmp_path / "elsewhere"

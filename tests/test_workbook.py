@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,57 @@ def test_index_renders_in_headless_chromium(batch, tmp_path):
     assert 'id="decision-table"' in dom
     table = dom.split('id="decision-table"', 1)[1]
     assert "<table" in table and "tiny-int8" in table and "PASS" in table and "ERROR" in table
+
+
+def test_reports_render_offline_with_the_verdict_first(batch):
+    reports, _, _ = batch
+    for name in ("tiny-int8.html", "tiny-int8.meeting.html", "compare_models.html"):
+        page = (reports / name).read_text()
+        # one self-contained file: no script, stylesheet or module fetched from the network
+        assert not re.search(r'<script[^>]+src="https?:|<link[^>]+href="https?:|import\("https?:', page), name
+    meeting = (reports / "tiny-int8.meeting.html").read_text()
+    verdict = meeting.index("PASS: tiny INT8")
+    assert verdict < meeting.index("1. Convert into the Parquet weight store")
+    summary = meeting[verdict:meeting.index("1. Convert into the Parquet weight store")]
+    assert ">None<" not in summary and "not measured (measure_perf: false" in summary
+    assert "<details><summary>All metrics" in meeting  # the raw figures, collapsed, last
+    assert meeting.index("<details><summary>All metrics") > meeting.index("Speed, memory and size")
+
+
+def test_compare_notebook_without_records_says_so_in_one_line(tmp_path):
+    empty = tmp_path / "reports"
+    empty.mkdir()
+    out = tmp_path / "compare.ipynb"
+    workbook.execute(workbook.COMPARE_NOTEBOOK, out, {"reports_dir": str(empty)}, tmp_path)
+    outputs = [o for cell in json.loads(out.read_text())["cells"] for o in cell.get("outputs", [])]
+    shown = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")]
+    assert len(shown) == 1 and "No run records" in "".join(shown[0]["data"]["text/markdown"])
+
+
+def test_notebook_run_from_elsewhere_writes_to_the_reports_root_and_shows_progress(batch, tmp_path, monkeypatch):
+    """As in Lab: the notebook runs in another directory, without output_dir, with progress bars on."""
+    _, _, params = batch
+    run = yaml.safe_load((params / "tiny-int8.yaml").read_text())
+    reports = tmp_path / "reports-root"
+    monkeypatch.setenv("LLMC_REPORTS_DIR", str(reports))
+    cwd = tmp_path / "notebooks"
+    cwd.mkdir()
+    out = tmp_path / "executed.ipynb"
+    workbook.execute(workbook.EVALUATE_NOTEBOOK, out, {**run, "run": "from-lab", "progress": True}, cwd)
+    assert (reports / "from-lab.json").is_file()
+    assert not list(cwd.iterdir())  # nothing written where the notebook ran
+    outputs = json.dumps([cell.get("outputs", []) for cell in json.loads(out.read_text())["cells"]])
+    assert "candidate: scoring" in outputs and "original: scoring" in outputs
+
+
+def test_notebooks_name_the_kernel_make_setup_installs():
+    name = re.search(r"ipykernel install .*--name (\S+)", (REPO / "Makefile").read_text()).group(1)
+    for notebook in (workbook.EVALUATE_NOTEBOOK, workbook.COMPARE_NOTEBOOK):
+        assert json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"] == name
+
+
+def test_make_lab_allows_root_only_for_root():
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "lab"], cwd=REPO, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert ("--allow-root" in dry.stdout) == (os.getuid() == 0)
+    assert "--notebook-dir=notebooks" in dry.stdout

@@ -135,8 +135,16 @@ RUN_EXIT_CODES = ("exit status: 0 every run reached a verdict (a failed check is
                   "(one message names the file); 130 / 143 stopped by Ctrl-C / SIGTERM")
 
 
+def _reports_dir(args) -> str:
+    from llm_workbook import reports_root
+
+    return str(args.reports or reports_root())
+
+
 def _cmd_run(args) -> int:
     from llm_workbook.workbook.run import ParameterError, parse_overrides, run_batch
+
+    args.reports = _reports_dir(args)
 
     if args.pdf:
         from llm_workbook.workbook.pdf import find_chromium
@@ -153,6 +161,7 @@ def _cmd_run(args) -> int:
 def _cmd_evaluate(args) -> int:
     from llm_workbook.workbook.run import ParameterError, check_parameters, check_source, parse_overrides, run_batch
 
+    args.reports = _reports_dir(args)
     try:
         check_source("candidate", args.candidate)
         check_source("reference", args.reference)
@@ -265,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parameters", nargs="+", help="parameters/*.yaml files")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a parameter of every run; VALUE is parsed as YAML (0.9, true, null, text)")
-    p.add_argument("--reports", default="reports", help="output directory (default: reports)")
+    p.add_argument("--reports", help="output directory (default: the checkout's reports/, or $LLMC_REPORTS_DIR)")
     p.add_argument("--force", action="store_true", help="re-run even when inputs are unchanged")
     p.add_argument("--pdf", action="store_true", help="print the index and each meeting report to PDF (headless Chromium)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -289,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="set a parameter (see llm_workbook.workbook.run.DEFAULTS); VALUE is parsed as YAML")
     p.add_argument("--run", help="name of the run (default: from the candidate)")
-    p.add_argument("--reports", default="reports", help="output directory (default: reports)")
+    p.add_argument("--reports", help="output directory (default: the checkout's reports/, or $LLMC_REPORTS_DIR)")
     p.add_argument("--pdf", action="store_true", help="also print the index and the meeting report to PDF")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)

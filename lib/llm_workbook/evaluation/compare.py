@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from llm_workbook.evaluation import metrics as M
 from llm_workbook.evaluation.record import (
@@ -155,6 +156,8 @@ class EvaluationSettings:
     stage_tokens: score in stages of this many tokens and stop at the first stage where every threshold's
         interval is decided (pass or fail) instead of scoring all ``max_eval_tokens``: the text a verdict
         needs, no more (None: always all).
+    progress: show what is being done (tqdm bars: the step, tokens scored, time left); in Lab they are
+        notebook widgets, in a terminal text.
     """
 
     texts: Sequence[str] | None = None
@@ -180,6 +183,7 @@ class EvaluationSettings:
     lm_eval_tasks: Sequence[str] = ()
     lm_eval_limit: int | None = 200
     stage_tokens: int | None = None
+    progress: bool = False
 
     @property
     def load(self) -> dict:
@@ -290,7 +294,7 @@ def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_t
     ref, orig_info, recorded["reference_cache"] = original_side(original, ids, windows, prompts, s.gen_tokens, s.load,
                                                                 s.reference_cache, s.reference_precision,
                                                                 tasks=tasks, task_limit=s.lm_eval_limit,
-                                                                tokenizer=tokenizer)
+                                                                tokenizer=tokenizer, progress=s.progress)
     recorded["reference_precision"] = s.reference_precision
     cand_model, cand_info = load_model(candidate, **s.load)
     return_freed_memory()  # what loading it left behind (dequantization temporaries)
@@ -301,7 +305,7 @@ def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_t
         return judge(_estimates(intervals), thresholds)["outcome"] != INCONCLUSIVE
 
     metrics = causal_metrics(ref, cand_model, ids, windows, prompts, s.gen_tokens, s.stage_tokens,
-                             decided if s.stage_tokens else None)
+                             decided if s.stage_tokens else None, progress=s.progress)
     recorded["stage_tokens"] = s.stage_tokens
     if tasks:
         metrics["tasks"] = task_metrics(ref, cand_model, tokenizer, tasks, s.lm_eval_limit)
@@ -330,14 +334,17 @@ def _perf_block(original: str, candidate: str, s: EvaluationSettings, cand_info)
     from llm_workbook.evaluation import perf as perf_module
 
     settings = s.perf if isinstance(s.perf, perf_module.PerfSettings) else perf_module.PerfSettings()
-    block = {name: perf_module.measure(src, **s.load, settings=settings)
-             for name, src in (("original", original), ("candidate", candidate)) if name in s.perf_models}
+    jobs = [(name, src, s.load, settings) for name, src in (("original", original), ("candidate", candidate))
+            if name in s.perf_models]
     if s.perf_packed and "candidate" in s.perf_models and not s.keep_packed and cand_info.quantized_layers:
         # Memory as a deployment would hold it: the stored codes stay packed, each Linear dequantizes
         # its weight per call (its latency cost shows here too).
-        block["candidate_packed"] = perf_module.measure(
-            candidate, **{**s.load, "keep_packed": True},
-            settings=dataclasses.replace(settings, compare_hf_load=False))
+        jobs.append(("candidate_packed", candidate, {**s.load, "keep_packed": True},
+                     dataclasses.replace(settings, compare_hf_load=False)))
+    block = {}
+    for name, src, load, how in tqdm(jobs, desc="speed and memory (fresh processes)", unit="model",
+                                     disable=not s.progress):
+        block[name] = perf_module.measure(src, **load, settings=how)
     return block
 
 

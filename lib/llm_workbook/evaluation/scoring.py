@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from llm_workbook import cache_root
 from llm_workbook.evaluation import metrics as M
@@ -65,20 +66,29 @@ def _scored_outputs(model: nn.Module, ids: torch.Tensor, w, who: str) -> tuple[t
     return logits, hidden[0, off:]
 
 
+def _token_bar(who: str, ids: torch.Tensor, progress: bool):
+    """Tokens scored and time left; tqdm.auto draws a widget in a notebook and text in a terminal."""
+    return tqdm(total=ids.numel() - 1, desc=f"{who}: scoring", unit="token", disable=not progress)
+
+
 def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[torch.Tensor],
-                    gen_tokens: int, precision: str = "float32") -> tuple[dict[str, torch.Tensor], float]:
+                    gen_tokens: int, precision: str = "float32",
+                    progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
     """The original's outputs on every window and prompt (see ``reference``), and its summed NLL."""
     tensors: dict[str, torch.Tensor] = {}
     nll = 0.0
-    for i, w in enumerate(windows):
-        logits, hidden = _scored_outputs(orig, ids, w, "original")
-        per_token = M.token_nll(logits, ids[w.score_from + 1 : w.end + 1])
-        nll += float(per_token.sum())
-        outputs = {**reference.window_outputs(logits, hidden, precision), "nll": per_token}
-        tensors.update({f"{k}.{i}": v for k, v in outputs.items()})
-    if gen_tokens > 0:
-        for j, generated in enumerate(_greedy(orig, prompts, gen_tokens)):
-            tensors[f"gen.{j}"] = generated.to(torch.int64)
+    with _token_bar("original", ids, progress) as bar:
+        for i, w in enumerate(windows):
+            logits, hidden = _scored_outputs(orig, ids, w, "original")
+            per_token = M.token_nll(logits, ids[w.score_from + 1 : w.end + 1])
+            nll += float(per_token.sum())
+            outputs = {**reference.window_outputs(logits, hidden, precision), "nll": per_token}
+            tensors.update({f"{k}.{i}": v for k, v in outputs.items()})
+            bar.update(per_token.numel())
+        if gen_tokens > 0:
+            bar.set_description(f"original: generating {len(prompts)} x {gen_tokens} tokens")
+            for j, generated in enumerate(_greedy(orig, prompts, gen_tokens)):
+                tensors[f"gen.{j}"] = generated.to(torch.int64)
     return tensors, nll
 
 
@@ -95,7 +105,7 @@ BLOCK_SERIES = ("nll_original", "nll_candidate", "kld", "top1", "cosine")
 
 def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.Tensor, windows,
                    prompts: list[torch.Tensor], gen_tokens: int, stage_tokens: int | None = None,
-                   decided=None) -> dict:
+                   decided=None, progress: bool = False) -> dict:
     """The candidate scored against the original's stored side, window by window, token by token; every
     headline figure with its 95 % interval (``uncertainty``).
 
@@ -105,6 +115,7 @@ def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.T
     series: dict[str, list[torch.Tensor]] = {}
     logit_cos, last_position = [], []
     scored, next_stage, stopped = 0, stage_tokens, None
+    bar = _token_bar("candidate", ids, progress)
     for i, w in enumerate(windows):
         lb, hb = _scored_outputs(cand, ids, w, "candidate")
         side = ref.window(i)
@@ -117,12 +128,14 @@ def causal_metrics(ref: "reference.ReferenceSide", cand: nn.Module, ids: torch.T
         logit_cos.append(M.token_cosine(la, lb.float()))
         last_position.append(logit_cos[-1][-1:])  # AI-OS's PrecisionValidator: each text's last-position logits
         scored += per_token["kld"].numel()
+        bar.update(per_token["kld"].numel())
         if decided is not None and next_stage and scored >= next_stage and i + 1 < len(windows):
             partial = U.block_sums({k: torch.cat(series[k]).to(torch.float64) for k in BLOCK_SERIES})
             if decided(U.intervals(partial)):
                 stopped = f"decided at {scored:,} of {ids.numel() - 1:,} tokens"
                 break
             next_stage += stage_tokens
+    bar.close()
     tokens = {k: torch.cat(v) for k, v in series.items()}
     num_tokens = scored
     expected = ids.numel() - 1 if stopped is None else scored
@@ -169,7 +182,7 @@ def is_causal(config: dict, task: str | None) -> bool:
 
 def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32",
-                  tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None):
+                  tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None, progress: bool = False):
     """The original's side: read from the cache when the same inputs were scored before, else computed
     (with only the original in memory) and stored. Its lm-eval answers are a cache entry of their own, so runs
     with and without tasks share the scored windows. Returns (side, the original's ModelInfo, cache note)."""
@@ -193,7 +206,7 @@ def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch
     if side is None or (tasks and answers is None):
         model, info = load_model(original, **load)
     if side is None:
-        tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision)
+        tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision, progress)
         meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
         side = reference.save(path or _scratch_path(), tensors, meta)
         note = f"computed and stored {path}" if path else "computed, not kept"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ def _aios_round_trip(source: Path, parquet: Path) -> tuple[bool, str]:
     return True, f"{len(names)} tensors equal the AI-OS file's values as its writer meant them"
 
 
-def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | Path | None = None) -> StoreCheck:
+def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | Path | None = None,
+                    progress: bool = False) -> StoreCheck:
     """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
     check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte. An AI-OS
     V1/V2 file or model directory is converted as its writer meant it, with the config and tokenizer of
@@ -110,7 +112,7 @@ def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | P
         parquet = scratch / "candidate.parquet"
         parquet.unlink(missing_ok=True)
         started = time.perf_counter()
-        convert_aios(candidate_src, parquet, progress=False, config_source=reference)
+        convert_aios(candidate_src, parquet, progress=progress, config_source=reference)
         seconds = time.perf_counter() - started
         view = aios_view(candidate_src, parquet, scratch / "candidate-as-aios-reads.parquet")
         lossless, detail = _aios_round_trip(Path(candidate_src), parquet)
@@ -123,7 +125,7 @@ def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | P
         parquet = scratch / "candidate.parquet"
         parquet.unlink(missing_ok=True)
         started = time.perf_counter()
-        HuggingFaceToParquetConverter(progress=False).convert(candidate_src, parquet)
+        HuggingFaceToParquetConverter(progress=progress).convert(candidate_src, parquet)
         seconds = time.perf_counter() - started
     loader = WeightLoaderV2(parquet)
     problems = loader.verify_all()
@@ -199,13 +201,14 @@ def store_facts(check: StoreCheck) -> dict:
         "file size (MB)": round(store["file_bytes"] / 1e6, 3),
         "parameters": f"{store['parameters']:,}",
         "bits per weight (all tensors)": round(store["bits_per_weight"], 3),
-        "bits per weight (quantized tensors)": None if store["quantized_bits_per_weight"] is None
+        "bits per weight (quantized tensors)": "none quantized" if store["quantized_bits_per_weight"] is None
         else round(store["quantized_bits_per_weight"], 3),
         "compression vs bf16": f"{store['compression_vs_bf16']:.2f}x",
         "storage formats": ", ".join(store["formats"]),
         "checksums": "all verify" if not check.checksum_problems else f"{len(check.checksum_problems)} FAILED",
         "round trip": {True: "exact: ", False: "NOT exact: ", None: ""}[check.lossless] + check.lossless_detail,
-        "conversion time (s)": None if check.convert_seconds is None else round(check.convert_seconds, 2),
+        "conversion time (s)": "none (given as a weight file)" if check.convert_seconds is None
+        else round(check.convert_seconds, 2),
     }
 
 
@@ -245,6 +248,35 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
         **{k: v for k, v in data.items() if k != "verdict"}, "verdict": verdict, "summary": summary,
         "aios_engine": engine,
     }
+
+
+SUMMARY_ROWS = {"producer": "produced by", "format": "format", "activations": "activations",
+                "bits_per_weight": "bits per weight (all tensors)", "size_mb": "size on disk (MB)",
+                "cosine": "cosine similarity (mean)", "kld_mean": "KL divergence (mean)",
+                "top1_agreement": "top-1 agreement", "ppl_delta_pct": "perplexity change (%)",
+                "latency_label": "latency", "peak_rss_mb": "peak memory, dequantized (MB)"}
+
+
+def summary_rows(result: dict) -> dict[str, str]:
+    """The verdict's summary as a reader sees it: a figure, or why there is none (never ``None``)."""
+    summary, params = result["summary"], result.get("parameters") or {}
+    perf = result.get("perf") or {}
+    measured = bool(perf.get("candidate"))
+    rows = {}
+    for key, label in SUMMARY_ROWS.items():
+        value = summary.get(key)
+        if value in (None, "", "not measured") or (isinstance(value, float) and math.isnan(value)):
+            if key in ("latency_label", "peak_rss_mb"):
+                value = ("not measured for the candidate (perf_models)" if perf else
+                         "not measured (measure_perf: false)") if not measured else "not recorded"
+            elif key in ("kld_mean", "top1_agreement", "ppl_delta_pct"):
+                value = "not computed (a sentence encoder has no next-token output)"
+            else:
+                value = "not known"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        rows[label] = str(value)
+    return rows
 
 
 RUN_STATUS = {"pass": "passed", "fail": "failed-check", "inconclusive": "inconclusive"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from llm_workbook import REPO_ROOT
+from llm_workbook import REPO_ROOT, reports_root
 from llm_workbook import __version__, names
 from llm_workbook.store import atomic
 
@@ -59,12 +59,13 @@ DEFAULTS: dict = {
     "top1_threshold": None,
     "lm_eval_tasks": "",  # lm-evaluation-harness tasks, comma-separated: heldout_lambada (offline) or any reachable task
     "lm_eval_limit": 200,  # items per task at most (null: all)
-    "output_dir": "reports",
+    "output_dir": None,  # None: reports_root(), the checkout's reports/ wherever the notebook runs
     "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
     "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
     "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
     "expect_error": None,  # text of a known failure this run documents (a producer's bug): it then does not fail `llmc run`
     "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
+    "progress": True,  # progress bars in the notebook (Lab); llmc run turns them off, its own bar shows the batch
 }
 
 
@@ -160,14 +161,35 @@ def exit_status(outcomes: list[RunOutcome]) -> int:
     return 0 if all(o.evaluated for o in outcomes) else 1
 
 
+TEMPLATES = Path(__file__).parent / "templates"  # "report": the lab template without network scripts
+VERDICT_TAG, HEADING_TAG = "verdict", "heading"
+
+
+def verdict_first(nb):
+    """The notebook as a report reads it: the cells tagged ``verdict`` (computed last) moved to just after the
+    cell tagged ``heading``, so a meeting reads the verdict before the figures that support it."""
+    cells = list(nb.cells)
+    tagged = lambda cell, tag: tag in cell.get("metadata", {}).get("tags", [])  # noqa: E731
+    verdict = [c for c in cells if tagged(c, VERDICT_TAG)]
+    rest = [c for c in cells if not tagged(c, VERDICT_TAG)]
+    at = next((i + 1 for i, c in enumerate(rest) if tagged(c, HEADING_TAG)), None)
+    if not verdict or at is None:
+        return nb
+    reordered = nb.copy()
+    reordered.cells = rest[:at] + verdict + rest[at:]
+    return reordered
+
+
 def render_html(notebook: Path) -> tuple[Path, Path]:
-    """Full HTML and a meeting version (inputs hidden) next to the executed notebook (each written atomically)."""
+    """Full HTML and a meeting version (inputs hidden) next to the executed notebook (each written atomically):
+    the verdict first, wide tables scrolling in their own box, nothing loaded from the network."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(notebook, as_version=4)
-    full, _ = HTMLExporter().from_notebook_node(nb)
-    meeting_exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    nb = verdict_first(nbformat.read(notebook, as_version=4))
+    style = dict(template_name="report", extra_template_basedirs=[str(TEMPLATES)])
+    full, _ = HTMLExporter(**style).from_notebook_node(nb)
+    meeting_exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, **style)
     meeting, _ = meeting_exporter.from_notebook_node(nb)
     full_path = notebook.with_suffix(".html")
     meeting_path = notebook.with_suffix(".meeting.html")
@@ -242,6 +264,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     staging.mkdir()
     params["output_dir"] = str(staging.resolve())
     params["inputs_digest"] = digest
+    params["progress"] = False  # bars would land in the report; the batch shows its own
     status, message = "passed", ""
     staged_record = staging / f"{run}.json"
     try:
@@ -312,13 +335,13 @@ def batch_lock(reports: Path, wait: bool = True):
 EXECUTORS = ("local", "ray")
 
 
-def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike = "reports", force: bool = False,
+def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike | None = None, force: bool = False,
               progress: bool = True, overrides: dict | None = None, executor: str = "local",
               address: str | None = None) -> list[RunOutcome]:
     """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
     the comparison notebook, then write reports/index.html. ``executor="ray"`` runs each as a Ray task
     (``cluster``), on a local Ray or the cluster at ``address``."""
-    reports = Path(reports)
+    reports = Path(reports) if reports else reports_root()
     reports.mkdir(parents=True, exist_ok=True)
     runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
     if not runs:
@@ -466,7 +489,7 @@ def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Quantized checkpoint evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1250px}} table{{border-collapse:collapse;margin-bottom:1em}}
-td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
+td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top;overflow-wrap:anywhere}} .scroll{{max-width:100%;overflow-x:auto}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
 border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{{background:#fff4d6}}
 .ok{{color:#2e7d32;font-weight:bold}} .no{{color:#c62828;font-weight:bold}}
 @media print{{body{{margin:0;max-width:none;font-size:10px}} table{{font-size:9px}} img{{max-width:100%}}
@@ -476,8 +499,8 @@ border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{
 <h2>All runs</h2>
 <p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted. Runs whose activations
 are quantized (W8A8) are a different comparison from weight-only runs: the activations column says which.</p>
-<div id="decision-table">{table_html}</div>
-{speed_html}
+<div id="decision-table" class="scroll">{table_html}</div>
+<div class="scroll">{speed_html}</div>
 {compare}
 <h2>Reports</h2><ul>{''.join(items)}</ul>
 <p><small>llm_workbook {__version__}</small></p>

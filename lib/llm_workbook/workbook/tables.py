@@ -110,6 +110,9 @@ def style_decision_table(table: pd.DataFrame, compact: bool = False):
     # columns no run fills (activations all weight-only, memory not measured...) only widen the page
     empty = [c for c in shown.columns if shown[c].isna().all() or (shown[c].astype(str).isin(["", "nan", "None", "weight-only"]).all())]
     shown = shown.drop(columns=[c for c in empty if c != COLUMNS["verdict"]])
+    # the verdict next to the run's name: what a reader needs first stays on screen at any width
+    first = [COLUMNS["run"], COLUMNS["verdict"]]
+    shown = shown[[c for c in first if c in shown.columns] + [c for c in shown.columns if c not in first]]
 
     def highlight(row):
         verdict = row[COLUMNS["verdict"]]
