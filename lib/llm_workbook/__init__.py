@@ -9,8 +9,6 @@ from pathlib import Path as _Path
 # notebooks/ and parameters/ live.
 REPO_ROOT = _Path(__file__).resolve().parents[2]
 CACHE_ENV = "LLMC_CACHE_DIR"
-
-
 REPORTS_ENV = "LLMC_REPORTS_DIR"
 
 

@@ -165,11 +165,14 @@ TEMPLATES = Path(__file__).parent / "templates"  # "report": the lab template wi
 VERDICT_TAG, HEADING_TAG = "verdict", "heading"
 
 
+def tagged(cell, tag: str) -> bool:
+    return tag in cell.get("metadata", {}).get("tags", [])
+
+
 def verdict_first(nb):
     """The notebook as a report reads it: the cells tagged ``verdict`` (computed last) moved to just after the
     cell tagged ``heading``, so a meeting reads the verdict before the figures that support it."""
     cells = list(nb.cells)
-    tagged = lambda cell, tag: tag in cell.get("metadata", {}).get("tags", [])  # noqa: E731
     verdict = [c for c in cells if tagged(c, VERDICT_TAG)]
     rest = [c for c in cells if not tagged(c, VERDICT_TAG)]
     at = next((i + 1 for i, c in enumerate(rest) if tagged(c, HEADING_TAG)), None)
