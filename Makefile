@@ -50,8 +50,10 @@ fuzz: $(STAMP)
 
 # JupyterLab on notebooks/ with the project's kernel (the notebooks name it) and make report's environment
 # (the exports above). Jupyter refuses root without --allow-root: containers usually run as root.
+# LAB_DIR: another notebook directory (the browser test opens a copy).
+LAB_DIR ?= notebooks
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=$(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
 angelslim-env: $(ANGELSLIM_STAMP)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,6 +30,18 @@ def write_word_tokenizer(directory: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(directory)
+
+
+def int8_copy(src: Path, dst: Path) -> Path:
+    """Fake-quantize every Linear of ``src`` to INT8 per channel (a dense bf16 checkpoint)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    for name, t in tensors.items():
+        if t.dim() == 2 and "embed" not in name:
+            scale = t.float().abs().amax(1, keepdim=True) / 127
+            tensors[name] = ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
 def make_checkpoint(directory: Path, arch: str = "qwen3", seed: int = 0, dtype=torch.bfloat16,

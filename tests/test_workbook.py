@@ -12,32 +12,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file, save_file
 
 from llm_workbook.workbook import run as workbook
 
-from conftest import REPO, make_checkpoint
+from conftest import REPO, int8_copy, make_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _int8_copy(src: Path, dst: Path) -> Path:
-    """Fake-quantize every Linear of ``src`` to INT8 per channel (a dense bf16 checkpoint)."""
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    for name, t in tensors.items():
-        if t.dim() == 2 and "embed" not in name:
-            scale = t.float().abs().amax(1, keepdim=True) / 127
-            tensors[name] = ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("workbook")
     original = make_checkpoint(root / "original", "qwen3", seed=5)
-    candidate = _int8_copy(original, root / "int8")
+    candidate = int8_copy(original, root / "int8")
     params = root / "params"
     params.mkdir()
     common = {"reference": str(original), "context_length": 32, "stride": 32, "max_eval_tokens": 192,
@@ -226,3 +213,21 @@ def test_make_lab_allows_root_only_for_root():
     assert dry.returncode == 0, dry.stderr
     assert ("--allow-root" in dry.stdout) == (os.getuid() == 0)
     assert "--notebook-dir=notebooks" in dry.stdout
+
+
+def test_publish_names_the_notebook_when_its_record_is_missing(tmp_path):
+    """`llmc publish` on a notebook that has not been run to its end: one message, exit 2, nothing written."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    result = subprocess.run([sys.executable, "-m", "llm_workbook", "publish", str(workbook.EVALUATE_NOTEBOOK),
+                             "--reports", str(reports)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "evaluate_model.ipynb" in result.stderr and "'example' has no record" in result.stderr
+    assert not list(reports.iterdir())
+
+
+def test_publish_refuses_a_notebook_without_a_run_name(tmp_path):
+    bare = tmp_path / "bare.ipynb"
+    bare.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    with pytest.raises(workbook.ParameterError, match="no `run = "):
+        workbook.publish_notebook(bare, tmp_path)

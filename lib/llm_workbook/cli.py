@@ -178,6 +178,17 @@ def _cmd_evaluate(args) -> int:
     return _print_outcomes(outcomes, args.reports, args.pdf)
 
 
+def _cmd_publish(args) -> int:
+    from llm_workbook.workbook.run import ParameterError, publish_notebook
+
+    args.reports = _reports_dir(args)
+    try:
+        outcomes = [publish_notebook(nb, args.reports) for nb in args.notebooks]
+    except ParameterError as exc:
+        raise StoreError(str(exc)) from None
+    return _print_outcomes(outcomes, args.reports, args.pdf)
+
+
 def _run_name(source: str) -> str:
     """A run name from a source: a safe file name (``/tmp/x/model.parquet`` -> ``tmp-x-model``)."""
     from llm_workbook.names import safe_stem
@@ -302,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdf", action="store_true", help="also print the index and the meeting report to PDF")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("publish", help="render evaluation notebooks run and saved in JupyterLab into reports/ and the index",
+                       formatter_class=examples,
+                       description="For each executed evaluate_model.ipynb (run to its end and saved, e.g. in JupyterLab): "
+                                   "copy it to REPORTS/<run>.ipynb beside the record it wrote, render its full and meeting "
+                                   "HTML reports and rewrite REPORTS/index.html, as llmc run leaves a run.",
+                       epilog="examples:\n  llmc publish notebooks/evaluate_model.ipynb\n"
+                              "  llmc publish my-run.ipynb --reports reports/qwen3 --pdf\n\n" + RUN_EXIT_CODES)
+    p.add_argument("notebooks", nargs="+", help="executed evaluation notebooks (.ipynb)")
+    p.add_argument("--reports", help="where their records are (default: the checkout's reports/, or $LLMC_REPORTS_DIR)")
+    p.add_argument("--pdf", action="store_true", help="also print the index and the meeting reports to PDF")
+    p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser(
         "quantize", help="quantize a model with our PTQ (INT8/INT4/INT2 RTN, GPTQ) or AngelSlim into a weight file",

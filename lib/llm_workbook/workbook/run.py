@@ -183,13 +183,25 @@ def verdict_first(nb):
     return reordered
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def without_progress_bars(nb):
+    """The notebook without its progress-bar widgets (a notebook saved from Lab keeps them): in a static page
+    a widget shows only its text fallback, the bar as it was when first drawn (0 %)."""
+    for cell in nb.cells:
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+    return nb
+
+
 def render_html(notebook: Path) -> tuple[Path, Path]:
     """Full HTML and a meeting version (inputs hidden) next to the executed notebook (each written atomically):
     the verdict first, wide tables scrolling in their own box, nothing loaded from the network."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    nb = verdict_first(nbformat.read(notebook, as_version=4))
+    nb = verdict_first(without_progress_bars(nbformat.read(notebook, as_version=4)))
     style = dict(template_name="report", extra_template_basedirs=[str(TEMPLATES)])
     full, _ = HTMLExporter(**style).from_notebook_node(nb)
     meeting_exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, **style)
@@ -286,10 +298,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
                 "summary": _error_summary(params),
             }, indent=2))
         elif staged_record.exists():
-            data = json.loads(staged_record.read_text())
-            status = data.get("status") if data.get("status") in ("failed", "inconclusive") else (
-                "passed" if data.get("verdict", {}).get("passed") else "failed-check")
-            message = "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
+            status, message = record_status(json.loads(staged_record.read_text()))
         else:
             status, message = "error", "the notebook finished without writing its record"
             staged_record.write_text(json.dumps({"run": run, "status": "error", "error": message, "inputs_digest": digest,
@@ -304,6 +313,61 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     if params.get("expect_error") and status != "error":
         message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
     return RunOutcome(run, status, notebook, html_path, record, message, expected)
+
+
+def record_status(data: dict) -> tuple[str, str]:
+    """A finished run's status and message from the record its notebook wrote."""
+    status = data.get("status") if data.get("status") in ("failed", "inconclusive") else (
+        "passed" if data.get("verdict", {}).get("passed") else "failed-check")
+    return status, "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
+
+
+def notebook_run_name(nb) -> str:
+    """The ``run`` an executed evaluation notebook ran as: the last assignment in its parameters cells
+    (papermill's injected cell follows the defaults cell)."""
+    import ast
+
+    run = None
+    for cell in nb.cells:
+        if cell.cell_type == "code" and (tagged(cell, "parameters") or tagged(cell, "injected-parameters")):
+            for node in ast.parse(cell.source).body:
+                if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "run" for t in node.targets)
+                        and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                    run = node.value.value
+    if not run:
+        raise ParameterError("no `run = '...'` in the notebook's parameters cell: is it evaluate_model.ipynb?")
+    return run
+
+
+def publish_notebook(notebook: str | os.PathLike, reports: str | os.PathLike | None = None) -> RunOutcome:
+    """An evaluation notebook run to its end in JupyterLab and saved: copy it into ``reports`` beside the record
+    it wrote there, render its HTML reports and rewrite the index, as ``llmc run`` leaves a run."""
+    import nbformat
+
+    notebook = Path(notebook)
+    reports = Path(reports) if reports else reports_root()
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"{notebook}: not a readable notebook ({exc})") from None
+    run = notebook_run_name(nb)
+    record = reports / f"{run}.json"
+    if not record.is_file():
+        raise ParameterError(f"{notebook}: run {run!r} has no record in {reports} (run the notebook to its end, "
+                             f"with output_dir unset or {str(reports)!r}, then save it)")
+    status, message = record_status(json.loads(record.read_text()))
+    outcome = RunOutcome(run, status, reports / f"{run}.ipynb", reports / f"{run}.html", record, message)
+    with batch_lock(reports):
+        staging = atomic.temp_path(reports / run)
+        staging.mkdir()
+        try:
+            shutil.copyfile(notebook, staging / f"{run}.ipynb")
+            render_html(staging / f"{run}.ipynb")
+            _publish(staging, reports, run)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        write_index(reports, [outcome])
+    return outcome
 
 
 @contextmanager
@@ -492,7 +556,7 @@ def write_index(reports: Path, outcomes: list[RunOutcome]) -> Path:
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Quantized checkpoint evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1250px}} table{{border-collapse:collapse;margin-bottom:1em}}
-td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top;overflow-wrap:anywhere}} .scroll{{max-width:100%;overflow-x:auto}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
+td,th{{padding:4px 8px;border:1px solid #ccc;vertical-align:top;overflow-wrap:break-word}} .scroll{{max-width:100%;overflow-x:auto}} .headline{{font-size:1.3em;font-weight:bold;padding:.6em;
 border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{{background:#fff4d6}}
 .ok{{color:#2e7d32;font-weight:bold}} .no{{color:#c62828;font-weight:bold}}
 @media print{{body{{margin:0;max-width:none;font-size:10px}} table{{font-size:9px}} img{{max-width:100%}}

@@ -126,7 +126,11 @@ def style_decision_table(table: pd.DataFrame, compact: bool = False):
         COLUMNS["peak_rss_mb"]: "{:.0f}", COLUMNS["peak_rss_packed_mb"]: "{:.0f}",
     }
     fmt = {k: v for k, v in fmt.items() if k in shown.columns}
-    return shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
+    styler = shown.style.apply(highlight, axis=1).format(fmt, na_rep="—", escape="html").hide(axis="index")
+    # a producer is often a long path: it alone may break anywhere, so short words elsewhere stay whole
+    if COLUMNS["producer"] in shown.columns:
+        styler = styler.set_properties(subset=[COLUMNS["producer"]], **{"overflow-wrap": "anywhere", "min-width": "8em"})
+    return styler
 
 
 def perf_table(table: pd.DataFrame):
