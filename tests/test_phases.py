@@ -186,3 +186,11 @@ def test_the_decision_in_words_says_what_passes_what_aios_ptq_delivers_and_what_
     assert "AI-OS int8 per-channel +0.3 % PPL, PASS" in kept and "as AI-OS reads it × " in kept and "FAIL" in kept
     assert any(w.startswith("AI-OS's engine cannot run") and "no q_proj/k_proj/v_proj biases" in w for w in words)
     assert words[-1].startswith("Adopting AngelSlim also needs: the full quantization toolchain")
+
+
+def test_a_candidate_without_quantized_layers_is_named_not_left_out():
+    dense = record("fake-quant", "external: /models/fake-quant", bits=None, ppl=-0.2)
+    words = phases.decide([dense], ENVIRONMENT).in_words
+    assert words[0] == "What passes for SmolLM2-135M-Instruct: no candidate has quantized layers."
+    text = "\n".join(phases.recommendations([dense])["SmolLM2-135M-Instruct"])
+    assert "Not ranked by bit width: " in text and "has no quantized layer" in text and "run fake-quant" in text

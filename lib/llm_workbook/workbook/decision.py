@@ -323,6 +323,9 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                 b = (same or ours or [None])[0]
                 if b is not None:
                     lines.append(f"{width}: {compare_candidates(a, b)}")
+        for r in runs:
+            if bit_width(r) is None and r.get("status") != "error":
+                lines.append(f"Not ranked by bit width: {_label(r)} has no quantized layer ({_quality(r)}, run {r['run']}).")
         for r in runs:  # task accuracy where it was measured (lm-eval)
             for name, t in ((r.get("metrics") or {}).get("tasks") or {}).items():
                 rec, flips = t["recovery"], t["flips"]
@@ -368,8 +371,9 @@ def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]
     for model in sorted({_model_of(r) for r in runs}):
         at = sorted((r for r in runs if _model_of(r) == model), key=_rank)
         widths = _widths(at)
-        lines.append(f"What passes for {model}: " + "; ".join(
-            f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and _passed(r)) or 'nothing'}" for w in widths) + ".")
+        lines.append(f"What passes for {model}: " + ("; ".join(
+            f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and _passed(r)) or 'nothing'}" for w in widths)
+            or "no candidate has quantized layers") + ".")
     kept = [r for r in runs if is_aios(r)]
     if kept:
         lines.append("AI-OS's own PTQ, the option to keep: " + "; ".join(
