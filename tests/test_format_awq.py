@@ -102,10 +102,13 @@ def test_dequantize_equals_autoawq(case, tmp_path):
     tensors = {s: AUTOAWQ_TENSORS[f"{case}.{s}"] for s in awq.SUFFIXES}
     reference = AUTOAWQ_TENSORS[f"{case}.reference"]
     src = _write_single(tmp_path / "src", tensors, _qconfig(group))
-    ours = WeightLoaderV2(round_trip(src, tmp_path)).load_weight(MODULE, "weight", dtype=torch.float16)
+    loader = WeightLoaderV2(round_trip(src, tmp_path))
+    ours = loader.load_weight(MODULE, "weight", dtype=torch.float16)
     print(f"{case}: max |ours - AutoAWQ| = {max_abs_diff(ours, reference)}")
     assert ours.shape == reference.shape
     assert torch.equal(ours.view(torch.int16), reference.view(torch.int16))
+    integer = awq.affine(loader.load_weight(MODULE, "weight", dequantize=False))  # the kernels' integer form
+    assert torch.equal(integer.dequantize(torch.float16).view(torch.int16), reference.view(torch.int16))
 
 
 @pytest.mark.parametrize("case,group", [("awq_g16", 16), ("awq_g32", 32)])

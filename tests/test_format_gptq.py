@@ -79,6 +79,8 @@ def test_dequantize_equals_autogptq(case, tmp_path):
     print(f"{case}: max |ours - AutoGPTQ| = {diff}")
     assert weight.dtype == reference.dtype and weight.shape == reference.shape
     assert torch.equal(weight.view(torch.int16), reference.view(torch.int16))
+    integer = gptq.affine(loader.load_weight(MODULE, "weight", dequantize=False))  # the kernels' integer form
+    assert torch.equal(integer.dequantize(reference.dtype).view(torch.int16), reference.view(torch.int16))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

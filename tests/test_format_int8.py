@@ -87,6 +87,7 @@ def test_dequant_equals_compressed_tensors(case):
     diff = max_abs_diff(ours, reference)
     print(f"int8 {case}: max abs diff vs compressed-tensors = {diff}")
     assert ours.shape == (96, 256) and diff == 0.0
+    assert torch.equal(int8.affine(record).dequantize(reference.dtype), reference)  # the kernels' integer form
     assert record.params["activation"] == "dynamic" and record.params["weight_dtype"] == "I8"
 
 

@@ -81,6 +81,8 @@ def test_dequant_equals_compressed_tensors(case):
     print(f"packed {case}: max abs diff vs compressed-tensors = {diff}")
     assert ours.shape == (200, 256) and diff == 0.0
     assert torch.equal(packed.dequantize(record, torch.float32).to(reference.dtype), reference)
+    # the integer form the weight-only kernels take computes the same weight
+    assert torch.equal(packed.affine(record).dequantize(reference.dtype), reference)
 
 
 def test_float32_scales_exact():
@@ -111,6 +113,7 @@ def test_act_order_g_idx_matches_permuted_reference():
     reference = permuted_ref[:, inverse]
     print(f"packed act-order g_idx: max abs diff vs permuted compressed-tensors = {max_abs_diff(ours, reference)}")
     assert torch.equal(ours, reference)
+    assert torch.equal(packed.affine(record).dequantize(torch.bfloat16), reference)
     without_g_idx = {k: v for k, v in tensors.items() if k != "weight_g_idx"}
     assert not torch.equal(ours, packed.dequantize(QuantizedTensor("packed", "m", without_g_idx, record.params), torch.bfloat16))
 

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, groups_of
 from llm_workbook.schema import AiosQuant
 
 NAME = "aios"
@@ -146,7 +146,7 @@ def codes_of(record: QuantizedTensor) -> np.ndarray:
     return stored.reshape(-1).view(np.int8)
 
 
-def affine(codes: np.ndarray, quant: AiosQuant) -> np.ndarray:
+def dequantize_codes(codes: np.ndarray, quant: AiosQuant) -> np.ndarray:
     """``(q - zero_point) * scale`` in float32 with AI-OS's layouts; ``codes`` flat int8."""
     q = codes.astype(np.float32)
     if quant.group_size > 0:
@@ -161,8 +161,31 @@ def affine(codes: np.ndarray, quant: AiosQuant) -> np.ndarray:
 
 
 def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    weight = affine(codes_of(record), quant_of(record))
+    weight = dequantize_codes(codes_of(record), quant_of(record))
     return torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).to(dtype)
+
+
+def affine(record: QuantizedTensor) -> AffineWeight | None:
+    """A 2-D row per output channel (quant_axis 0), per tensor, or in groups that never cross a row."""
+    quant = quant_of(record)
+    if len(quant.shape) != 2:
+        return None
+    out, in_ = quant.shape
+    codes = torch.from_numpy(codes_of(record).astype(np.int32)).reshape(out, in_)
+    scales, zeros = (torch.from_numpy(np.array(a, dtype=np.float32)) for a in (quant.scales, quant.zero_points))
+    if quant.group_size > 0:
+        if in_ % quant.group_size:
+            return None
+        shape, g_idx = (out, in_ // quant.group_size), groups_of(in_, quant.group_size)
+    elif quant.quant_axis == 0:
+        shape, g_idx = (out, 1), groups_of(in_, -1)
+    elif quant.quant_axis == -1:
+        scales, zeros = scales.expand(out), zeros.expand(out)
+        shape, g_idx = (out, 1), groups_of(in_, -1)
+    else:
+        return None
+    bits = 2 if quant.quant_type == "int2" else 8
+    return AffineWeight(codes, scales.reshape(shape).contiguous(), zeros.reshape(shape).contiguous(), g_idx, bits)
 
 
 def to_hf(record: QuantizedTensor) -> dict[str, torch.Tensor]:

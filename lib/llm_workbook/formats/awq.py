@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
 from llm_workbook.formats import _bitpack
 
 NAME = "awq"
@@ -125,3 +125,11 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     s = record.tensors["scales"].to(torch.float32).repeat_interleave(size, dim=0)
     return ((q - z).to(torch.float32) * s).t().contiguous().to(dtype)
 
+
+def affine(record: QuantizedTensor) -> AffineWeight:
+    group_size = int(record.params.get("group_size", 128))
+    _, in_, size = _geometry(record.layer_name, record.tensors, group_size)
+    codes = unpack_awq(record.tensors["qweight"]).t().contiguous()  # [out, in]
+    zeros = unpack_awq(record.tensors["qzeros"]).t().to(torch.float32).contiguous()  # [out, G]
+    scales = record.tensors["scales"].to(torch.float32).t().contiguous()
+    return AffineWeight(codes.to(torch.int32), scales, zeros, torch.arange(in_) // size, BITS)

@@ -18,6 +18,8 @@ A format module (one file per source format) exposes the same verbs:
 * optional ``encode_dense(name, tensor) -> list[Row] | None``: for encoders registered in
   ``_DENSE_ENCODERS``: rows that restore ``tensor`` bit-exactly, or None to store it dense.
 * optional ``PER_TENSOR = True``: every stored array dequantizes on its own (no layer groups).
+* optional ``affine(record) -> AffineWeight | None``: the layer as integer codes, scales and zero points
+  (``(codes - zeros) * scales`` per group), for weight-only integer kernels; None where it is no such grid.
 
 The registry hands out each module wrapped in :class:`Format`, which checks the required verbs once
 and supplies the optional ones' defaults, so no caller probes a module with ``hasattr``.
@@ -110,6 +112,30 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass
+class AffineWeight:
+    """A weight on an integer grid: ``(codes - zeros[:, g]) * scales[:, g]``, ``g = g_idx[column]``.
+
+    What weight-only integer kernels run (``runtime.kernels``). ``zeros`` are in code units and may be
+    fractional (AWQ-style float zero points become ``zero / scale``).
+    """
+
+    codes: torch.Tensor  # int32 [out, in]
+    scales: torch.Tensor  # float32 [out, G]
+    zeros: torch.Tensor  # float32 [out, G]
+    g_idx: torch.Tensor  # int64 [in]
+    bits: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.g_idx
+        return ((self.codes.to(torch.float32) - self.zeros[:, g]) * self.scales[:, g]).to(dtype)
+
+
+def groups_of(in_: int, group_size: int) -> torch.Tensor:
+    """The contiguous ``g_idx`` of ``in_`` columns in groups of ``group_size`` (-1 or 0: one group)."""
+    return torch.arange(in_) // (group_size if group_size > 0 else max(in_, 1))
+
+
 def module_params(record: QuantizedTensor, key: str, default: Any = None) -> Any:
     return record.params.get(key, default)
 
@@ -134,6 +160,7 @@ class Format:
         self._to_hf = getattr(module, "to_hf", None)
         self._hf_names = getattr(module, "hf_names", None)
         self._encode_dense = getattr(module, "encode_dense", None)
+        self._affine = getattr(module, "affine", None)
 
     def to_hf(self, record: QuantizedTensor) -> dict[str, torch.Tensor]:
         return self._to_hf(record) if self._to_hf else dict(record.tensors)
@@ -143,6 +170,9 @@ class Format:
 
     def encode_dense(self, name: str, tensor: torch.Tensor) -> list[Row] | None:
         return self._encode_dense(name, tensor) if self._encode_dense else None
+
+    def affine(self, record: QuantizedTensor) -> AffineWeight | None:
+        return self._affine(record) if self._affine else None
 
     def __getattr__(self, name: str):
         if name.startswith("__") or name == "module":  # copy/pickle probe before __init__ ran

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from llm_workbook.schema import dtype_code
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, entry_matches, is_ignored
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, entry_matches, is_ignored
 
 NAME = "fp8"
 
@@ -238,6 +238,36 @@ def expand_grid(values: torch.Tensor, layout: dict, out: int, in_: int, g_idx: t
         return grid[:, columns]
     b0, b1 = layout["block_size"]
     return grid.repeat_interleave(b0, dim=0)[:out].repeat_interleave(b1, dim=1)[:, :in_]
+
+
+def per_row_grid(values: torch.Tensor, layout: dict, out: int, in_: int,
+                 g_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A scale / zero-point grid as ``[out, G]`` float32 with each input column's group, for
+    ``AffineWeight``; None for block layouts (their groups span rows)."""
+    rows, cols = scale_grid(layout, out, in_)
+    grid = values.to(torch.float32).reshape(rows, cols)
+    strategy = layout["strategy"]
+    if strategy in ("tensor", "channel"):
+        return grid.expand(out, 1).contiguous(), torch.zeros(in_, dtype=torch.long)
+    if strategy in ("group", "tensor_group"):
+        return grid, (g_idx.long() if g_idx is not None else torch.arange(in_) // layout["group_size"])
+    return None
+
+
+def ct_affine(record: QuantizedTensor, codes: torch.Tensor, zeros: torch.Tensor | float, bits: int) -> AffineWeight | None:
+    """The ``AffineWeight`` of a compressed-tensors integer layer from its codes and zero points (a grid
+    like the scales', or one number)."""
+    out, in_ = record_shape(record)
+    g_idx = record.tensors.get("weight_g_idx")
+    scales = per_row_grid(record.tensors["weight_scale"], record.params, out, in_, g_idx)
+    if scales is None:
+        return None
+    scales, groups = scales
+    if isinstance(zeros, torch.Tensor):
+        zeros = per_row_grid(zeros, record.params, out, in_, g_idx)[0]
+    else:
+        zeros = torch.full_like(scales, float(zeros))
+    return AffineWeight(codes.to(torch.int32), scales, zeros, groups, bits)
 
 
 def record_shape(record: QuantizedTensor) -> tuple[int, int]:

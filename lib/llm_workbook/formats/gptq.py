@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
 from llm_workbook.formats import _bitpack
 from llm_workbook.formats._codec import trivial_g_idx
 
@@ -276,3 +276,13 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         raise StoreError(f"layer {record.layer_name}: dequantized shape {tuple(weight.shape)} != {[out_features, in_features]}")
     return weight
 
+
+def affine(record: QuantizedTensor) -> AffineWeight:
+    params = record.params
+    cfg = {"bits": int(params["bits"]), "group_size": int(params.get("group_size", -1))}
+    _geometry(record.layer_name, record.tensors, cfg)
+    if params.get("zero_offset", ZERO_OFFSET) != ZERO_OFFSET:
+        raise StoreError(f"layer {record.layer_name}: unsupported zero_offset {params.get('zero_offset')!r}")
+    u = unpack_gptq(record.tensors, cfg["bits"], cfg["group_size"])
+    return AffineWeight(u.codes.to(torch.int32), u.scales.to(torch.float32).t().contiguous(),
+                        u.zeros.to(torch.float32).t().contiguous(), u.g_idx.long(), cfg["bits"])

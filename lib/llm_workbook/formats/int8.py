@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 from llm_workbook.formats.fp8 import (
+    ct_affine,
     CT_METHOD,
     FLOAT_CODES,
     INT_CODES,
@@ -124,3 +125,7 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
         values = values - expand_grid(record.tensors["weight_zero_point"], record.params, out, in_, g_idx)
     return (values * expand_grid(record.tensors["weight_scale"], record.params, out, in_, g_idx)).to(dtype)
 
+
+def affine(record: QuantizedTensor) -> AffineWeight | None:
+    zero = record.tensors.get("weight_zero_point")
+    return ct_affine(record, record.tensors["weight"], 0.0 if zero is None else zero, int(record.params["num_bits"]))

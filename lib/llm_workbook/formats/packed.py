@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from llm_workbook.formats import _bitpack
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
 from llm_workbook.formats.fp8 import (
+    ct_affine,
     CT_METHOD,
     FLOAT_CODES,
     check_ct_extras,
@@ -164,3 +165,20 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     scale = expand_grid(record.tensors["weight_scale"], params, out, in_, g_idx)
     return ((codes - zero) * scale).to(dtype)
 
+
+def affine(record: QuantizedTensor) -> AffineWeight | None:
+    """Unsigned codes; the zero point as ``dequantize`` reads it (2^(bits-1) when symmetric)."""
+    out, in_ = record_shape(record)
+    bits = int(record.params["num_bits"])
+    if bits not in SUPPORTED_BITS:
+        return None
+    codes = unpack_int32(record.tensors["weight_packed"], bits, in_)
+    zp = record.tensors.get("weight_zero_point")
+    if zp is None:
+        zero: torch.Tensor | float = float(1 << (bits - 1))
+    elif record.params.get("zero_point_packed"):
+        cols = scale_grid(record.params, out, in_)[1]
+        zero = unpack_int32(zp.t(), bits, out).t().reshape(out, cols)
+    else:
+        zero = zp.to(torch.float32) + float(1 << (bits - 1))
+    return ct_affine(record, codes, zero, bits)

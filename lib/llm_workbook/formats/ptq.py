@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from llm_workbook.formats import _bitpack
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo
 from llm_workbook.formats._codec import trivial_g_idx
 from llm_workbook.schema import AiosQuant
 
@@ -243,3 +243,8 @@ def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> t
     g = g_idx.long()
     return (scales[:, g] * (codes.to(torch.float32) - zeros.to(torch.float32)[:, g])).to(dtype)
 
+
+def affine(record: QuantizedTensor) -> AffineWeight:
+    codes, scales, zeros, g_idx = decode(record)
+    return AffineWeight(codes.to(torch.int32), scales.to(torch.float32), zeros.to(torch.float32), g_idx.long(),
+                        int(record.params["bits"]))

@@ -8,6 +8,8 @@
 * Activation quantization simulation (on by default, ``runtime.activations``): where the checkpoint
   declares quantized inputs for a Linear, that Linear fake-quantizes its input before the matmul.
 * ``keep_packed=True``: quantized Linears become ``runtime.packed.PackedLinear`` modules.
+* ``kernels=True``: quantized Linears run on PyTorch's weight-only int8/int4 kernels where their grid maps
+  onto one (``runtime.kernels``), dense otherwise; ``ModelInfo.kernels`` says which ran where.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ModelInfo:
     activation_quant: bool  # simulation requested and applied to at least one layer
     activation_schemes: dict[str, str] = field(default_factory=dict)  # layer type -> scheme name (declared)
     activation_notes: list[str] = field(default_factory=list)  # declared but not simulated, or switched off
+    kernels: dict[str, str] = field(default_factory=dict)  # module -> weight-only kernel, or why it runs dense
     load_seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -161,8 +164,12 @@ def _input_scale(loader: WeightLoaderV2, layer: str) -> torch.Tensor | None:
     return loader.load_tensor(name) if name in loader.rows else None
 
 
-def _apply_packed(model: nn.Module, loader: _PackedSkeletonLoader, dtype: torch.dtype) -> None:
-    """Swap every placeholder-holding Linear for a PackedLinear; give other placeholders real weights."""
+def _apply_packed(model: nn.Module, loader: _PackedSkeletonLoader, dtype: torch.dtype, kernels: bool = False) -> dict[str, str]:
+    """Swap every placeholder-holding Linear for a PackedLinear (``kernels``: a weight-only kernel Linear, or a
+    dense one where none fits); give other placeholders real weights. Returns module -> kernel used."""
+    from llm_workbook.runtime.kernels import weight_only_linear
+
+    used: dict[str, str] = {}
     issued = loader.placeholders.issued
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         layer = issued.get(param.data_ptr())
@@ -170,7 +177,14 @@ def _apply_packed(model: nn.Module, loader: _PackedSkeletonLoader, dtype: torch.
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, nn.Linear) and attr == "weight":
+        if isinstance(module, nn.Linear) and attr == "weight" and kernels:
+            kernel, used[module_name] = weight_only_linear(loader.record(layer), module.bias, dtype)
+            if kernel is None:
+                used[module_name] = f"dense ({used[module_name]})"
+                module.weight = nn.Parameter(loader.load_weight(layer, "weight", dtype=dtype), requires_grad=False)
+            else:
+                _set_module(model, module_name, kernel)
+        elif isinstance(module, nn.Linear) and attr == "weight":
             _set_module(model, module_name, PackedLinear(loader.record(layer), module.bias, dtype))
         else:  # e.g. a quantized embedding or fused expert tensor: keep it dequantized
             real = loader.load_weight(layer, "weight", dtype=dtype)
@@ -178,6 +192,7 @@ def _apply_packed(model: nn.Module, loader: _PackedSkeletonLoader, dtype: torch.
     left = [n for n, p in model.named_parameters() if p.data_ptr() in issued]
     if left:
         raise StoreError(f"{loader.path}: could not place quantized weights {left[:5]} in packed mode")
+    return used
 
 
 def _apply_activation_quant(model: nn.Module, loader: WeightLoaderV2, layers: dict[str, str], modules_by_layer: dict[str, str],
@@ -221,13 +236,12 @@ def _apply_activation_quant(model: nn.Module, loader: WeightLoaderV2, layers: di
 
 
 def _load_parquet(path: Path, source: str, dtype: torch.dtype, task: str | None, activation_quant: bool,
-                  keep_packed: bool, converted: bool) -> tuple[nn.Module, ModelInfo]:
+                  keep_packed: bool, converted: bool, kernels: bool = False) -> tuple[nn.Module, ModelInfo]:
     from llm_workbook.runtime.model import model_from_parquet
 
-    loader = _PackedSkeletonLoader(path) if keep_packed else WeightLoaderV2(path)
+    loader = _PackedSkeletonLoader(path) if keep_packed or kernels else WeightLoaderV2(path)
     model = model_from_parquet(loader, dtype=dtype, task=task)
-    if keep_packed:
-        _apply_packed(model, loader, dtype)
+    used = _apply_packed(model, loader, dtype, kernels) if keep_packed or kernels else {}
     layers = _quantized_layers(loader)
     modules = dict(model.named_modules())
     modules_by_layer = {layer: _module_name(model, modules, layer) for layer in layers}
@@ -237,7 +251,9 @@ def _load_parquet(path: Path, source: str, dtype: torch.dtype, task: str | None,
         quantized_layers={modules_by_layer[layer]: fmt for layer, fmt in sorted(layers.items()) if modules_by_layer[layer]},
         dtype=_dtype_name(dtype), keep_packed=keep_packed, activation_quant=False,
     )
-    _apply_activation_quant(model, loader, layers, modules_by_layer, activation_quant, info)
+    info.kernels = used
+    # weight-only kernels take float activations: a declared input quantization is not simulated there
+    _apply_activation_quant(model, loader, layers, modules_by_layer, activation_quant and not kernels, info)
     model.eval()
     return model, info
 
@@ -248,6 +264,7 @@ def load_model(
     task: str | None = None,
     activation_quant: bool = True,
     keep_packed: bool = False,
+    kernels: bool = False,
 ) -> tuple[nn.Module, ModelInfo]:
     """A ready, eval-mode model from a ``.parquet`` file, an HF directory or a (cached) hub id.
 
@@ -257,6 +274,8 @@ def load_model(
         task: None (follow ``architectures``), "causal-lm" or "base" (encoder / bare model).
         activation_quant: simulate the input quantization the checkpoint declares.
         keep_packed: keep quantized Linear weights as stored codes (``PackedLinear``).
+        kernels: run quantized Linears on weight-only int8/int4 kernels where they map (``runtime.kernels``);
+            use with ``dtype=torch.bfloat16``, the kernels' fast path.
 
     Returns:
         ``(model, info)``; ``model.llmc_info`` is ``info`` too.
@@ -267,7 +286,7 @@ def load_model(
         if not is_parquet(source):
             raise StoreError(f"{source}: no such Parquet file")
         location = text if text.startswith(("s3://", "hf://")) else Path(source)
-        model, info = _load_parquet(location, text, dtype, task, activation_quant, keep_packed, converted=False)
+        model, info = _load_parquet(location, text, dtype, task, activation_quant, keep_packed, converted=False, kernels=kernels)
     else:
         from llm_workbook.store.sources import resolve_source
 
@@ -280,7 +299,7 @@ def load_model(
             parquet = tmp / "model.parquet"
             try:
                 HuggingFaceToParquetConverter(progress=False).convert(root, parquet)
-                model, info = _load_parquet(parquet, text, dtype, task, activation_quant, keep_packed, converted=True)
+                model, info = _load_parquet(parquet, text, dtype, task, activation_quant, keep_packed, converted=True, kernels=kernels)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
