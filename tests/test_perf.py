@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_workbook import HuggingFaceToParquetConverter
-from llm_workbook.evaluation.perf import PerfSettings, measure, model_size, summarize
+from llm_workbook.evaluation.perf import (PerfSettings, measure, memory_bandwidth, model_size, summarize,
+                                         weight_bytes_per_token)
 
 QUICK = PerfSettings(warmup=1, repeats=2, prompt_tokens=16, decode_tokens=4, sentences=8, batch_size=4)
 
@@ -34,6 +36,8 @@ def test_perf_settings_validated():
         PerfSettings(repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         PerfSettings(warmup=-1)
+    with pytest.raises(ValueError, match="unknown \\['gpu'\\]"):
+        PerfSettings(runtimes=("aios", "gpu"))
 
 
 def test_model_size_hf_and_parquet(qwen3_dir, tmp_path):
@@ -84,8 +88,56 @@ def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     assert mem["inference_peak_rss_bytes"] > mem["baseline_rss_bytes"] and result["first_load_s"] > 0
     assert mem["peak_source"] in ("VmHWM", "ru_maxrss")
     assert result["disk"]["source_bytes"] == parquet.stat().st_size
+    # the same run in each runtime, beside the bandwidth limit; the top-level figures are AI-OS's (float32)
+    runtimes = result["runtimes"]
+    assert list(runtimes) == ["aios", "kernels"] and result["prefill_ms_per_token"] == runtimes["aios"]["prefill_ms_per_token"]
+    assert runtimes["kernels"]["kernel_layers"] == {}  # a dense file: nothing for the kernels to run
+    # float32 weights read twice the bytes of bfloat16 ones, every tensor alike
+    assert runtimes["aios"]["weight_bytes_per_token"] == 2 * runtimes["kernels"]["weight_bytes_per_token"]
+    bandwidth = result["bandwidth"]["copy_gb_per_s"]["median"]
+    for figures in runtimes.values():
+        _assert_timing(figures["decode_batch_tokens_per_s"], 2)
+        assert figures["decode_batch"] == 8 and figures["memory"]["inference_peak_rss_bytes"] > 0
+        limit = bandwidth * 1e9 / figures["weight_bytes_per_token"]
+        assert figures["limit_tokens_per_s"] == pytest.approx(limit)
+        assert figures["fraction_of_limit"] == pytest.approx(figures["decode_tokens_per_s"]["median"] / limit)
     path = tmp_path / "r.json"
     record.to_json(path)
     assert EvaluationRecord.from_json(path).perf == record.perf
     with pytest.raises(ValueError, match="perf_models"):
         evaluate(qwen3_dir, parquet, perf_models=("baseline",))
+
+
+def test_memory_bandwidth_is_a_positive_rate_with_its_spread():
+    result = memory_bandwidth(buffer_mb=16, repeats=3)
+    _assert_timing(result["copy_gb_per_s"], 3)
+    assert result["buffer_mb"] == 16 and result["threads"] >= 1
+
+
+def test_weight_bytes_per_token_counts_one_embedding_row_and_a_tied_head_in_full(tmp_path):
+    from conftest import make_checkpoint
+    from llm_workbook.runtime.load import load_model
+
+    for tie in (False, True):
+        model, _ = load_model(make_checkpoint(tmp_path / f"tie-{tie}", "qwen3", seed=3, tie=tie), dtype=torch.float32)
+        embedding = model.get_input_embeddings().weight
+        linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # the head too
+        norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+        expected = 4 * (linears + norms + embedding.shape[1])
+        assert weight_bytes_per_token(model) == expected, tie
+
+
+def test_a_quantized_candidate_runs_packed_on_the_kernels_and_reads_fewer_bytes(tmp_path):
+    from conftest import make_checkpoint
+    from llm_workbook.quantize.run import quantize
+
+    original = make_checkpoint(tmp_path / "original", "qwen3", seed=4)
+    quantize(original, tmp_path / "int4.parquet", method="int4", group_size=32, progress=False)
+    result = measure(tmp_path / "int4.parquet", settings=PerfSettings(
+        warmup=1, repeats=2, prompt_tokens=8, decode_tokens=4, compare_hf_load=False, bandwidth_mb=16))
+    aios, kernels = result["runtimes"]["aios"], result["runtimes"]["kernels"]
+    assert kernels["kernel_layers"] == {"int4 groups": 14} and "kernel_layers" not in aios  # 2 layers x 7 Linears
+    # 4-bit codes (+ bfloat16 scales and zeros per 32) against float32: about a sixth of the bytes per Linear
+    assert kernels["weight_bytes_per_token"] < aios["weight_bytes_per_token"] / 3
+    assert aios["runtime"].startswith("AI-OS as it is") and kernels["runtime"].startswith("weight-only kernels")
+    _assert_timing(result["load"]["parquet_s"], 1)  # no HF comparison: the run's first load

@@ -10,6 +10,14 @@
   length and greedy decode with the KV cache (causal LMs) or sentence embedding (encoders), and the
   peak RSS while running (the high-water mark is reset after the load where Linux allows it).
 
+With ``runtimes``, the ``run`` child is repeated once per runtime the checkpoint would be served in
+(``RUNTIMES``): AI-OS as it is (every weight dequantized to float32 at load, what AI-OS's engine does) and
+weight-only kernels (bfloat16, int8/int4 codes kept packed and run by PyTorch's CPU kernels where the
+format maps onto them, ``runtime.kernels``). Each runtime also reports the weight bytes a decoded token
+reads and, against this machine's memory bandwidth (``memory_bandwidth``, measured in the same call), the
+decode speed that bandwidth allows: decoding one token at batch 1 reads every weight once, so
+tokens/s <= bandwidth / bytes per token.
+
 Every timing reports the median, the quartiles (IQR) and min/max of its repeats. Peak RSS is the
 child's ``VmHWM`` (Linux; ``ru_maxrss`` elsewhere), current RSS comes from psutil.
 ``model_size(source)`` gives the size on disk and bits per weight without running anything.
@@ -46,11 +54,19 @@ class PerfSettings:
     threads: int | None = None  # torch threads in the child (None: torch's default)
     timeout_s: float = 900.0
     compare_hf_load: bool = True  # also time from_pretrained on an HF copy
+    decode_batch: int = 8  # decode tokens/s also at this batch size (sequences decoded together)
+    bandwidth_mb: int = 256  # buffer of the memory-bandwidth copy benchmark
+    runtimes: tuple[str, ...] = ("aios", "kernels")  # RUNTIMES to run in (a keep_packed measurement runs as given)
 
     def __post_init__(self) -> None:
-        for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size"):
+        for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size", "decode_batch",
+                     "bandwidth_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PerfSettings.{name} must be >= 1, got {getattr(self, name)}")
+        self.runtimes = tuple(self.runtimes)
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"PerfSettings.runtimes: unknown {unknown}; known: {list(RUNTIMES)}")
         if self.warmup < 0:
             raise ValueError(f"PerfSettings.warmup must be >= 0, got {self.warmup}")
 
@@ -114,6 +130,44 @@ def model_size(source: str | os.PathLike) -> dict:
 # Parent side
 # ============================================================================================
 
+# The runtimes a checkpoint is measured in: compute dtype, weight-only kernels, and what a reader is told.
+RUNTIMES = {
+    "aios": {"dtype": "float32", "kernels": False,
+             "label": "AI-OS as it is: every weight dequantized to float32 at load"},
+    "kernels": {"dtype": "bfloat16", "kernels": True,
+                "label": "weight-only kernels: bfloat16, int8/int4 codes kept packed (PyTorch CPU kernels)"},
+}
+
+
+def memory_bandwidth(buffer_mb: int = 256, repeats: int = 5) -> dict:
+    """This machine's memory bandwidth from a copy benchmark: a ``buffer_mb`` float32 buffer copied into
+    another (far larger than the caches) after a warm-up; bytes read plus bytes written per second, as
+    STREAM's copy counts them, in GB/s (median and IQR of ``repeats``)."""
+    import time
+
+    count = buffer_mb * 2**20 // 4
+    src = torch.ones(count, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - start)
+    moved = 2 * count * 4
+    return {"copy_gb_per_s": summarize([moved / s / 1e9 for s in seconds]), "buffer_mb": buffer_mb,
+            "threads": torch.get_num_threads(), "method": "torch copy of a float32 buffer, read + write bytes"}
+
+
+def against_bandwidth(run: dict, bandwidth: dict) -> dict:
+    """Decode at batch 1 beside the limit the bandwidth sets for this runtime's bytes per token."""
+    per_token = run.get("weight_bytes_per_token")
+    decode = (run.get("decode_tokens_per_s") or {}).get("median")
+    if not per_token or decode is None:
+        return {}
+    limit = bandwidth["copy_gb_per_s"]["median"] * 1e9 / per_token
+    return {"limit_tokens_per_s": limit, "fraction_of_limit": decode / limit}
+
 
 def _run_child(spec: dict, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter; its result (or error) as a dict."""
@@ -158,14 +212,20 @@ def measure(
 ) -> dict:
     """Load time (Parquet vs HF safetensors), latency / throughput and peak memory of one model.
 
-    Each figure comes from its own fresh subprocess. A failed HF load (e.g. a quantization method
+    Each figure comes from its own fresh subprocess. ``settings.runtimes`` (names in ``RUNTIMES``): the run
+    is measured once in each, under ``runtimes``, each beside the bandwidth limit; the first one's figures
+    are also the top-level ones, and a later runtime that fails reports its error there. Without runtimes
+    (or with ``keep_packed``) one run uses ``dtype``, ``activation_quant`` and ``keep_packed`` as given.
+    The Parquet load is timed in its own child (warm-up and repeats) only beside the HF load
+    (``compare_hf_load``); otherwise its figure is the run's first load (n = 1). A failed HF load (e.g. a quantization method
     transformers cannot run on CPU) is reported as ``load.hf_error``; a failed Parquet load or run
     raises ``RuntimeError`` with the child's message.
     """
     settings = settings or PerfSettings()
+    runtimes = () if keep_packed else settings.runtimes
     source = str(source)
     common = {"dtype": str(dtype).removeprefix("torch."), "task": task, "activation_quant": activation_quant,
-              "keep_packed": keep_packed, "settings": asdict(settings)}
+              "keep_packed": keep_packed, "settings": {**asdict(settings), "runtimes": list(settings.runtimes)}}
     workdir = Path(tempfile.mkdtemp(prefix="llmc-perf-"))
     load: dict[str, Any] = {"parquet_s": None, "hf_s": None, "ratio_parquet_vs_hf": None, "hf_error": None}
     try:
@@ -175,7 +235,7 @@ def measure(
             parquet, hf_dir = (source, None) if source.endswith(".parquet") else (None, source)
         disk = {"source_bytes": model_size(source)["file_bytes"],
                 "parquet_bytes": os.path.getsize(parquet) if parquet else None}
-        if parquet:
+        if parquet and hf_dir:
             load_pq = _run_child({"op": "load", "via": "parquet", "source": parquet, **common}, settings.timeout_s)
             if "error" in load_pq:
                 raise RuntimeError(f"perf: Parquet load failed: {load_pq['error']}")
@@ -188,12 +248,28 @@ def measure(
                 load["hf_s"] = summarize(load_hf["seconds"])
         if load["parquet_s"] and load["hf_s"]:
             load["ratio_parquet_vs_hf"] = load["parquet_s"]["median"] / load["hf_s"]["median"]
-        run = _run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
+        measured: dict[str, dict] = {}
+        if runtimes:
+            bandwidth = memory_bandwidth(settings.bandwidth_mb)
+            for name in runtimes:
+                how = RUNTIMES[name]
+                spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
+                result = _run_child({"op": "run", "via": "source", "source": source, **spec}, settings.timeout_s)
+                measured[name] = {"runtime": how["label"], **result, **against_bandwidth(result, bandwidth)}
+            run = measured[runtimes[0]]
+        else:
+            run = _run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
         if "error" in run:
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"source": source, "settings": common, "load": load, **run, "disk": disk}
+    if load["parquet_s"] is None and str(source).endswith(".parquet"):
+        load["parquet_s"] = summarize([run["first_load_s"]])
+    result = {"source": source, "settings": common, "load": load, **run, "disk": disk}
+    if runtimes:
+        result.pop("runtime", None)
+        result.update(runtimes=measured, bandwidth=bandwidth)
+    return result
 
 
 # ============================================================================================
@@ -257,8 +333,30 @@ def _load(spec: dict):
     from llm_workbook.runtime.load import load_model
 
     model, _ = load_model(spec["source"], dtype=dtype, task=spec["task"], activation_quant=spec["activation_quant"],
-                          keep_packed=spec["keep_packed"])
+                          keep_packed=spec["keep_packed"], kernels=spec.get("kernels", False))
     return model
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every module's parameters once (a kernel Linear's codes,
+    scales and zeros), except an embedding table, of which a token reads one row. A tied output head reads
+    the whole table, as the Linear it is."""
+    from llm_workbook.runtime.kernels import WEIGHT_ONLY, kernel_bytes
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            total += module.embedding_dim * module.weight.element_size()
+            continue
+        if isinstance(module, WEIGHT_ONLY):
+            total += kernel_bytes(module)
+            continue
+        for tensor in module.parameters(recurse=False):  # buffers such as RoPE's inv_freq are not weights
+            key = (tensor.data_ptr(), tuple(tensor.shape), isinstance(module, torch.nn.Linear))
+            if key not in seen and tensor.is_floating_point():
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _child_load(spec: dict) -> dict:
@@ -302,6 +400,11 @@ def _child_run(spec: dict) -> dict:
     # from here the peak counts inference only (the loaded model stays resident, so it is included)
     memory["inference_peak_is_since_load"] = _reset_peak_rss()
     result: dict[str, Any] = {"pid": os.getpid(), "first_load_s": load_seconds}
+    used = getattr(getattr(model, "llmc_info", None), "kernels", None)
+    if spec.get("kernels"):  # how many quantized Linears ran on which kernel, or dense
+        from collections import Counter
+
+        result["kernel_layers"] = dict(Counter(v.split(" (")[0] for v in (used or {}).values()))
     from llm_workbook.runtime.load import CAUSAL_LM, model_kind
 
     if model_kind(model) == CAUSAL_LM:
@@ -309,16 +412,22 @@ def _child_run(spec: dict) -> dict:
         vocab = model.config.vocab_size
         prompt = torch.randint(0, vocab, (1, n_prompt), generator=torch.Generator().manual_seed(0))
 
-        def prefill() -> None:
+        batch = settings.get("decode_batch", 8)
+        prompts = prompt.expand(batch, -1).contiguous()
+
+        def prefill(ids: torch.Tensor = prompt) -> None:
             with torch.inference_mode():
-                model(prompt, use_cache=False)
+                model(ids, use_cache=False)
 
         for _ in range(settings["warmup"]):
             prefill()
             _decode(model, prompt, n_decode)
+            _decode(model, prompts, n_decode)
         prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
+        prefill_batch_s = statistics.median(_timed(lambda: prefill(prompts)) for _ in range(settings["repeats"]))
         # decode time = prefill + n steps, minus the prefill's median: per-token cost of the cached steps
         decode_total = [_timed(lambda: _decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
+        decode_batch_total = [_timed(lambda: _decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
         prefill_median = statistics.median(prefill_s)
         result.update({
             "kind": CAUSAL_LM,
@@ -326,6 +435,10 @@ def _child_run(spec: dict) -> dict:
             "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
             "decode_tokens": n_decode,
             "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
+            "decode_batch": batch,  # tokens/s over the whole batch
+            "decode_batch_tokens_per_s": summarize([batch * n_decode / max(t - prefill_batch_s, 1e-9)
+                                                    for t in decode_batch_total]),
+            "weight_bytes_per_token": weight_bytes_per_token(model),
         })
     else:
         from llm_workbook.runtime.load import load_tokenizer
@@ -382,4 +495,5 @@ def _child_main() -> None:
     sys.stdout.flush()
 
 
-__all__ = ["PerfSettings", "measure", "model_size", "summarize"]
+__all__ = ["RUNTIMES", "PerfSettings", "against_bandwidth", "measure", "memory_bandwidth", "model_size", "summarize",
+           "weight_bytes_per_token"]
