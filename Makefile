@@ -40,6 +40,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_runtimes.py
 
 # Coverage-guided fuzzing of the weight-file readers (atheris), FUZZ_SECONDS per target; findings are kept
 # under tests/fuzz_cases/ and replayed by make test.

@@ -71,3 +71,22 @@ def test_scale_bench_prints_its_six_figures(tmp_path):
     assert all(float(m.group(2)) > 0 for m in tail)
     assert result.stdout.count("PASS") + result.stdout.count("MISS") == 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_bench_prints_each_model_in_each_runtime_against_the_original(tmp_path):
+    """The runtimes section on the toy LM and its PTQ INT4: every model, runtime and ratio once; no timing asserted."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--original", "builtin:toy-lm",
+         "--candidates", "builtin:toy-lm/ptq-int4", "--repeats", "1", "--decode-tokens", "2"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = re.compile(r"^(runtime_[a-z0-9_]+): (\S+)$")
+    values = {m.group(1): float(m.group(2)) for m in map(line.match, result.stdout.splitlines()) if m}
+    expected = {f"runtime_{who}_{rt}_{figure}" for who in ("original", "ptq_int4") for rt in ("aios", "kernels")
+                for figure in ("decode_tokens_per_s", "fraction_of_bandwidth_limit")}
+    expected |= {f"runtime_ptq_int4_{rt}_{ratio}_ratio_vs_original" for rt in ("aios", "kernels")
+                 for ratio in ("decode", "peak_rss")}
+    assert set(values) == expected and all(v > 0 for v in values.values()), result.stdout[-3000:]
+    assert "int4 groups" in result.stdout  # the candidate's Linears ran on the int4 kernel

@@ -88,3 +88,64 @@ def test_an_aios_file_read_otherwise_by_aios_says_so_in_the_why_column_even_when
     record["summary"]["as_aios_reads"] = "as AI-OS reads the file (30 tensors read wrong): FAIL, PPL × 316,000"
     table = tables.decision_table([record])
     assert table.loc[0, "verdict"] == "PASS" and table.loc[0, "why"].startswith("as AI-OS reads the file")
+
+
+def _runtime(decode: float, rss_mb: float, per_token_mb: float, kernels: dict | None = None) -> dict:
+    timing = {"median": decode, "q1": decode * 0.99, "q3": decode * 1.01}
+    figures = {"runtime": "label", "decode_tokens_per_s": timing, "decode_batch": 8,
+               "decode_batch_tokens_per_s": {"median": 4 * decode}, "weight_bytes_per_token": per_token_mb * 1e6,
+               "limit_tokens_per_s": 20e3 / per_token_mb, "fraction_of_limit": decode / (20e3 / per_token_mb),
+               "memory": {"inference_peak_rss_bytes": rss_mb * 1e6}}
+    return figures if kernels is None else {**figures, "kernel_layers": kernels}
+
+
+def _measured(run: str, candidate: dict, original: dict | None = None, size: float = 100e6) -> dict:
+    perf = {"candidate": {"runtimes": candidate, "bandwidth": {"copy_gb_per_s": {"median": 20.0}}}}
+    if original:
+        perf["original"] = {"runtimes": original}
+    data = {"kind": "causal-lm", "perf": perf, "verdict": {"passed": True, "reasons": []}, "metrics": {},
+            "sizes": {"candidate": {"file_bytes": size}, "original": {"file_bytes": 270e6}}}
+    summary = tables.run_summary(data, {"run": run, "title": run, "model": run, "reference": "smollm2"})
+    return {"run": run, "status": "passed", "verdict": data["verdict"], "summary": summary}
+
+
+ORIGINAL = {"aios": _runtime(28.0, 1300, 538), "kernels": _runtime(25.0, 890, 269, {})}
+
+
+def test_the_speed_panel_puts_each_runtime_beside_the_original_measured_in_another_run():
+    records = [
+        _measured("int8", {"aios": _runtime(28.0, 1310, 538), "kernels": _runtime(42.0, 860, 163, {"int8 per channel": 210})},
+                  ORIGINAL),
+        _measured("int4", {"aios": _runtime(27.9, 1300, 538), "kernels": _runtime(50.0, 700, 117, {"int4 groups": 210})},
+                  size=80e6),
+        _measured("fp8", {"aios": _runtime(28.0, 1300, 538), "kernels": {"error": "RuntimeError: boom\nmore"}}),
+    ]
+    panel = tables.speed_panel(records).set_index("run")
+    assert panel.index[0] == "original: smollm2" and panel.iloc[0]["finding"] == "the yardstick (measured in int8)"
+    assert panel.loc["original: smollm2", "AI-OS as it is (float32): peak RSS MB"] == "1300"
+    assert panel.loc["int4", "weight-only kernels (bfloat16): decode tokens/s"] == "50.0 (2.00x); 29% of the bandwidth limit"
+    assert panel.loc["int4", "AI-OS as it is (float32): peak RSS MB"] == "1300 (1.00x)"
+    finding = panel.loc["int4", "finding"]
+    assert finding.startswith("70% less disk; in AI-OS as it is nothing else (decode 1.00x, peak memory 1.00x)")
+    assert "with weight-only kernels decode 2.00x, peak memory 0.79x" in finding and "measured in int8" in finding
+    assert panel.loc["fp8", "weight-only kernels (bfloat16): decode tokens/s"] == "failed: RuntimeError: boom"
+    assert "with weight-only kernels not measured" in panel.loc["fp8", "finding"]
+    assert tables.speed_panel([_measured("plain", {})]) is None
+
+
+def test_a_run_without_a_measured_original_says_how_to_get_one():
+    record = _measured("alone", {"aios": _runtime(28.0, 1300, 538)})
+    record["summary"]["reference"] = "another original"
+    panel = tables.speed_panel([record])
+    assert len(panel) == 1 and "perf_models original,candidate" in panel.loc[0, "finding"]
+
+
+def test_runtime_rows_give_the_interval_the_limit_and_what_ran_where():
+    from llm_workbook.workbook import report
+
+    data = {"perf": {"candidate": {"runtimes": {"kernels": _runtime(42.0, 860, 163, {"int8 per channel": 210})}}}}
+    [row] = report.runtime_rows(data)
+    assert row["model"] == "candidate" and row["runtime"] == "weight-only kernels (bfloat16)"
+    assert row["decode tokens/s (batch 1)"] == "42.0 [IQR 41.6, 42.4]" and row["decode tokens/s (batch 8)"] == "168.0"
+    assert row["bandwidth limit (tokens/s)"] == "123" and row["share of the limit"] == "34%"
+    assert row["quantized layers run as"] == "210 int8 per channel"

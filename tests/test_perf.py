@@ -57,7 +57,7 @@ def test_measure_encoder_throughput(minilm_dir):
     assert result["kind"] == "encoder" and result["sentences"] == 8
     _assert_timing(result["embedding_sentences_per_s"], 2)
     assert result["load"]["parquet_s"] is None and result["load"]["ratio_parquet_vs_hf"] is None
-    _assert_timing(result["load"]["hf_s"], 2)
+    _assert_timing(result["load"]["hf_s"], 1)  # no comparison asked: the run's first load
     assert result["memory"]["load_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"] > 0
     assert result["memory"]["inference_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"]
     assert result["disk"]["source_bytes"] == (Path(minilm_dir) / "model.safetensors").stat().st_size

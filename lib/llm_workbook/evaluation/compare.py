@@ -139,9 +139,10 @@ class EvaluationSettings:
         evaluation text; ``gen_tokens`` greedy tokens are compared for each (0: skip).
     dtype, activation_quant, keep_packed, task: passed to ``runtime.load.load_model`` for both models.
     perf: True, False or a ``perf.PerfSettings``: measure load time, latency and memory, each figure in a
-        fresh subprocess, of the models named in ``perf_models``. ``perf_packed``: the candidate also with
-        its weights kept packed (``perf["candidate_packed"]``), where it has quantized layers: the memory
-        it would really take, beside the dequantized runtime's.
+        fresh subprocess, of the models named in ``perf_models``, in each serving runtime (``perf.RUNTIMES``:
+        AI-OS as it is, weight-only kernels). ``perf_packed``: the candidate also with ``PackedLinear``
+        (``perf["candidate_packed"]``; codes kept packed and dequantized on every call), where it has
+        quantized layers.
     thresholds: ``Thresholds`` (or a dict of its fields) for the verdict; default cosine >= 0.95 and
         perplexity increase <= 15 %.
     max_sentences, batch_size: encoder sentences used at most, and the batch size for them.
@@ -179,7 +180,7 @@ class EvaluationSettings:
     perf_models: Sequence[str] = ("original", "candidate")
     reference_cache: str | os.PathLike | bool | None = None
     reference_precision: str = "float32"
-    perf_packed: bool = True
+    perf_packed: bool = False
     lm_eval_tasks: Sequence[str] = ()
     lm_eval_limit: int | None = 200
     stage_tokens: int | None = None
@@ -334,7 +335,10 @@ def _perf_block(original: str, candidate: str, s: EvaluationSettings, cand_info)
     from llm_workbook.evaluation import perf as perf_module
 
     settings = s.perf if isinstance(s.perf, perf_module.PerfSettings) else perf_module.PerfSettings()
-    jobs = [(name, src, s.load, settings) for name, src in (("original", original), ("candidate", candidate))
+    # the Parquet-vs-HF load comparison is the candidate's question; the original is measured for reference
+    original_settings = dataclasses.replace(settings, compare_hf_load=False)
+    jobs = [(name, src, s.load, how) for name, src, how in (("original", original, original_settings),
+                                                            ("candidate", candidate, settings))
             if name in s.perf_models]
     if s.perf_packed and "candidate" in s.perf_models and not s.keep_packed and cand_info.quantized_layers:
         # Memory as a deployment would hold it: the stored codes stay packed, each Linear dequantizes

@@ -216,8 +216,8 @@ def measure(
     is measured once in each, under ``runtimes``, each beside the bandwidth limit; the first one's figures
     are also the top-level ones, and a later runtime that fails reports its error there. Without runtimes
     (or with ``keep_packed``) one run uses ``dtype``, ``activation_quant`` and ``keep_packed`` as given.
-    The Parquet load is timed in its own child (warm-up and repeats) only beside the HF load
-    (``compare_hf_load``); otherwise its figure is the run's first load (n = 1). A failed HF load (e.g. a quantization method
+    Load times come from their own children (warm-up and repeats) only for the Parquet-vs-HF comparison
+    (``compare_hf_load``); otherwise the load time is the run's first load (n = 1). A failed HF load (e.g. a quantization method
     transformers cannot run on CPU) is reported as ``load.hf_error``; a failed Parquet load or run
     raises ``RuntimeError`` with the child's message.
     """
@@ -240,7 +240,7 @@ def measure(
             if "error" in load_pq:
                 raise RuntimeError(f"perf: Parquet load failed: {load_pq['error']}")
             load["parquet_s"] = summarize(load_pq["seconds"])
-        if hf_dir:
+        if parquet and hf_dir:
             load_hf = _run_child({"op": "load", "via": "hf", "source": hf_dir, **common}, settings.timeout_s)
             if "error" in load_hf:
                 load["hf_error"] = load_hf["error"]
@@ -263,8 +263,8 @@ def measure(
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if load["parquet_s"] is None and str(source).endswith(".parquet"):
-        load["parquet_s"] = summarize([run["first_load_s"]])
+    if not (load["parquet_s"] or load["hf_s"]):  # no comparison: the run's first load, from where the source is
+        load["parquet_s" if str(source).endswith(".parquet") else "hf_s"] = summarize([run["first_load_s"]])
     result = {"source": source, "settings": common, "load": load, **run, "disk": disk}
     if runtimes:
         result.pop("runtime", None)
@@ -305,6 +305,19 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _release_freed_memory() -> None:
+    """gc, then glibc's malloc_trim: the allocator otherwise keeps the load's freed temporaries (dequantized
+    copies, decoded codes) resident, and the peak while decoding would count them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to release
+        pass
 
 
 def _rss_bytes() -> int:
@@ -393,6 +406,7 @@ def _child_run(spec: dict) -> dict:
     start = time.perf_counter()
     model = _load(spec)
     load_seconds = time.perf_counter() - start
+    _release_freed_memory()  # what the load freed goes back to the system: RSS is then the model as it is held
     model_rss = _rss_bytes()
     load_peak, peak_source = _peak_rss_bytes()  # read second: a peak is never below the RSS read before it
     memory: dict[str, Any] = {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak,

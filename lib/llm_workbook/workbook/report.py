@@ -380,13 +380,42 @@ def perf_rows(data: dict) -> list[dict]:
         rows.append({
             "model": {"candidate_packed": "candidate (packed)"}.get(who, who),
             "size on disk (MB)": (size.get("file_bytes") or 0) / 1e6,
-            "load time (s)": ((measured.get("load") or {}).get("parquet_s") or {}).get("median"),
+            "load time (s)": ((measured.get("load") or {}).get("parquet_s") or (measured.get("load") or {}).get("hf_s")
+                              or {}).get("median"),
             "prefill (ms/token)": (measured.get("prefill_ms_per_token") or {}).get("median"),
             "decode (tokens/s)": (measured.get("decode_tokens_per_s") or {}).get("median"),
             "embedding (sentences/s)": (measured.get("embedding_sentences_per_s") or {}).get("median"),
             "peak RSS (MB)": ((measured.get("memory") or {}).get("inference_peak_rss_bytes") or 0) / 1e6 or None,
         })
     return rows
+
+
+def runtime_rows(data: dict) -> list[dict]:
+    """Speed and memory of each measured model in each serving runtime (``perf.RUNTIMES``), with the decode
+    speed this machine's memory bandwidth allows for the weight bytes a token reads."""
+    rows = []
+    for who in ("original", "candidate"):
+        for name, f in tables.runtime_figures((data.get("perf") or {}).get(who) or {}).items():
+            row = {"model": who, "runtime": tables.RUNTIME_NAMES.get(name, name)}
+            if "error" in f:
+                rows.append({**row, "decode tokens/s (batch 1)": "failed: " + tables.first_line(f["error"])[:120]})
+                continue
+            low, high = f["decode_iqr"]
+            rows.append({**row,
+                         "decode tokens/s (batch 1)": f"{f['decode_tps']:.1f} [IQR {low:.1f}, {high:.1f}]",
+                         f"decode tokens/s (batch {f['batch']})": f"{f['batch_tps']:.1f}" if f["batch_tps"] else "—",
+                         "bandwidth limit (tokens/s)": f"{f['limit_tps']:.0f}" if f["limit_tps"] else "—",
+                         "share of the limit": f"{f['fraction_of_limit']:.0%}" if f["fraction_of_limit"] else "—",
+                         "weights read per token (MB)": f"{f['weight_mb_per_token']:.0f}",
+                         "peak RSS decoding (MB)": f"{f['peak_rss_mb']:.0f}",
+                         "quantized layers run as": f["kernels"] or "float32 (dequantized at load)"})
+    return rows
+
+
+def speed_finding(data: dict, params: dict) -> str:
+    """The run's speed and memory finding in one sentence (``tables.speed_finding``)."""
+    summary = tables.run_summary(data, params)
+    return tables.speed_finding(summary, summary["original_runtimes"], None)
 
 
 def write_record(out_dir: str | Path, record: dict) -> Path:

@@ -196,6 +196,7 @@ def run_summary(record: dict, params: dict) -> dict:
         "bits_per_weight": size.get("bits_per_weight"),
         "quantized_bits_per_weight": size.get("quantized_bits_per_weight"),
         "size_mb": (size.get("file_bytes") or 0) / 1e6 or None,
+        "original_size_mb": (_dig(record, "sizes", "original", "file_bytes") or 0) / 1e6 or None,
         "compression_vs_bf16": size.get("compression_vs_bf16"),
         "cosine": _dig(record, "metrics", "cosine_similarity"),
         "kld_mean": _dig(record, "metrics", "kld", "mean"),
@@ -213,7 +214,100 @@ def run_summary(record: dict, params: dict) -> dict:
         "peak_rss_mb": peak / 1e6 if peak else None,
         "peak_rss_packed_mb": packed / 1e6 if packed else None,
         "passed": bool(_dig(record, "verdict", "passed")),
+        "runtimes": runtime_figures(perf),  # the candidate's speed and memory in each serving runtime
+        "original_runtimes": runtime_figures(_dig(record, "perf", "original", default={}) or {}),
+        "bandwidth_gb_per_s": _dig(perf, "bandwidth", "copy_gb_per_s", "median"),
     }
+
+
+RUNTIME_NAMES = {"aios": "AI-OS as it is (float32)", "kernels": "weight-only kernels (bfloat16)"}
+
+
+def runtime_figures(perf: dict) -> dict:
+    """Per runtime of one measured model: decode tokens/s at batch 1 (median, IQR) and at the larger batch,
+    its share of the bandwidth limit, peak RSS while decoding, weight MB read per token, the kernels used."""
+    out = {}
+    for name, m in (perf.get("runtimes") or {}).items():
+        if "error" in m:
+            out[name] = {"error": m["error"]}
+            continue
+        decode = m.get("decode_tokens_per_s") or {}
+        kernels = m.get("kernel_layers")
+        out[name] = {
+            "decode_tps": decode.get("median"), "decode_iqr": [decode.get("q1"), decode.get("q3")],
+            "batch": m.get("decode_batch"), "batch_tps": _dig(m, "decode_batch_tokens_per_s", "median"),
+            "fraction_of_limit": m.get("fraction_of_limit"), "limit_tps": m.get("limit_tokens_per_s"),
+            "peak_rss_mb": (_dig(m, "memory", "inference_peak_rss_bytes") or 0) / 1e6 or None,
+            "weight_mb_per_token": (m.get("weight_bytes_per_token") or 0) / 1e6 or None,
+            "kernels": None if kernels is None else (", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items()))
+                                                     or "no quantized layer"),
+        }
+    return out
+
+
+def _ratio(value, reference) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "—"
+
+
+def speed_panel(records: list[dict]) -> pd.DataFrame | None:
+    """The meeting's speed and memory table: per candidate measured in the serving runtimes, its size on disk
+    and, per runtime, decode tokens/s at batch 1 and peak memory, each relative to the original in the same
+    runtime (measured in this run, or in another run against the same original), and the finding in words."""
+    originals = {}
+    for r in records:
+        s = r.get("summary") or {}
+        if s.get("original_runtimes"):
+            originals.setdefault(s.get("reference"), (s["original_runtimes"], r.get("run"), s.get("original_size_mb")))
+
+    def cells(mine: dict, theirs: dict) -> dict:
+        row = {}
+        for name, label in RUNTIME_NAMES.items():
+            a, b = mine.get(name) or {}, theirs.get(name) or {}
+            if "error" in a or not a:
+                row[f"{label}: decode tokens/s"] = "failed: " + first_line(a.get("error", "not measured"))[:80]
+                continue
+            ratio = f" ({_ratio(a['decode_tps'], b.get('decode_tps'))})" if a is not b else ""
+            row[f"{label}: decode tokens/s"] = f"{a['decode_tps']:.1f}{ratio}; {a['fraction_of_limit']:.0%} of the bandwidth limit"
+            ratio = f" ({_ratio(a['peak_rss_mb'], b.get('peak_rss_mb'))})" if a is not b else ""
+            row[f"{label}: peak RSS MB"] = f"{a['peak_rss_mb']:.0f}{ratio}"
+        return row
+
+    rows, shown = [], set()
+    for r in records:
+        s = r.get("summary") or {}
+        if not s.get("runtimes"):
+            continue
+        base, measured_in, original_size = originals.get(s.get("reference"), ({}, None, None))
+        if base and s.get("reference") not in shown:  # the original first, as the yardstick of its candidates
+            shown.add(s.get("reference"))
+            size = f"{original_size:.1f}" if original_size else "—"
+            rows.append({"run": f"original: {s.get('reference')}", "size (MB)": size, **cells(base, base),
+                         "finding": f"the yardstick (measured in {measured_in})"})
+        rows.append({"run": r.get("run"), "size (MB)": f"{s['size_mb']:.1f}" if s.get("size_mb") else "—",
+                     **cells(s["runtimes"], base), "finding": speed_finding(s, base, measured_in)})
+    return pd.DataFrame(rows) if rows else None
+
+
+def speed_finding(summary: dict, original: dict, measured_in: str | None) -> str:
+    """One sentence a meeting can repeat: what the checkpoint saves on disk and buys in each runtime,
+    against the original in the same runtime."""
+    mine = summary.get("runtimes") or {}
+    if not original:
+        return "no measurement of the original to compare with (measure it: perf_models original,candidate)"
+    size, original_size = summary.get("size_mb"), summary.get("original_size_mb")
+    disk = f"{1 - size / original_size:.0%} less disk" if size and original_size else "disk not compared"
+    parts = []
+    for name, label in (("aios", "in AI-OS as it is"), ("kernels", "with weight-only kernels")):
+        a, b = mine.get(name) or {}, original.get(name) or {}
+        if "error" in a or not a.get("decode_tps") or not b.get("decode_tps"):
+            parts.append(f"{label} not measured")
+            continue
+        speed, memory = a["decode_tps"] / b["decode_tps"], a["peak_rss_mb"] / b["peak_rss_mb"]
+        same = abs(speed - 1) < 0.1 and abs(memory - 1) < 0.1
+        figures = f"decode {speed:.2f}x, peak memory {memory:.2f}x"
+        parts.append(f"{label} nothing else ({figures})" if same else f"{label} {figures}")
+    where = f", measured in {measured_in}" if measured_in and measured_in != summary.get("run") else ""
+    return f"{disk}; " + "; ".join(parts) + f" (against the original in the same runtime{where})"
 
 
 LATENCY_PANELS = {
