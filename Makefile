@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup report test bench fuzz lab angelslim-env setup-browser clean
+.PHONY: setup report test bench fuzz lab angelslim-env llama-cpp setup-browser clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,14 @@ fuzz: $(STAMP)
 LAB_DIR ?= notebooks
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=$(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# llama.cpp for the speed of GGUF candidates (optional; built from source, about 4 minutes on 2 cores). The
+# default flags build AMX kernels that crash on this kind of VM at the first decode: native tuning off, AVX-512
+# kept where the CPU has it.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),-DGGML_AVX512=ON)
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install --quiet --no-cache-dir $(LLAMA_CPP)
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
 angelslim-env: $(ANGELSLIM_STAMP)

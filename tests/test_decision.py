@@ -149,3 +149,19 @@ def test_runtime_rows_give_the_interval_the_limit_and_what_ran_where():
     assert row["decode tokens/s (batch 1)"] == "42.0 [IQR 41.6, 42.4]" and row["decode tokens/s (batch 8)"] == "168.0"
     assert row["bandwidth limit (tokens/s)"] == "123" and row["share of the limit"] == "34%"
     assert row["quantized layers run as"] == "210 int8 per channel"
+
+
+def test_llama_cpp_gets_a_column_only_where_a_gguf_candidate_was_measured_or_could_be():
+    plain = _measured("int8", {"aios": _runtime(28.0, 1310, 538), "kernels": _runtime(42.0, 860, 163, {}),
+                               "llama.cpp": {"unavailable": "not a GGUF checkpoint: llama.cpp runs GGUF files only"}},
+                      ORIGINAL)
+    assert not any("llama.cpp" in c for c in tables.speed_panel([plain]).columns)
+    llama = {**_runtime(92.0, 400, 105), "engine": "llama-cpp-python 0.3.36"}
+    gguf = _measured("gguf", {"aios": _runtime(28.0, 1310, 538), "kernels": _runtime(27.0, 900, 269, {}),
+                              "llama.cpp": llama})
+    missing = _measured("gguf-2", {"aios": _runtime(28.0, 1310, 538), "llama.cpp": {"unavailable": "make llama-cpp"}})
+    panel = tables.speed_panel([plain, gguf, missing]).set_index("run")
+    assert panel.loc["gguf", "llama.cpp (GGUF): decode tokens/s"] == "92.0; 48% of the bandwidth limit"
+    assert panel.loc["gguf-2", "llama.cpp (GGUF): decode tokens/s"] == "make llama-cpp"
+    assert panel.loc["int8", "llama.cpp (GGUF): decode tokens/s"] == "—"
+    assert "in llama.cpp it decodes 92.0 tokens/s (48% of its bandwidth limit)" in panel.loc["gguf", "finding"]

@@ -56,8 +56,8 @@ def test_measure_encoder_throughput(minilm_dir):
                                                        compare_hf_load=False))
     assert result["kind"] == "encoder" and result["sentences"] == 8
     _assert_timing(result["embedding_sentences_per_s"], 2)
-    assert result["load"]["parquet_s"] is None and result["load"]["ratio_parquet_vs_hf"] is None
-    _assert_timing(result["load"]["hf_s"], 1)  # no comparison asked: the run's first load
+    assert result["load"]["hf_s"] is None and result["load"]["ratio_parquet_vs_hf"] is None
+    _assert_timing(result["load"]["parquet_s"], 1)  # no comparison asked: the run's first load, from the store
     assert result["memory"]["load_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"] > 0
     assert result["memory"]["inference_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"]
     assert result["disk"]["source_bytes"] == (Path(minilm_dir) / "model.safetensors").stat().st_size
@@ -90,7 +90,9 @@ def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     assert result["disk"]["source_bytes"] == parquet.stat().st_size
     # the same run in each runtime, beside the bandwidth limit; the top-level figures are AI-OS's (float32)
     runtimes = result["runtimes"]
-    assert list(runtimes) == ["aios", "kernels"] and result["prefill_ms_per_token"] == runtimes["aios"]["prefill_ms_per_token"]
+    assert list(runtimes) == ["aios", "kernels", "llama.cpp"]
+    assert result["prefill_ms_per_token"] == runtimes["aios"]["prefill_ms_per_token"]
+    assert runtimes.pop("llama.cpp")["unavailable"].startswith("not a GGUF checkpoint")
     assert runtimes["kernels"]["kernel_layers"] == {}  # a dense file: nothing for the kernels to run
     # float32 weights read twice the bytes of bfloat16 ones, every tensor alike
     assert runtimes["aios"]["weight_bytes_per_token"] == 2 * runtimes["kernels"]["weight_bytes_per_token"]
@@ -141,3 +143,33 @@ def test_a_quantized_candidate_runs_packed_on_the_kernels_and_reads_fewer_bytes(
     assert kernels["weight_bytes_per_token"] < aios["weight_bytes_per_token"] / 3
     assert aios["runtime"].startswith("AI-OS as it is") and kernels["runtime"].startswith("weight-only kernels")
     _assert_timing(result["load"]["parquet_s"], 1)  # no HF comparison: the run's first load
+
+
+def test_llama_cpp_runs_the_gguf_a_parquet_file_came_from_or_says_how_to_get_it(tmp_path, monkeypatch):
+    """SmolLM2's GGUF from PyPI, stored in Parquet: llama.cpp runs the GGUF written back byte for byte. Without
+    llama-cpp-python the figure says how to build it; with it (make llama-cpp), the figures are real."""
+    import importlib.util
+
+    from llm_workbook.evaluation import perf
+    from llm_workbook.store.gguf import convert_gguf
+    from llm_workbook.workbook.builtins import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    parquet = tmp_path / "smollm2.parquet"
+    convert_gguf(gguf, parquet, progress=False)
+    settings = PerfSettings(warmup=1, repeats=2, prompt_tokens=8, decode_tokens=4, compare_hf_load=False)
+    common = {"settings": {**settings.__dict__, "runtimes": list(settings.runtimes)}}
+    # the token embedding is read whole: SmolLM2 ties it to the output head (no output.weight)
+    assert perf.gguf_bytes_per_token(str(gguf)) == sum(int(t.n_bytes) for t in __import__("gguf").GGUFReader(gguf).tensors)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    assert perf._measure_llama_cpp(str(parquet), common, settings, tmp_path) == {"unavailable": perf.LLAMA_CPP_MISSING}
+    monkeypatch.undo()
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip(perf.LLAMA_CPP_MISSING)
+    result = perf._measure_llama_cpp(str(parquet), common, settings, tmp_path)
+    assert result["engine"].startswith("llama-cpp-python") and result["pid"] != os.getpid()
+    _assert_timing(result["decode_tokens_per_s"], 2)
+    _assert_timing(result["prefill_ms_per_token"], 2)
+    assert result["weight_bytes_per_token"] == perf.gguf_bytes_per_token(str(gguf))
+    assert result["memory"]["inference_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"]

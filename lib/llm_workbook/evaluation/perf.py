@@ -56,7 +56,8 @@ class PerfSettings:
     compare_hf_load: bool = True  # also time from_pretrained on an HF copy
     decode_batch: int = 8  # decode tokens/s also at this batch size (sequences decoded together)
     bandwidth_mb: int = 256  # buffer of the memory-bandwidth copy benchmark
-    runtimes: tuple[str, ...] = ("aios", "kernels")  # RUNTIMES to run in (a keep_packed measurement runs as given)
+    # RUNTIMES to run in (a keep_packed measurement runs as given); llama.cpp reports why it is absent where it is
+    runtimes: tuple[str, ...] = ("aios", "kernels", "llama.cpp")
 
     def __post_init__(self) -> None:
         for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size", "decode_batch",
@@ -105,7 +106,12 @@ def model_size(source: str | os.PathLike) -> dict:
                 "compression_vs_bf16": s["compression_vs_bf16"], "quantized_bits_per_weight": s["quantized_bits_per_weight"],
                 "formats": s["formats"]}
     from llm_workbook.schema import torch_dtype
+    from llm_workbook.store.gguf import is_gguf_file
     from llm_workbook.store.sources import open_checkpoint, resolve_source
+
+    if is_gguf_file(source):  # its blocks' sizes: convert it to Parquet for bits per weight
+        return {"path": str(source), "file_bytes": os.path.getsize(source), "stored_bytes": None, "parameters": None,
+                "bits_per_weight": None, "compression_vs_bf16": None, "quantized_bits_per_weight": None, "formats": None}
 
     root = resolve_source(source)
     ckpt = open_checkpoint(root)
@@ -136,7 +142,36 @@ RUNTIMES = {
              "label": "AI-OS as it is: every weight dequantized to float32 at load"},
     "kernels": {"dtype": "bfloat16", "kernels": True,
                 "label": "weight-only kernels: bfloat16, int8/int4 codes kept packed (PyTorch CPU kernels)"},
+    "llama.cpp": {"dtype": None, "kernels": False,
+                  "label": "llama.cpp: the GGUF file as written (llama-cpp-python), for GGUF candidates"},
 }
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make llama-cpp` builds it into .venv (about 4 minutes)"
+
+
+def _is_gguf(source: str) -> bool:
+    """A GGUF file, or a Parquet file of GGUF blocks (which export writes back byte for byte)."""
+    from llm_workbook.store.gguf import is_gguf_file
+    from llm_workbook.store.loader import WeightLoaderV2
+
+    if is_gguf_file(source):
+        return True
+    return source.endswith(".parquet") and "gguf" in {i.format for i in WeightLoaderV2(source).rows.values()}
+
+
+def _measure_llama_cpp(source: str, common: dict, settings: PerfSettings, workdir: Path) -> dict:
+    """The llama.cpp runtime: what the GGUF runs at in llama.cpp itself, or why there is no figure."""
+    import importlib.util
+
+    from llm_workbook.store.gguf import export_gguf, is_gguf_file
+
+    if not _is_gguf(source):
+        return {"unavailable": "not a GGUF checkpoint: llama.cpp runs GGUF files only"}
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"unavailable": LLAMA_CPP_MISSING}
+    gguf = source if is_gguf_file(source) else str(workdir / "model.gguf")
+    if gguf != source:
+        export_gguf(source, gguf, progress=False)
+    return _run_child({"op": "llama.cpp", "via": "gguf", "source": gguf, **common}, settings.timeout_s)
 
 
 def memory_bandwidth(buffer_mb: int = 256, repeats: int = 5) -> dict:
@@ -185,6 +220,17 @@ def _run_child(spec: dict, timeout: float) -> dict:
             return json.loads(line[len(RESULT_MARKER) :])
     tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
     return {"error": f"{spec['op']} of {spec['source']} exited with code {proc.returncode}: {tail}"}
+
+
+def _store_copy(source: str, workdir: Path) -> str:
+    """The source in the Parquet store (written into ``workdir``): a GGUF file as its blocks, an HF directory
+    through the converter."""
+    from llm_workbook.store.gguf import convert_gguf, is_gguf_file
+
+    if is_gguf_file(source):
+        convert_gguf(source, workdir / "gguf.parquet", progress=False)
+        return str(workdir / "gguf.parquet")
+    return _counterparts(source, workdir)[0]
 
 
 def _counterparts(source: str, workdir: Path) -> tuple[str, str]:
@@ -250,11 +296,17 @@ def measure(
             load["ratio_parquet_vs_hf"] = load["parquet_s"]["median"] / load["hf_s"]["median"]
         measured: dict[str, dict] = {}
         if runtimes:
+            # both models as the store serves them: an HF original is converted first, so that the original and
+            # the candidate load through the same path (and the same libraries count in their memory)
+            stored = parquet or _store_copy(source, workdir)
             bandwidth = memory_bandwidth(settings.bandwidth_mb)
             for name in runtimes:
                 how = RUNTIMES[name]
-                spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
-                result = _run_child({"op": "run", "via": "source", "source": source, **spec}, settings.timeout_s)
+                if name == "llama.cpp":
+                    result = _measure_llama_cpp(source, common, settings, workdir)
+                else:
+                    spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
+                    result = _run_child({"op": "run", "via": "source", "source": stored, **spec}, settings.timeout_s)
                 measured[name] = {"runtime": how["label"], **result, **against_bandwidth(result, bandwidth)}
             run = measured[runtimes[0]]
         else:
@@ -263,8 +315,9 @@ def measure(
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if not (load["parquet_s"] or load["hf_s"]):  # no comparison: the run's first load, from where the source is
-        load["parquet_s" if str(source).endswith(".parquet") else "hf_s"] = summarize([run["first_load_s"]])
+    if not (load["parquet_s"] or load["hf_s"]):  # no comparison: the run's first load, from where it loaded
+        from_store = bool(runtimes) or str(source).endswith(".parquet")
+        load["parquet_s" if from_store else "hf_s"] = summarize([run["first_load_s"]])
     result = {"source": source, "settings": common, "load": load, **run, "disk": disk}
     if runtimes:
         result.pop("runtime", None)
@@ -471,6 +524,72 @@ def _child_run(spec: dict) -> dict:
     return result
 
 
+def gguf_bytes_per_token(path: str) -> int:
+    """Bytes of a GGUF file's tensors one decoded token reads: all of them, except the token embedding table,
+    of which it reads one row, unless the file has no separate output head (then the table is the head)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    embedding = tensors.get("token_embd.weight")
+    if embedding is not None and "output.weight" in tensors:
+        rows = int(embedding.shape[-1]) if len(embedding.shape) > 1 else 1  # gguf-py lists dims innermost first
+        total -= int(embedding.n_bytes) - int(embedding.n_bytes) // max(rows, 1)
+    return total
+
+
+def _child_llama_cpp(spec: dict) -> dict:
+    """Prefill and decode of one sequence in llama.cpp (llama-cpp-python), with the same prompt length and
+    decode steps as the other runtimes; llama-cpp-python decodes one sequence, so no batch figure."""
+    import time
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    settings = spec["settings"]
+    baseline = _rss_bytes()
+    n_prompt, n_decode = settings["prompt_tokens"], settings["decode_tokens"]
+    threads = settings.get("threads") or torch.get_num_threads()
+    start = time.perf_counter()
+    llm = Llama(spec["source"], n_ctx=n_prompt + n_decode + 8, n_batch=n_prompt, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_seconds = time.perf_counter() - start
+    load_peak, peak_source = _peak_rss_bytes()
+    model_rss = _rss_bytes()
+    since_load = _reset_peak_rss()
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, llm.n_vocab(), n_prompt)]
+    steps = [int(t) for t in rng.integers(0, llm.n_vocab(), n_decode)]
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(prompt)
+
+    def decode() -> None:  # cached steps after the prompt; the token values do not change the work
+        prefill()
+        for token in steps:
+            llm.eval([token])
+
+    for _ in range(settings["warmup"]):
+        decode()
+    prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
+    prefill_median = statistics.median(prefill_s)
+    decode_total = [_timed(decode) for _ in range(settings["repeats"])]
+    import llama_cpp
+
+    return {
+        "pid": os.getpid(), "first_load_s": load_seconds, "kind": "causal-lm", "engine": f"llama-cpp-python {llama_cpp.__version__}",
+        "threads": threads, "prefill_tokens": n_prompt,
+        "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
+        "decode_tokens": n_decode,
+        "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
+        "weight_bytes_per_token": gguf_bytes_per_token(spec["source"]),
+        "memory": {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak, "model_rss_bytes": model_rss,
+                   "peak_source": peak_source, "inference_peak_is_since_load": since_load,
+                   "inference_peak_rss_bytes": _peak_rss_bytes()[0]},
+    }
+
+
 def _preimport(source: str, task: str | None) -> None:
     """Import transformers and the model's class module before measuring memory and load time."""
     import copy
@@ -502,7 +621,7 @@ def _child_main() -> None:
     if spec["settings"].get("threads"):
         torch.set_num_threads(int(spec["settings"]["threads"]))
     try:
-        result = _child_load(spec) if spec["op"] == "load" else _child_run(spec)
+        result = {"load": _child_load, "run": _child_run, "llama.cpp": _child_llama_cpp}[spec["op"]](spec)
     except Exception as exc:  # reported to the parent, which decides whether it is fatal
         result = {"error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write("\n" + RESULT_MARKER + json.dumps(result) + "\n")

@@ -397,13 +397,14 @@ def runtime_rows(data: dict) -> list[dict]:
     for who in ("original", "candidate"):
         for name, f in tables.runtime_figures((data.get("perf") or {}).get(who) or {}).items():
             row = {"model": who, "runtime": tables.RUNTIME_NAMES.get(name, name)}
-            if "error" in f:
-                rows.append({**row, "decode tokens/s (batch 1)": "failed: " + tables.first_line(f["error"])[:120]})
+            if "error" in f or "unavailable" in f:
+                why = f.get("unavailable") or "failed: " + tables.first_line(f["error"])[:120]
+                rows.append({**row, "decode tokens/s (batch 1)": why})
                 continue
             low, high = f["decode_iqr"]
             rows.append({**row,
                          "decode tokens/s (batch 1)": f"{f['decode_tps']:.1f} [IQR {low:.1f}, {high:.1f}]",
-                         f"decode tokens/s (batch {f['batch']})": f"{f['batch_tps']:.1f}" if f["batch_tps"] else "—",
+                         f"decode tokens/s (batch {f['batch'] or 8})": f"{f['batch_tps']:.1f}" if f["batch_tps"] else "—",
                          "bandwidth limit (tokens/s)": f"{f['limit_tps']:.0f}" if f["limit_tps"] else "—",
                          "share of the limit": f"{f['fraction_of_limit']:.0%}" if f["fraction_of_limit"] else "—",
                          "weights read per token (MB)": f"{f['weight_mb_per_token']:.0f}",

@@ -220,7 +220,9 @@ def run_summary(record: dict, params: dict) -> dict:
     }
 
 
-RUNTIME_NAMES = {"aios": "AI-OS as it is (float32)", "kernels": "weight-only kernels (bfloat16)"}
+RUNTIME_NAMES = {"aios": "AI-OS as it is (float32)", "kernels": "weight-only kernels (bfloat16)",
+                 "llama.cpp": "llama.cpp (GGUF)"}
+NOT_GGUF = "not a GGUF checkpoint"  # perf's reason for no llama.cpp figure that needs no reader's attention
 
 
 def runtime_figures(perf: dict) -> dict:
@@ -228,8 +230,9 @@ def runtime_figures(perf: dict) -> dict:
     its share of the bandwidth limit, peak RSS while decoding, weight MB read per token, the kernels used."""
     out = {}
     for name, m in (perf.get("runtimes") or {}).items():
-        if "error" in m:
-            out[name] = {"error": m["error"]}
+        if "error" in m or "unavailable" in m:
+            if not str(m.get("unavailable", "")).startswith(NOT_GGUF):
+                out[name] = {"error": m["error"]} if "error" in m else {"unavailable": m["unavailable"]}
             continue
         decode = m.get("decode_tokens_per_s") or {}
         kernels = m.get("kernel_layers")
@@ -239,7 +242,7 @@ def runtime_figures(perf: dict) -> dict:
             "fraction_of_limit": m.get("fraction_of_limit"), "limit_tps": m.get("limit_tokens_per_s"),
             "peak_rss_mb": (_dig(m, "memory", "inference_peak_rss_bytes") or 0) / 1e6 or None,
             "weight_mb_per_token": (m.get("weight_bytes_per_token") or 0) / 1e6 or None,
-            "kernels": None if kernels is None else (", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items()))
+            "kernels": f"{m['engine']}: the GGUF blocks as stored" if m.get("engine") else None if kernels is None else (", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items()))
                                                      or "no quantized layer"),
         }
     return out
@@ -259,16 +262,23 @@ def speed_panel(records: list[dict]) -> pd.DataFrame | None:
         if s.get("original_runtimes"):
             originals.setdefault(s.get("reference"), (s["original_runtimes"], r.get("run"), s.get("original_size_mb")))
 
+    shown_runtimes = [name for name in RUNTIME_NAMES if name != "llama.cpp" or any(
+        "llama.cpp" in ((r.get("summary") or {}).get("runtimes") or {}) for r in records)]
+
     def cells(mine: dict, theirs: dict) -> dict:
         row = {}
-        for name, label in RUNTIME_NAMES.items():
+        for name in shown_runtimes:
+            label = RUNTIME_NAMES[name]
             a, b = mine.get(name) or {}, theirs.get(name) or {}
+            if "unavailable" in a or (not a and name == "llama.cpp"):
+                row[f"{label}: decode tokens/s"] = a.get("unavailable", "—")
+                continue
             if "error" in a or not a:
                 row[f"{label}: decode tokens/s"] = "failed: " + first_line(a.get("error", "not measured"))[:80]
                 continue
-            ratio = f" ({_ratio(a['decode_tps'], b.get('decode_tps'))})" if a is not b else ""
+            ratio = f" ({_ratio(a['decode_tps'], b.get('decode_tps'))})" if a is not b and b else ""
             row[f"{label}: decode tokens/s"] = f"{a['decode_tps']:.1f}{ratio}; {a['fraction_of_limit']:.0%} of the bandwidth limit"
-            ratio = f" ({_ratio(a['peak_rss_mb'], b.get('peak_rss_mb'))})" if a is not b else ""
+            ratio = f" ({_ratio(a['peak_rss_mb'], b.get('peak_rss_mb'))})" if a is not b and b else ""
             row[f"{label}: peak RSS MB"] = f"{a['peak_rss_mb']:.0f}{ratio}"
         return row
 
@@ -307,6 +317,10 @@ def speed_finding(summary: dict, original: dict, measured_in: str | None) -> str
         figures = f"decode {speed:.2f}x, peak memory {memory:.2f}x"
         parts.append(f"{label} nothing else ({figures})" if same else f"{label} {figures}")
     where = f", measured in {measured_in}" if measured_in and measured_in != summary.get("run") else ""
+    llama = mine.get("llama.cpp") or {}
+    if llama.get("decode_tps"):  # the original is no GGUF file: llama.cpp's figure stands against its own limit
+        parts.append(f"in llama.cpp it decodes {llama['decode_tps']:.1f} tokens/s ({llama['fraction_of_limit']:.0%} "
+                     f"of its bandwidth limit)")
     return f"{disk}; " + "; ".join(parts) + f" (against the original in the same runtime{where})"
 
 
