@@ -303,7 +303,8 @@ def speed_finding(summary: dict, original: dict, measured_in: str | None) -> str
     against the original in the same runtime."""
     mine = summary.get("runtimes") or {}
     if not original:
-        return "no measurement of the original to compare with (measure it: perf_models original,candidate)"
+        return ("the original was not measured here (perf_models: candidate): the index compares with the original "
+                "measured in another run of the batch, or measure both with perf_models original,candidate")
     size, original_size = summary.get("size_mb"), summary.get("original_size_mb")
     disk = f"{1 - size / original_size:.0%} less disk" if size and original_size else "disk not compared"
     parts = []
