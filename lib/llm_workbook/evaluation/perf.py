@@ -145,6 +145,7 @@ RUNTIMES = {
     "llama.cpp": {"dtype": None, "kernels": False,
                   "label": "llama.cpp: the GGUF file as written (llama-cpp-python), for GGUF candidates"},
 }
+NOT_GGUF = "not a GGUF checkpoint: llama.cpp runs GGUF files only"  # no llama.cpp figure, and none expected
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make llama-cpp` builds it into .venv (about 4 minutes)"
 
 
@@ -165,7 +166,7 @@ def _measure_llama_cpp(source: str, common: dict, settings: PerfSettings, workdi
     from llm_workbook.store.gguf import export_gguf, is_gguf_file
 
     if not _is_gguf(source):
-        return {"unavailable": "not a GGUF checkpoint: llama.cpp runs GGUF files only"}
+        return {"unavailable": NOT_GGUF}
     if importlib.util.find_spec("llama_cpp") is None:
         return {"unavailable": LLAMA_CPP_MISSING}
     gguf = source if is_gguf_file(source) else str(workdir / "model.gguf")
@@ -418,9 +419,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += kernel_bytes(module)
             continue
         for tensor in module.parameters(recurse=False):  # buffers such as RoPE's inv_freq are not weights
-            key = (tensor.data_ptr(), tuple(tensor.shape), isinstance(module, torch.nn.Linear))
-            if key not in seen and tensor.is_floating_point():
-                seen.add(key)
+            if tensor.data_ptr() not in seen and tensor.is_floating_point():
+                seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
 

@@ -178,11 +178,12 @@ def _apply_packed(model: nn.Module, loader: _PackedSkeletonLoader, dtype: torch.
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, nn.Linear) and attr == "weight" and kernels:
-            kernel, used[module_name] = weight_only_linear(loader.record(layer), module.bias, dtype)
-            if kernel is None:
-                used[module_name] = f"dense ({used[module_name]})"
+            kernel, name = weight_only_linear(loader.record(layer), module.bias, dtype)
+            if kernel is None:  # ``name`` says why no kernel fits
+                used[module_name] = f"dense ({name})"
                 module.weight = nn.Parameter(loader.load_weight(layer, "weight", dtype=dtype), requires_grad=False)
             else:
+                used[module_name] = name
                 _set_module(model, module_name, kernel)
         elif isinstance(module, nn.Linear) and attr == "weight":
             _set_module(model, module_name, PackedLinear(loader.record(layer), module.bias, dtype))

@@ -222,28 +222,37 @@ def run_summary(record: dict, params: dict) -> dict:
 
 RUNTIME_NAMES = {"aios": "AI-OS as it is (float32)", "kernels": "weight-only kernels (bfloat16)",
                  "llama.cpp": "llama.cpp (GGUF)"}
-NOT_GGUF = "not a GGUF checkpoint"  # perf's reason for no llama.cpp figure that needs no reader's attention
+
+
+def _ran_as(m: dict) -> str | None:
+    """How the quantized layers ran in one runtime: llama.cpp's blocks, the kernels used, or None (float32)."""
+    if m.get("engine"):
+        return f"{m['engine']}: the GGUF blocks as stored"
+    kernels = m.get("kernel_layers")
+    if kernels is None:
+        return None
+    return ", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items())) or "no quantized layer"
 
 
 def runtime_figures(perf: dict) -> dict:
     """Per runtime of one measured model: decode tokens/s at batch 1 (median, IQR) and at the larger batch,
     its share of the bandwidth limit, peak RSS while decoding, weight MB read per token, the kernels used."""
+    from llm_workbook.evaluation.perf import NOT_GGUF
+
     out = {}
     for name, m in (perf.get("runtimes") or {}).items():
         if "error" in m or "unavailable" in m:
-            if not str(m.get("unavailable", "")).startswith(NOT_GGUF):
+            if m.get("unavailable") != NOT_GGUF:
                 out[name] = {"error": m["error"]} if "error" in m else {"unavailable": m["unavailable"]}
             continue
         decode = m.get("decode_tokens_per_s") or {}
-        kernels = m.get("kernel_layers")
         out[name] = {
             "decode_tps": decode.get("median"), "decode_iqr": [decode.get("q1"), decode.get("q3")],
             "batch": m.get("decode_batch"), "batch_tps": _dig(m, "decode_batch_tokens_per_s", "median"),
             "fraction_of_limit": m.get("fraction_of_limit"), "limit_tps": m.get("limit_tokens_per_s"),
             "peak_rss_mb": (_dig(m, "memory", "inference_peak_rss_bytes") or 0) / 1e6 or None,
             "weight_mb_per_token": (m.get("weight_bytes_per_token") or 0) / 1e6 or None,
-            "kernels": f"{m['engine']}: the GGUF blocks as stored" if m.get("engine") else None if kernels is None else (", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items()))
-                                                     or "no quantized layer"),
+            "kernels": _ran_as(m),
         }
     return out
 
