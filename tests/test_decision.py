@@ -165,3 +165,19 @@ def test_llama_cpp_gets_a_column_only_where_a_gguf_candidate_was_measured_or_cou
     assert panel.loc["gguf-2", "llama.cpp (GGUF): decode tokens/s"] == "make llama-cpp"
     assert panel.loc["int8", "llama.cpp (GGUF): decode tokens/s"] == "—"
     assert "in llama.cpp it decodes 92.0 tokens/s (48% of its bandwidth limit)" in panel.loc["gguf", "finding"]
+
+
+def test_the_gpu_gets_a_column_only_where_a_device_was_there():
+    no_device = {"unavailable": "no CUDA device on this machine"}
+    here = _measured("int4", {"aios": _runtime(28.0, 1310, 538), "gpu": no_device}, ORIGINAL)
+    assert not any("GPU" in c for c in tables.speed_panel([here]).columns)
+    gpu = {**_runtime(900.0, 2100, 117), "engine": "vLLM 0.11", "device": "cuda",
+           "quantization": "compressed-tensors kernels", "memory": {"device_peak_bytes": 2100e6}}
+    original = {**ORIGINAL, "gpu": {**_runtime(450.0, 2600, 269), "engine": "vLLM 0.11", "device": "cuda",
+                                    "quantization": "dense (no quantization_config)"}}
+    there = _measured("int4-gpu", {"aios": _runtime(28.0, 1310, 538), "gpu": gpu}, original)
+    panel = tables.speed_panel([there, here]).set_index("run")
+    assert panel.loc["int4-gpu", "GPU (CUDA): decode tokens/s"].startswith("900.0 (2.00x)")
+    assert panel.loc["int4", "GPU (CUDA): decode tokens/s"] == "no CUDA device on this machine"
+    assert ("on the GPU (vLLM 0.11 on cuda: compressed-tensors kernels) it decodes 900.0 tokens/s, 2.00x the "
+            "original's") in panel.loc["int4-gpu", "finding"]

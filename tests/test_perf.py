@@ -36,8 +36,8 @@ def test_perf_settings_validated():
         PerfSettings(repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         PerfSettings(warmup=-1)
-    with pytest.raises(ValueError, match="unknown \\['gpu'\\]"):
-        PerfSettings(runtimes=("aios", "gpu"))
+    with pytest.raises(ValueError, match="unknown \\['tpu'\\]"):
+        PerfSettings(runtimes=("aios", "tpu"))
 
 
 def test_model_size_hf_and_parquet(qwen3_dir, tmp_path):
@@ -90,9 +90,12 @@ def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     assert result["disk"]["source_bytes"] == parquet.stat().st_size
     # the same run in each runtime, beside the bandwidth limit; the top-level figures are AI-OS's (float32)
     runtimes = result["runtimes"]
-    assert list(runtimes) == ["aios", "kernels", "llama.cpp"]
+    assert list(runtimes) == ["aios", "kernels", "llama.cpp", "gpu"]
     assert result["prefill_ms_per_token"] == runtimes["aios"]["prefill_ms_per_token"]
     assert runtimes.pop("llama.cpp")["unavailable"].startswith("not a GGUF checkpoint")
+    from llm_workbook.evaluation.perf_gpu import NO_CUDA
+
+    assert runtimes.pop("gpu")["unavailable"] == NO_CUDA  # this machine has no CUDA device
     assert runtimes["kernels"]["kernel_layers"] == {}  # a dense file: nothing for the kernels to run
     # float32 weights read twice the bytes of bfloat16 ones, every tensor alike
     assert runtimes["aios"]["weight_bytes_per_token"] == 2 * runtimes["kernels"]["weight_bytes_per_token"]
@@ -173,3 +176,94 @@ def test_llama_cpp_runs_the_gguf_a_parquet_file_came_from_or_says_how_to_get_it(
     _assert_timing(result["prefill_ms_per_token"], 2)
     assert result["weight_bytes_per_token"] == perf.gguf_bytes_per_token(str(gguf))
     assert result["memory"]["inference_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"]
+
+
+def _gpu_settings() -> PerfSettings:
+    return PerfSettings(warmup=1, repeats=2, prompt_tokens=8, decode_tokens=4, decode_batch=3,
+                        compare_hf_load=False, bandwidth_mb=16, runtimes=("gpu",))
+
+
+def test_the_gpu_runtime_runs_the_published_checkpoint_where_the_device_check_finds_a_device(tmp_path, monkeypatch):
+    """The GPU path with its device check answered (no CUDA here): the store's file is exported as published and
+    measured in a child by transformers (vLLM is not installed), on the device the check named."""
+    from conftest import make_checkpoint
+    from llm_workbook.evaluation import perf_gpu
+    from llm_workbook.runtime.load import load_model
+
+    original = make_checkpoint(tmp_path / "original", "qwen3", seed=5)
+    parquet = tmp_path / "m.parquet"
+    HuggingFaceToParquetConverter(progress=False).convert(original, parquet)
+    monkeypatch.setattr(perf_gpu, "gpu_device", lambda: "cpu")
+    result = measure(parquet, settings=_gpu_settings())
+    gpu = result["runtimes"]["gpu"]
+    assert gpu["pid"] != os.getpid() and gpu["engine"] == "transformers" and gpu["device"] == "cpu"
+    assert gpu["quantization"] == "dense (no quantization_config)"
+    for name in ("prefill_ms_per_token", "decode_tokens_per_s", "decode_batch_tokens_per_s"):
+        _assert_timing(gpu[name], 2)
+    assert gpu["decode_batch"] == 3 and gpu["memory"]["device_peak_bytes"] > 0
+    # bytes per token from the safetensors header equal the module tree's count of the same weights
+    model, _ = load_model(original, dtype=torch.bfloat16)
+    assert gpu["weight_bytes_per_token"] == weight_bytes_per_token(model)
+    # against the device's own bandwidth, measured in the same child
+    limit = gpu["device_bandwidth"]["copy_gb_per_s"]["median"] * 1e9 / gpu["weight_bytes_per_token"]
+    assert gpu["limit_tokens_per_s"] == pytest.approx(limit)
+    monkeypatch.setattr(perf_gpu, "gpu_device", lambda: None)
+    assert perf_gpu.measure_gpu(str(parquet), False, {}, _gpu_settings(), tmp_path) == {"unavailable": perf_gpu.NO_CUDA}
+    monkeypatch.setattr(perf_gpu, "gpu_device", lambda: "cuda")
+    assert perf_gpu.measure_gpu(str(parquet), True, {}, _gpu_settings(), tmp_path) == {"unavailable": perf_gpu.GGUF_ON_GPU}
+
+
+def test_the_gpu_runtime_drives_vllm_with_the_protocol(tmp_path, monkeypatch):
+    """vLLM's side of the GPU path against a stand-in of its documented API (LLM, SamplingParams,
+    generate on token-id prompts): the checkpoint directory goes in as published, the prompts have the
+    protocol's length and batch sizes, and each request must come back with every token asked for."""
+    import json
+    import sys
+    import types
+
+    from conftest import make_checkpoint
+    from llm_workbook.evaluation import perf_gpu
+
+    hf = make_checkpoint(tmp_path / "ct", "qwen3", seed=6)
+    config = json.loads((hf / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (hf / "config.json").write_text(json.dumps(config))
+    calls: dict = {"generate": []}
+
+    class SamplingParams:
+        def __init__(self, max_tokens, temperature, ignore_eos):
+            self.max_tokens = max_tokens
+
+    class LLM:
+        short = False
+
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+
+        def get_tokenizer(self):
+            return types.SimpleNamespace(vocab_size=96)
+
+        def generate(self, prompts, params, use_tqdm):
+            calls["generate"].append((len(prompts), params.max_tokens, prompts[0]["prompt_token_ids"]))
+            count = params.max_tokens - (1 if LLM.short else 0)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[0] * count)]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams,
+                                                                   __version__="0.0-stand-in"))
+    settings = _gpu_settings()
+    spec = {"op": "gpu", "via": "vllm", "device": "cpu", "source": str(hf),
+            "settings": {**settings.__dict__, "runtimes": list(settings.runtimes)}}
+    result = perf_gpu.child_gpu(spec)
+    assert calls["llm"]["model"] == str(hf) and calls["llm"]["max_model_len"] == 8 + 4 + 8
+    assert calls["llm"]["gpu_memory_utilization"] == perf_gpu.VLLM_MEMORY_SHARE
+    asked = [(batch, tokens) for batch, tokens, _ in calls["generate"]]
+    # warm-up (prefill, decode, batch decode), then repeats of prefill, batch prefill, decode, batch decode
+    assert asked == [(1, 1), (1, 5), (3, 5), (1, 1), (1, 1), (3, 1), (3, 1), (1, 5), (1, 5), (3, 5), (3, 5)]
+    ids = calls["generate"][0][2]
+    assert len(ids) == 8 and all(0 <= i < 96 for i in ids) and all(c[2] == ids for c in calls["generate"])
+    assert result["engine"] == "vLLM 0.0-stand-in" and result["quantization"] == "compressed-tensors kernels"
+    _assert_timing(result["decode_tokens_per_s"], 2)
+    _assert_timing(result["decode_batch_tokens_per_s"], 2)
+    LLM.short = True
+    with pytest.raises(RuntimeError, match="not all of 1 tokens"):
+        perf_gpu.child_gpu(spec)

@@ -11,9 +11,10 @@
   peak RSS while running (the high-water mark is reset after the load where Linux allows it).
 
 With ``runtimes``, the ``run`` child is repeated once per runtime the checkpoint would be served in
-(``RUNTIMES``): AI-OS as it is (every weight dequantized to float32 at load, what AI-OS's engine does) and
+(``RUNTIMES``): AI-OS as it is (every weight dequantized to float32 at load, what AI-OS's engine does),
 weight-only kernels (bfloat16, int8/int4 codes kept packed and run by PyTorch's CPU kernels where the
-format maps onto them, ``runtime.kernels``). Each runtime also reports the weight bytes a decoded token
+format maps onto them, ``runtime.kernels``), llama.cpp for GGUF files, and a CUDA device where there is one
+(``perf_gpu``). Each runtime also reports the weight bytes a decoded token
 reads and, against this machine's memory bandwidth (``memory_bandwidth``, measured in the same call), the
 decode speed that bandwidth allows: decoding one token at batch 1 reads every weight once, so
 tokens/s <= bandwidth / bytes per token.
@@ -57,7 +58,7 @@ class PerfSettings:
     decode_batch: int = 8  # decode tokens/s also at this batch size (sequences decoded together)
     bandwidth_mb: int = 256  # buffer of the memory-bandwidth copy benchmark
     # RUNTIMES to run in (a keep_packed measurement runs as given); llama.cpp reports why it is absent where it is
-    runtimes: tuple[str, ...] = ("aios", "kernels", "llama.cpp")
+    runtimes: tuple[str, ...] = ("aios", "kernels", "llama.cpp", "gpu")
 
     def __post_init__(self) -> None:
         for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size", "decode_batch",
@@ -144,6 +145,8 @@ RUNTIMES = {
                 "label": "weight-only kernels: bfloat16, int8/int4 codes kept packed (PyTorch CPU kernels)"},
     "llama.cpp": {"dtype": None, "kernels": False,
                   "label": "llama.cpp: the GGUF file as written (llama-cpp-python), for GGUF candidates"},
+    "gpu": {"dtype": None, "kernels": False,
+            "label": "GPU: the checkpoint as published, in vLLM's kernels (or transformers') on a CUDA device"},
 }
 NOT_GGUF = "not a GGUF checkpoint: llama.cpp runs GGUF files only"  # no llama.cpp figure, and none expected
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make llama-cpp` builds it into .venv (about 4 minutes)"
@@ -172,7 +175,7 @@ def _measure_llama_cpp(source: str, common: dict, settings: PerfSettings, workdi
     gguf = source if is_gguf_file(source) else str(workdir / "model.gguf")
     if gguf != source:
         export_gguf(source, gguf, progress=False)
-    return _run_child({"op": "llama.cpp", "via": "gguf", "source": gguf, **common}, settings.timeout_s)
+    return run_child({"op": "llama.cpp", "via": "gguf", "source": gguf, **common}, settings.timeout_s)
 
 
 def memory_bandwidth(buffer_mb: int = 256, repeats: int = 5) -> dict:
@@ -205,7 +208,7 @@ def against_bandwidth(run: dict, bandwidth: dict) -> dict:
     return {"limit_tokens_per_s": limit, "fraction_of_limit": decode / limit}
 
 
-def _run_child(spec: dict, timeout: float) -> dict:
+def run_child(spec: dict, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter; its result (or error) as a dict."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -283,12 +286,12 @@ def measure(
         disk = {"source_bytes": model_size(source)["file_bytes"],
                 "parquet_bytes": os.path.getsize(parquet) if parquet else None}
         if parquet and hf_dir:
-            load_pq = _run_child({"op": "load", "via": "parquet", "source": parquet, **common}, settings.timeout_s)
+            load_pq = run_child({"op": "load", "via": "parquet", "source": parquet, **common}, settings.timeout_s)
             if "error" in load_pq:
                 raise RuntimeError(f"perf: Parquet load failed: {load_pq['error']}")
             load["parquet_s"] = summarize(load_pq["seconds"])
         if parquet and hf_dir:
-            load_hf = _run_child({"op": "load", "via": "hf", "source": hf_dir, **common}, settings.timeout_s)
+            load_hf = run_child({"op": "load", "via": "hf", "source": hf_dir, **common}, settings.timeout_s)
             if "error" in load_hf:
                 load["hf_error"] = load_hf["error"]
             else:
@@ -305,13 +308,19 @@ def measure(
                 how = RUNTIMES[name]
                 if name == "llama.cpp":
                     result = _measure_llama_cpp(source, common, settings, workdir)
+                elif name == "gpu":
+                    from llm_workbook.evaluation.perf_gpu import measure_gpu
+
+                    result = measure_gpu(stored, _is_gguf(source), common, settings, workdir)
                 else:
                     spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
-                    result = _run_child({"op": "run", "via": "source", "source": stored, **spec}, settings.timeout_s)
-                measured[name] = {"runtime": how["label"], **result, **against_bandwidth(result, bandwidth)}
+                    result = run_child({"op": "run", "via": "source", "source": stored, **spec}, settings.timeout_s)
+                # a GPU run stands against its device's bandwidth, measured in its own child
+                limit = against_bandwidth(result, result.get("device_bandwidth") or bandwidth)
+                measured[name] = {"runtime": how["label"], **result, **limit}
             run = measured[runtimes[0]]
         else:
-            run = _run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
+            run = run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
         if "error" in run:
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
@@ -331,7 +340,7 @@ def measure(
 # ============================================================================================
 
 
-def _peak_rss_bytes() -> tuple[int, str]:
+def peak_rss_bytes() -> tuple[int, str]:
     """Peak RSS of this process and where it was read.
 
     Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this address space. ``ru_maxrss``
@@ -439,7 +448,7 @@ def _child_load(spec: dict) -> dict:
     return {"seconds": seconds}
 
 
-def _decode(model, prompt: torch.Tensor, steps: int) -> None:
+def greedy_decode(model, prompt: torch.Tensor, steps: int) -> None:
     from llm_workbook.evaluation.metrics import cache_of  # the cache keyword differs between transformers 4 and 5
 
     with torch.inference_mode():
@@ -461,7 +470,7 @@ def _child_run(spec: dict) -> dict:
     load_seconds = time.perf_counter() - start
     _release_freed_memory()  # what the load freed goes back to the system: RSS is then the model as it is held
     model_rss = _rss_bytes()
-    load_peak, peak_source = _peak_rss_bytes()  # read second: a peak is never below the RSS read before it
+    load_peak, peak_source = peak_rss_bytes()  # read second: a peak is never below the RSS read before it
     memory: dict[str, Any] = {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak,
                               "model_rss_bytes": model_rss, "peak_source": peak_source}
     # from here the peak counts inference only (the loaded model stays resident, so it is included)
@@ -488,13 +497,13 @@ def _child_run(spec: dict) -> dict:
 
         for _ in range(settings["warmup"]):
             prefill()
-            _decode(model, prompt, n_decode)
-            _decode(model, prompts, n_decode)
+            greedy_decode(model, prompt, n_decode)
+            greedy_decode(model, prompts, n_decode)
         prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
         prefill_batch_s = statistics.median(_timed(lambda: prefill(prompts)) for _ in range(settings["repeats"]))
         # decode time = prefill + n steps, minus the prefill's median: per-token cost of the cached steps
-        decode_total = [_timed(lambda: _decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
-        decode_batch_total = [_timed(lambda: _decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
+        decode_total = [_timed(lambda: greedy_decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
+        decode_batch_total = [_timed(lambda: greedy_decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
         prefill_median = statistics.median(prefill_s)
         result.update({
             "kind": CAUSAL_LM,
@@ -519,7 +528,7 @@ def _child_run(spec: dict) -> dict:
         runs = [_timed(lambda: sentence_embeddings(model, tokenizer, sentences, batch)) for _ in range(settings["repeats"])]
         result.update({"kind": "encoder", "sentences": len(sentences), "batch_size": batch,
                        "embedding_sentences_per_s": summarize([len(sentences) / t for t in runs])})
-    memory["inference_peak_rss_bytes"] = _peak_rss_bytes()[0]
+    memory["inference_peak_rss_bytes"] = peak_rss_bytes()[0]
     result["memory"] = memory
     return result
 
@@ -554,7 +563,7 @@ def _child_llama_cpp(spec: dict) -> dict:
     llm = Llama(spec["source"], n_ctx=n_prompt + n_decode + 8, n_batch=n_prompt, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
     load_seconds = time.perf_counter() - start
-    load_peak, peak_source = _peak_rss_bytes()
+    load_peak, peak_source = peak_rss_bytes()
     model_rss = _rss_bytes()
     since_load = _reset_peak_rss()
     rng = np.random.default_rng(0)
@@ -586,7 +595,7 @@ def _child_llama_cpp(spec: dict) -> dict:
         "weight_bytes_per_token": gguf_bytes_per_token(spec["source"]),
         "memory": {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak, "model_rss_bytes": model_rss,
                    "peak_source": peak_source, "inference_peak_is_since_load": since_load,
-                   "inference_peak_rss_bytes": _peak_rss_bytes()[0]},
+                   "inference_peak_rss_bytes": peak_rss_bytes()[0]},
     }
 
 
@@ -621,7 +630,12 @@ def _child_main() -> None:
     if spec["settings"].get("threads"):
         torch.set_num_threads(int(spec["settings"]["threads"]))
     try:
-        result = {"load": _child_load, "run": _child_run, "llama.cpp": _child_llama_cpp}[spec["op"]](spec)
+        if spec["op"] == "gpu":
+            from llm_workbook.evaluation.perf_gpu import child_gpu
+
+            result = child_gpu(spec)
+        else:
+            result = {"load": _child_load, "run": _child_run, "llama.cpp": _child_llama_cpp}[spec["op"]](spec)
     except Exception as exc:  # reported to the parent, which decides whether it is fatal
         result = {"error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write("\n" + RESULT_MARKER + json.dumps(result) + "\n")

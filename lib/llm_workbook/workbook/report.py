@@ -408,7 +408,7 @@ def runtime_rows(data: dict) -> list[dict]:
                          "bandwidth limit (tokens/s)": f"{f['limit_tps']:.0f}" if f["limit_tps"] else "—",
                          "share of the limit": f"{f['fraction_of_limit']:.0%}" if f["fraction_of_limit"] else "—",
                          "weights read per token (MB)": f"{f['weight_mb_per_token']:.0f}",
-                         "peak RSS decoding (MB)": f"{f['peak_rss_mb']:.0f}",
+                         "peak memory decoding (MB)": f"{f['peak_rss_mb']:.0f}" + (" on the device" if name == "gpu" else " RSS"),
                          "quantized layers run as": f["kernels"] or "float32 (dequantized at load)"})
     return rows
 

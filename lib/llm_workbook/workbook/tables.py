@@ -221,11 +221,13 @@ def run_summary(record: dict, params: dict) -> dict:
 
 
 RUNTIME_NAMES = {"aios": "AI-OS as it is (float32)", "kernels": "weight-only kernels (bfloat16)",
-                 "llama.cpp": "llama.cpp (GGUF)"}
+                 "llama.cpp": "llama.cpp (GGUF)", "gpu": "GPU (CUDA)"}
 
 
 def _ran_as(m: dict) -> str | None:
     """How the quantized layers ran in one runtime: llama.cpp's blocks, the kernels used, or None (float32)."""
+    if m.get("device"):
+        return f"{m['engine']} on {m['device']}: {m.get('quantization')}"
     if m.get("engine"):
         return f"{m['engine']}: the GGUF blocks as stored"
     kernels = m.get("kernel_layers")
@@ -250,7 +252,9 @@ def runtime_figures(perf: dict) -> dict:
             "decode_tps": decode.get("median"), "decode_iqr": [decode.get("q1"), decode.get("q3")],
             "batch": m.get("decode_batch"), "batch_tps": _dig(m, "decode_batch_tokens_per_s", "median"),
             "fraction_of_limit": m.get("fraction_of_limit"), "limit_tps": m.get("limit_tokens_per_s"),
-            "peak_rss_mb": (_dig(m, "memory", "inference_peak_rss_bytes") or 0) / 1e6 or None,
+            # on a GPU the memory is the device's (``memory.device_memory`` says which figure)
+            "peak_rss_mb": (_dig(m, "memory", "inference_peak_rss_bytes") or _dig(m, "memory", "device_peak_bytes")
+                            or 0) / 1e6 or None,
             "weight_mb_per_token": (m.get("weight_bytes_per_token") or 0) / 1e6 or None,
             "kernels": _ran_as(m),
         }
@@ -271,8 +275,13 @@ def speed_panel(records: list[dict]) -> pd.DataFrame | None:
         if s.get("original_runtimes"):
             originals.setdefault(s.get("reference"), (s["original_runtimes"], r.get("run"), s.get("original_size_mb")))
 
-    shown_runtimes = [name for name in RUNTIME_NAMES if name != "llama.cpp" or any(
-        "llama.cpp" in ((r.get("summary") or {}).get("runtimes") or {}) for r in records)]
+    def shown(name: str) -> bool:  # llama.cpp where a GGUF was measured; the GPU where a device was there
+        figures = [((r.get("summary") or {}).get("runtimes") or {}).get(name) for r in records]
+        if name == "llama.cpp":
+            return any(f is not None for f in figures)
+        return name != "gpu" or any(f and "unavailable" not in f for f in figures)
+
+    shown_runtimes = [name for name in RUNTIME_NAMES if shown(name)]
 
     def cells(mine: dict, theirs: dict) -> dict:
         row = {}
@@ -327,6 +336,11 @@ def speed_finding(summary: dict, original: dict, measured_in: str | None) -> str
         figures = f"decode {speed:.2f}x, peak memory {memory:.2f}x"
         parts.append(f"{label} nothing else ({figures})" if same else f"{label} {figures}")
     where = f", measured in {measured_in}" if measured_in and measured_in != summary.get("run") else ""
+    gpu, gpu_original = mine.get("gpu") or {}, original.get("gpu") or {}
+    if gpu.get("decode_tps"):
+        against = f", {gpu['decode_tps'] / gpu_original['decode_tps']:.2f}x the original's" if gpu_original.get("decode_tps") else ""
+        parts.append(f"on the GPU ({gpu['kernels']}) it decodes {gpu['decode_tps']:.1f} tokens/s{against} "
+                     f"({gpu['fraction_of_limit']:.0%} of the device's bandwidth limit)")
     llama = mine.get("llama.cpp") or {}
     if llama.get("decode_tps"):  # the original is no GGUF file: llama.cpp's figure stands against its own limit
         parts.append(f"in llama.cpp it decodes {llama['decode_tps']:.1f} tokens/s ({llama['fraction_of_limit']:.0%} "
