@@ -499,6 +499,9 @@ def test_aios_backend_quantizes_every_tensor_as_arrowquantizer_and_as_aios_reads
     ({"architectures": ["HunYuanDenseV1ForCausalLM"], "hidden_size": 2048, "num_attention_heads": 16, "head_dim": 128,
       "rope_scaling": {"type": "dynamic", "alpha": 1000.0}, "hidden_act": "silu"}, "hunyuan",
      ["rope_scaling 'dynamic'", "qk-norm"]),
+    ({"architectures": ["HunYuanDenseV1ForCausalLM"], "hidden_size": 2048, "num_attention_heads": 16, "head_dim": 128,
+      "rope_scaling": {"type": "dynamic", "alpha": 1000.0}, "hidden_act": "silu"}, "hunyuan-seq",
+     ["rope_scaling 'dynamic'", "qk-norm", "SEQ weight_clip_val (2-bit QAT): the engine ignores it"]),
 ])
 def test_aios_engine_says_what_it_cannot_run(config, tensors, expected):
     from llm_workbook.runtime.aios_engine import engine_findings
@@ -510,8 +513,10 @@ def test_aios_engine_says_what_it_cannot_run(config, tensors, expected):
         layer |= {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}
     if tensors == "qwen3":
         layer |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
-    if tensors == "hunyuan":
+    if tensors.startswith("hunyuan"):
         layer |= {"self_attn.query_layernorm.weight", "self_attn.key_layernorm.weight"}
+    if tensors == "hunyuan-seq":  # HY-1.8B-2Bit: every projection has its SEQ alpha
+        layer |= {f"{t[:-len('weight')]}weight_clip_val" for t in layer if "_proj." in t}
     names = {f"model.layers.0.{t}" for t in layer} | {"model.embed_tokens.weight", "model.norm.weight"}
     if tensors != "llama":
         names.add("lm_head.weight")

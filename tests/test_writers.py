@@ -128,6 +128,9 @@ def test_side_files_copied_and_unquantized_tensors_untouched(fmt, written, src, 
     tensors = _tensors(out)
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight",
                  "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.k_norm.weight"):
+        if fmt == "seq_2bit":  # HY-1.8B-2Bit stores every tensor as float32: the same values, widened
+            assert tensors[name].dtype == torch.float32 and torch.equal(tensors[name], original_tensors[name].float())
+            continue
         assert tensors[name].dtype == torch.bfloat16
         assert torch.equal(tensors[name].view(torch.int16), original_tensors[name].view(torch.int16)), name
 
@@ -253,25 +256,52 @@ def test_awq_layout_config_and_reader_agree(written, original_tensors) -> None:
 
 
 def test_seq_2bit_rows_on_four_level_grid_and_stored_at_2_bits(written, original_tensors, tmp_path) -> None:
+    """As HY-1.8B-2Bit's index lays it out: float32 throughout, each projection with its SEQ α
+    (``weight_clip_val`` [out, 1]) and rows on that α's grid; the output head stored although tied."""
+    from llm_workbook.formats import seq
+
     out = written["seq_2bit"]
     assert "quantization_config" not in _config(out)
     t = _tensors(out)
-    w = t[f"{DOWN_PROJ}.weight"]
-    assert w.dtype == torch.bfloat16 and not torch.equal(w, original_tensors[f"{DOWN_PROJ}.weight"])
-    for row in w.float():
-        values = torch.unique(row)
-        assert values.numel() <= 4
-        d = values.abs().min()
-        # the SEQ levels (s/2)*{-1.5, -0.5, 0.5, 1.5} = {-3d, -d, d, 3d}, d = s/4
-        assert set((values / d).tolist()) <= {-3.0, -1.0, 1.0, 3.0}, values
+    assert {v.dtype for v in t.values()} == {torch.float32}
+    assert "lm_head.weight" in t  # kept (the writer adds a copy of a tied embedding, as the release stores one)
+    w, alpha = t[f"{DOWN_PROJ}.weight"], t[f"{DOWN_PROJ}.weight_clip_val"]
+    assert alpha.shape == (w.shape[0], 1) and not torch.equal(w, original_tensors[f"{DOWN_PROJ}.weight"].float())
+    assert seq.rows_on_grid(f"{DOWN_PROJ}.weight", w, alpha).all()
+    for row, a in zip(w, alpha):
+        assert set((torch.unique(row) / a).tolist()) <= {-0.75, -0.25, 0.25, 0.75}
     parquet = round_trip(out, tmp_path)
     for entry in catalog.entries(WeightLoaderV2(parquet)):
         if entry.name.endswith("_proj.weight"):
             in_features = entry.shape[1]
-            # 2-bit codes plus one [4] bf16 level table per row: 2 + 64 / in bits per weight
-            assert entry.format == "grid" and entry.bits_per_weight <= 2 + 64 / in_features + 1e-9, entry
+            # 2-bit codes plus one [4] float32 level table per row: 2 + 128 / in bits per weight
+            assert entry.format == "grid" and entry.bits_per_weight <= 2 + 128 / in_features + 1e-9, entry
             if in_features >= 256:
-                assert entry.bits_per_weight <= 2.3, entry
+                assert entry.bits_per_weight <= 2.5, entry
+
+
+def test_seq_2bit_latent_weights_are_served_through_seq_never_as_they_are(src, written, tmp_path) -> None:
+    """The release may hold latent weights: stored as they are, they evaluate as the model AngelSlim serves
+    (SEQ applied), equal to the on-grid file's; a plain transformers load drops ``weight_clip_val`` and
+    silently runs the latent weights instead."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_workbook.runtime.load import load_model
+
+    latent = writers.write_checkpoint(src, tmp_path / "latent", "seq_2bit", latent=True, **OPTIONS.get("seq_2bit", {}))
+    ids = torch.randint(4, toy_models.TOKENIZER_VOCAB_SIZE, (1, 24), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for name, path in (("grid", written["seq_2bit"]), ("latent", latent), ("latent-parquet", round_trip(latent, tmp_path))):
+        model, info = load_model(path, dtype=torch.float32)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+        logits[name + "-info"] = info.seq
+    assert torch.equal(logits["grid"], logits["latent"]) and torch.equal(logits["latent"], logits["latent-parquet"])
+    assert logits["latent-info"] == logits["grid-info"] == {
+        "projections": 14, "description": "AngelSlim SEQ applied to 14 projections (their weight_clip_val)"}
+    plain = AutoModelForCausalLM.from_pretrained(str(latent), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, logits["latent"], atol=1e-3)
 
 
 def test_seq_2bit_search_beats_absmax_scale() -> None:

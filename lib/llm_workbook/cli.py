@@ -80,6 +80,8 @@ def _cmd_inspect(args) -> int:
           f"{info['quantized_bits_per_weight'] if info['quantized_bits_per_weight'] is None else round(info['quantized_bits_per_weight'], 3)})")
     print(f"compression vs bf16   {info['compression_vs_bf16']:.2f}x")
     print(f"formats               {', '.join(info['formats'])}")
+    if info["seq"]:
+        print(f"SEQ weights           {info['seq']['description']}")
     if args.verify:
         print(f"checksums             {info['checksums']}")
         for problem in problems:

@@ -12,6 +12,7 @@ from github.com/pallasting/ArrowQuant_V2 at tag v0.2.0-pre-optimization, commit 
 * ``head_dim = hidden_size / num_attention_heads``; no qk-norm; RoPE from ``rope_theta``, and of
   ``rope_scaling`` only a linear ``factor``.
 * Encoders: BERT-style ``embeddings.*`` / ``encoder.layer.N.*`` with biases and LayerNorms, GELU.
+* Nothing in it knows AngelSlim's SEQ ``weight_clip_val`` (HY-1.8B-2Bit): latent weights would run unquantized.
 * Its loader reads float32/float16 rows and AI-OS int8/int2 codes; nothing else (FP8, 4-bit packed codes,
   GGUF blocks, bf16 bytes) without a float32 export first.
 """
@@ -19,6 +20,8 @@ from github.com/pallasting/ArrowQuant_V2 at tag v0.2.0-pre-optimization, commit 
 from __future__ import annotations
 
 import re
+
+from llm_workbook.formats.seq import CLIP_SUFFIX
 
 AIOS_ENGINE_SOURCE = "pallasting/ArrowQuant_V2 @ v0.2.0-pre-optimization (3eab8ed)"
 DECODER_SLOTS = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -69,7 +72,10 @@ def _decoder_findings(text: dict, names: set[str]) -> list[str]:
     missing_bias = [b for b in ("q_proj", "k_proj", "v_proj") if f"self_attn.{b}.bias" not in first]
     if first and missing_bias:
         reasons.append(f"no {'/'.join(missing_bias)} biases: the engine builds them and keeps random initial values")
-    ignored = sorted(t for t in first if t not in DECODER_SLOTS and not t.startswith(QK_NORM))
+    if any(t.endswith(CLIP_SUFFIX) for t in first):
+        reasons.append("AngelSlim SEQ weight_clip_val (2-bit QAT): the engine ignores it, so latent weights would run "
+                       "as they are instead of on their 2-bit grid")
+    ignored = sorted(t for t in first if t not in DECODER_SLOTS and not t.startswith(QK_NORM) and not t.endswith(CLIP_SUFFIX))
     if ignored:
         reasons.append(f"tensors the engine has no place for are ignored: {', '.join(ignored[:4])}")
     if first and not DECODER_SLOTS - {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"} <= first:

@@ -62,6 +62,7 @@ class ModelInfo:
     activation_schemes: dict[str, str] = field(default_factory=dict)  # layer type -> scheme name (declared)
     activation_notes: list[str] = field(default_factory=list)  # declared but not simulated, or switched off
     kernels: dict[str, str] = field(default_factory=dict)  # module -> weight-only kernel, or why it runs dense
+    seq: dict | None = None  # AngelSlim SEQ applied to the projections with a weight_clip_val (formats.seq)
     load_seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -308,6 +309,7 @@ def load_model(
         else:
             model, info = _load_hf(root, text, dtype, task, keep_packed)
     info.load_seconds = time.perf_counter() - start
+    info.seq = getattr(model, "llmc_seq", None)
     model.llmc_info = info
     return model, info
 

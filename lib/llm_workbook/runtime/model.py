@@ -57,7 +57,11 @@ def model_from_parquet(
     """
     loader = path if isinstance(path, WeightLoaderV2) else WeightLoaderV2(path)
     config = plain_config(loader)
-    model = _assemble(model_class(config, task), config, loader.state_dict(dtype=dtype), dtype, str(loader.path))
+    from llm_workbook.formats import seq
+
+    exact = loader.source_tensors() if seq.companions(loader.keys()) else None  # SEQ reads weights as stored
+    model = _assemble(model_class(config, task), config, loader.state_dict(dtype=dtype), dtype, str(loader.path),
+                      exact=exact)
     model.llmc_loader = loader
     return model
 
@@ -65,12 +69,12 @@ def model_from_parquet(
 class _CheckpointState(Mapping):
     """An unquantized checkpoint's tensors by name, each read from its shard and cast when asked for."""
 
-    def __init__(self, checkpoint, dtype: torch.dtype):
+    def __init__(self, checkpoint, dtype: torch.dtype | None):
         self.checkpoint, self.dtype = checkpoint, dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.checkpoint.read(name)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self.dtype) if tensor.is_floating_point() and self.dtype else tensor
 
     def __iter__(self):
         return iter(self.checkpoint.tensors)
@@ -89,12 +93,18 @@ def model_from_checkpoint(root: str | os.PathLike, dtype: torch.dtype = torch.fl
 
     checkpoint = open_checkpoint(Path(root))
     config = AutoConfig.from_pretrained(root)
-    return _assemble(model_class(config, task), config, _CheckpointState(checkpoint, dtype), dtype, str(root))
+    return _assemble(model_class(config, task), config, _CheckpointState(checkpoint, dtype), dtype, str(root),
+                     exact=_CheckpointState(checkpoint, None))
 
 
-def _assemble(cls, config, state: Mapping, dtype: torch.dtype, where: str):
-    """An eval-mode ``cls`` model built without initializing its weights, then given ``state``'s tensors."""
+def _assemble(cls, config, state: Mapping, dtype: torch.dtype, where: str, exact: Mapping | None = None):
+    """An eval-mode ``cls`` model built without initializing its weights, then given ``state``'s tensors, SEQ
+    weights as AngelSlim serves them, from ``exact`` (the tensors as stored; ``formats.seq``)."""
     from transformers.initialization import no_init_weights
+
+    from llm_workbook.formats import seq
+
+    state = seq.served(state, exact, dtype)
 
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype)
@@ -123,6 +133,7 @@ def _assemble(cls, config, state: Mapping, dtype: torch.dtype, where: str):
     persistent_missing = [m for m in persistent_missing if m not in tied_names]
     if persistent_missing:
         raise StoreError(f"{where}: the file has no weights for {persistent_missing[:5]}")
+    model.llmc_seq = state.describe() if isinstance(state, seq.Served) else None
     return model.eval()
 
 

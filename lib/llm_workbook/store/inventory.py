@@ -77,7 +77,23 @@ def summary(loader: WeightLoaderV2) -> dict:
         "quantized_tensors": len(quantized),
         "quantized_bits_per_weight": 8.0 * q_bytes / q_numel if q_numel else None,
         "formats": sorted({e.format for e in items}),
+        "seq": seq_survey(loader),
     }
+
+
+def seq_survey(loader: WeightLoaderV2) -> dict | None:
+    """Which AngelSlim SEQ case the file is (``formats.seq.Survey``), from the exact source tensors; None when no
+    weight has a ``weight_clip_val`` (only SEQ files pay for the pass over their projections)."""
+    from llm_workbook.formats import seq
+
+    pairs = seq.companions(loader.keys())
+    if not pairs:
+        return None
+    tensors = loader.source_tensors()
+    survey = seq.Survey()
+    for weight, clip in sorted(pairs.items()):
+        survey.add(weight, tensors[weight], tensors[clip])
+    return survey.as_dict()
 
 
 def as_dicts(items: list[Entry]) -> list[dict]:

@@ -79,7 +79,7 @@ _WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
     "gptq_int4": ({"group_size": 128, "n_samples": 32, "seq_len": 256, "seed": 0},
                   "as AngelSlim int4_gptq writes it: GPTQ v1 INT4, group 128, from a real GPTQ run on pydoc calibration text"),
     "awq_int4": ({"group_size": 128}, "in AutoAWQ's GEMM layout as AngelSlim int4_awq writes it: asymmetric INT4 RTN, group 128"),
-    "seq_2bit": ({"candidates": 64}, "as HY-1.8B-2Bit is published: 2-bit SEQ fake-quantized weights stored as bf16"),
+    "seq_2bit": ({"candidates": 64}, "as HY-1.8B-2Bit is laid out: float32 weights on the 2-bit SEQ grid, each with its weight_clip_val (α)"),
     "nvfp4": ({"n_samples": 8, "seq_len": 256, "seed": 0},
               "as AngelSlim nvfp4 writes it: ModelOpt-style NVFP4 (E2M1 codes, FP8 scales per 16 inputs)"),
 }

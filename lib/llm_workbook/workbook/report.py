@@ -205,6 +205,7 @@ def store_facts(check: StoreCheck) -> dict:
         else round(store["quantized_bits_per_weight"], 3),
         "compression vs bf16": f"{store['compression_vs_bf16']:.2f}x",
         "storage formats": ", ".join(store["formats"]),
+        **({"SEQ weights (weight_clip_val)": store["seq"]["description"]} if store.get("seq") else {}),
         "checksums": "all verify" if not check.checksum_problems else f"{len(check.checksum_problems)} FAILED",
         "round trip": {True: "exact: ", False: "NOT exact: ", None: ""}[check.lossless] + check.lossless_detail,
         "conversion time (s)": "none (given as a weight file)" if check.convert_seconds is None
