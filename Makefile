@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup report test bench fuzz lab angelslim-env llama-cpp setup-browser clean
+.PHONY: setup report test test-fast bench fuzz lab angelslim-env llama-cpp setup-browser clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ report: $(STAMP) $(ANGELSLIM_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The quick loop while editing: everything but the slow end-to-end tests (notebooks, browser, batches).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py

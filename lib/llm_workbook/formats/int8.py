@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
-from llm_workbook.formats.fp8 import (
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_workbook.formats.compressed_tensors import (
+    affine_dequantize,
     ct_affine,
     CT_METHOD,
     FLOAT_CODES,
@@ -28,9 +29,6 @@ from llm_workbook.formats.fp8 import (
     ct_detect,
     ct_group_and_weight_args,
     ct_scheme_for,
-    expand_grid,
-    is_ignored,
-    record_shape,
     require_dtype,
     require_members,
     rows_for,
@@ -115,15 +113,7 @@ def to_rows(qconfig: dict | None, module: str, tensors: dict[str, torch.Tensor])
 
 def dequantize(record: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(q - zero_point) * scale`` in float32, scale broadcast per channel / tensor / group / block."""
-    out, in_ = record_shape(record)
-    weight = record.tensors["weight"]
-    if tuple(weight.shape) != (out, in_):
-        raise StoreError(f"{record.layer_name}.weight: shape {list(weight.shape)} != weight_shape {[out, in_]}")
-    g_idx = record.tensors.get("weight_g_idx")
-    values = weight.to(torch.float32)
-    if "weight_zero_point" in record.tensors:
-        values = values - expand_grid(record.tensors["weight_zero_point"], record.params, out, in_, g_idx)
-    return (values * expand_grid(record.tensors["weight_scale"], record.params, out, in_, g_idx)).to(dtype)
+    return affine_dequantize(record, "weight_scale", dtype)
 
 
 def affine(record: QuantizedTensor) -> AffineWeight | None:

@@ -21,14 +21,13 @@ from typing import Any
 import torch
 
 from llm_workbook.formats import _bitpack
-from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
+from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
 from llm_workbook.formats._codec import E2M1_VALUES
-from llm_workbook.formats.fp8 import (
+from llm_workbook.formats.compressed_tensors import (
     CT_METHOD,
     ct_detect,
     ct_group_and_weight_args,
     ct_scheme_for,
-    is_ignored,
     record_shape,
     require_dtype,
     require_members,

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from llm_workbook.formats import _bitpack
-from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError
-from llm_workbook.formats.fp8 import (
+from llm_workbook.formats.base import AffineWeight, QuantizedTensor, Row, StoreError, TensorInfo, UnsupportedFormatError, is_ignored
+from llm_workbook.formats.compressed_tensors import (
     ct_affine,
     CT_METHOD,
     FLOAT_CODES,
@@ -37,7 +37,6 @@ from llm_workbook.formats.fp8 import (
     ct_group_and_weight_args,
     ct_scheme_for,
     expand_grid,
-    is_ignored,
     record_shape,
     require_dtype,
     require_members,

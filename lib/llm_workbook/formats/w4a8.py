@@ -23,7 +23,7 @@ Two flavours, told apart by config.json:
   We dequantize to the former (``int4_scale_factor = [8, 7]`` in the row params).
 
 Which tensors a module has decides its kind (int4 or FP8 block); anything else stays dense. The FP8 block
-scales expand through ``formats.fp8.expand_grid``, as compressed-tensors' block scales do.
+scales expand through ``formats.compressed_tensors.expand_grid``, as compressed-tensors' block scales do.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from llm_workbook.formats import _bitpack
 from llm_workbook.formats.base import QuantizedTensor, Row, StoreError, TensorInfo
-from llm_workbook.formats.fp8 import expand_grid
+from llm_workbook.formats.compressed_tensors import expand_grid
 
 NAME = "w4a8"
 TRTLLM_METHOD = "w4a8_awq"

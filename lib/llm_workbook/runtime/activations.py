@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_workbook.formats._codec import FP8_MAX
-from llm_workbook.formats.fp8 import CT_METHOD, ct_scheme_for
+from llm_workbook.formats.compressed_tensors import CT_METHOD, ct_scheme_for
 
 INT8_MIN, INT8_MAX = -128, 127
 
