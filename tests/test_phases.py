@@ -6,8 +6,7 @@ import pytest
 
 from llm_workbook.workbook import decision as phases
 
-ENVIRONMENT = {"angelslim_env": None, "angelslim_version": "0.5.0", "cli_backend": True,
-               "readme": "...\n### AngelSlim backend\n..."}
+ENVIRONMENT = {"angelslim_env": None, "angelslim_version": "0.5.0", "cli_backend": True, "guide": True}
 
 
 def record(run: str, producer: str, *, cosine=0.999, ppl=2.0, bits=8.0, passed=True, status=None, reasons=(),
@@ -194,3 +193,16 @@ def test_a_candidate_without_quantized_layers_is_named_not_left_out():
     assert words[0] == "What passes for SmolLM2-135M-Instruct: no candidate has quantized layers."
     text = "\n".join(phases.recommendations([dense])["SmolLM2-135M-Instruct"])
     assert "Not ranked by bit width: " in text and "has no quantized layer" in text and "run fake-quant" in text
+
+
+def test_the_phase2_facts_come_from_the_code_the_cli_offers():
+    """`--backend angelslim in the CLI` is read from the quantizer's BACKENDS, which are the CLI's choices."""
+    from llm_workbook.cli import build_parser
+    from llm_workbook.paths import REPO_ROOT
+    from llm_workbook.quantize.options import BACKENDS
+
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    [backend] = [a for a in quantize._actions if "--backend" in a.option_strings]
+    assert tuple(backend.choices) == BACKENDS
+    environment = phases.project_environment(REPO_ROOT)
+    assert environment["cli_backend"] is True and environment["guide"] is True

@@ -114,7 +114,7 @@ def _size(info) -> dict:
 def _versions() -> dict:
     import transformers
 
-    from llm_workbook import __version__
+    from llm_workbook.paths import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llm_workbook": __version__}

@@ -35,7 +35,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm_workbook import __version__
+from llm_workbook.paths import __version__
 from llm_workbook.store import atomic
 
 FORMAT_VERSION = 2  # 2: per-token NLL of the original (nll.<i>)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from llm_workbook import cache_root
+from llm_workbook.paths import cache_root
 from llm_workbook.evaluation import metrics as M
 from llm_workbook.evaluation import reference
 from llm_workbook.evaluation import uncertainty as U

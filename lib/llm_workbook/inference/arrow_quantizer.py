@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
-from llm_workbook import __version__, schema as S
+from llm_workbook.paths import __version__
+from llm_workbook import schema as S
 from llm_workbook.errors import ConfigurationError, StorageError, StoreError
 from llm_workbook.formats.base import Row
 from llm_workbook.logger import logger

@@ -157,7 +157,8 @@ def quantize_file(src, out, quant_type: str = "int8", per_channel: bool = True, 
 
     from tqdm.auto import tqdm
 
-    from llm_workbook import __version__, schema as S
+    from llm_workbook.paths import __version__
+    from llm_workbook import schema as S
     from llm_workbook.store.convert import HuggingFaceToParquetConverter, StoreWriter
     from llm_workbook.store.loader import WeightLoaderV2
 

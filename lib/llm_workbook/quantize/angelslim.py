@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_workbook import REPO_ROOT, __version__, corpus
+from llm_workbook.paths import REPO_ROOT, __version__
+from llm_workbook import corpus
 from llm_workbook.errors import AngelSlimError, QuantizeError
 from llm_workbook.quantize.options import (
     ANGELSLIM_GROUP_METHODS,

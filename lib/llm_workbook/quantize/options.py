@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from llm_workbook import REPO_ROOT, corpus
+from llm_workbook.paths import REPO_ROOT
+from llm_workbook import corpus
 from llm_workbook import quantize as ptq
 from llm_workbook.errors import QuantizeError
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llm_workbook import __version__
+from llm_workbook.paths import __version__
 from llm_workbook import quantize as ptq
 from llm_workbook import names, schema as S
 from llm_workbook.errors import QuantizeError

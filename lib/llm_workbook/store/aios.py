@@ -308,7 +308,7 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
 
     from tqdm.auto import tqdm
 
-    from llm_workbook import __version__
+    from llm_workbook.paths import __version__
     from llm_workbook.store.convert import ConversionReport, StoreWriter, write_error
     from llm_workbook.store.loader import WeightLoaderV2
 

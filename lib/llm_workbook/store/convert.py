@@ -23,7 +23,8 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from llm_workbook import __version__, formats, schema as S
+from llm_workbook.paths import __version__
+from llm_workbook import formats, schema as S
 from llm_workbook.store import remote
 from llm_workbook.store.atomic import temp_path
 from llm_workbook.errors import StoreError

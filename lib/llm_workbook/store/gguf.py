@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_workbook import __version__
+from llm_workbook.paths import __version__
 from llm_workbook import schema as S
 from llm_workbook.store.atomic import temp_path
 from llm_workbook.formats import gguf as fmt

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_workbook import __version__, cache_root
+from llm_workbook.paths import __version__, cache_root
 from llm_workbook.errors import StoreError
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llm_workbook.store import atomic
-from llm_workbook.workbook.run import RUN_FILES, ParameterError, RunOutcome, error_outcome, load_parameters, unchanged
+from llm_workbook.workbook.run import (RUN_FILES, ParameterError, RunOutcome, error_outcome, load_parameters,
+                                       publish_run_files, unchanged)
 
 INSTALL_HINT = "Ray is an optional extra: pip install -e '.[cluster]' (make setup installs it)"
 
@@ -43,12 +43,6 @@ def execute_run(params: dict) -> dict:
                  for suffix in RUN_FILES if (Path(scratch) / f"{params['run']}{suffix}").exists()}
     return {"status": outcome.status, "message": outcome.message, "expected": outcome.expected, "files": files,
             "node": os.uname().nodename}
-
-
-def _publish(reports: Path, run: str, files: dict[str, bytes]) -> None:
-    for suffix in RUN_FILES:  # the record last: it marks the run complete
-        if suffix in files:
-            atomic.write_bytes(reports / f"{run}{suffix}", files[suffix])
 
 
 def _options(params: dict) -> dict:
@@ -95,7 +89,7 @@ def run_on_ray(runs: list, reports: Path, force: bool, progress: bool, overrides
             except Exception as exc:  # the task itself died (worker lost, out of memory...): a failed row
                 outcomes[name] = error_outcome(reports, name, f"Ray task failed: {type(exc).__name__}: {exc}")
             else:
-                _publish(reports, name, result["files"])
+                publish_run_files(reports, name, result["files"])
                 html = reports / f"{name}.html"
                 outcomes[name] = RunOutcome(name, result["status"], reports / f"{name}.ipynb",
                                             html if html.exists() else None, reports / f"{name}.json",

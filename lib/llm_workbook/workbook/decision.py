@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +181,6 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
     fails = [(_label(r), first_line(r.get("error") or "")) for r in runs if r.get("status") == "error"]
     env_problem = environment.get("angelslim_env")
     version = environment.get("angelslim_version")
-    readme = environment.get("readme") or ""
     toolchain = f"runs here: {', '.join(works) or 'none'}" + "".join(f"; fails: {name} ({why})" for name, why in fails)
     return [
         Criterion("an isolated virtual environment", env_problem is None,
@@ -193,8 +191,9 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
         Criterion("the full quantization toolchain", bool(works) and not fails, toolchain),
         Criterion("--backend angelslim in the CLI", bool(environment.get("cli_backend")),
                   "`llmc quantize SRC OUT --backend angelslim --method M`" if environment.get("cli_backend") else "missing"),
-        Criterion("documentation", "### AngelSlim backend" in readme,
-                  "README: AngelSlim backend, tools/angelslim/README.md" if "### AngelSlim backend" in readme else "missing"),
+        Criterion("documentation", bool(environment.get("guide")),
+                  f"{GUIDE} (how the environment is built and patched, what runs on CPU)" if environment.get("guide")
+                  else f"missing: {GUIDE}"),
         _engine_criterion(runs),
     ]
 
@@ -401,6 +400,9 @@ def decide(records: list[dict], environment: dict) -> Decision:
     return Decision(outcome, headline, criteria, second, recommendations(records), in_words(records, second))
 
 
+GUIDE = "tools/angelslim/README.md"  # the AngelSlim backend's guide, beside its build script
+
+
 def project_environment(repo: Path) -> dict:
     """What the project shows for Phase 2, read off this checkout (no AngelSlim import in this process)."""
     import subprocess
@@ -413,12 +415,10 @@ def project_environment(repo: Path) -> dict:
         probe = subprocess.run([str(ANGELSLIM_PYTHON), "-c", "import importlib.metadata as m; print(m.version('angelslim'))"],
                                capture_output=True, text=True, timeout=120)
         version = probe.stdout.strip() or None
-    # The CLI as a user meets it (the workbook sits below the CLI and does not import it).
-    help_text = subprocess.run([sys.executable, "-m", "llm_workbook", "quantize", "--help"],
-                               capture_output=True, text=True, timeout=120).stdout
-    readme = (repo / "README.md").read_text(encoding="utf-8") if (repo / "README.md").is_file() else ""
-    return {"angelslim_env": problem, "angelslim_version": version, "cli_backend": "angelslim" in help_text,
-            "readme": readme}
+    from llm_workbook.quantize.options import BACKENDS  # the backends `llmc quantize --backend` offers
+
+    return {"angelslim_env": problem, "angelslim_version": version, "cli_backend": "angelslim" in BACKENDS,
+            "guide": (repo / GUIDE).is_file()}
 
 
 MARKERS = {"AngelSlim": "^", "our PTQ": "o", "our writer": "s", "other": "D"}

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from llm_workbook import REPO_ROOT, reports_root
-from llm_workbook import __version__, names
+from llm_workbook.paths import REPO_ROOT, __version__, reports_root
+from llm_workbook import names
 from llm_workbook.store import atomic
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -252,13 +252,22 @@ def unchanged(params: dict, reports: Path) -> bool:
 RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
 
 
-def _publish(staging: Path, reports: Path, run: str) -> None:
-    """Move a finished run's files into ``reports`` (each an atomic rename; the record, which marks a run
-    complete, last), replacing the previous run's."""
+def publish_run_files(reports: Path, run: str, files: dict[str, Path | bytes]) -> None:
+    """Put a finished run's files (suffix -> a file to move, or its bytes, from a Ray worker) into ``reports``,
+    each atomically, the record last (it marks the run complete), replacing the previous run's. The one
+    publish of both executors."""
     for suffix in RUN_FILES:
-        produced = staging / f"{run}{suffix}"
-        if produced.exists():
+        produced = files.get(suffix)
+        if isinstance(produced, Path):
             os.replace(produced, reports / f"{run}{suffix}")
+        elif produced is not None:
+            atomic.write_bytes(reports / f"{run}{suffix}", produced)
+
+
+def _publish(staging: Path, reports: Path, run: str) -> None:
+    """Publish the files a run left in its staging directory."""
+    publish_run_files(reports, run, {suffix: staging / f"{run}{suffix}" for suffix in RUN_FILES
+                                     if (staging / f"{run}{suffix}").exists()})
 
 
 def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrides: dict | None = None) -> RunOutcome:
