@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from llm_workbook.workbook import run as workbook
+from llm_workbook.workbook.executors import run_batch
 
 from conftest import REPO, int8_copy, make_checkpoint
 
@@ -133,7 +134,7 @@ def test_run_all_in_lab_then_publish_reports_that_read_at_1400_and_900_px(lab, t
     lab_record = json.loads((reports / "from-lab.json").read_text())
     params.write_text(yaml.safe_dump({**QUICK, **sources}))
     batch = tmp_path / "batch"
-    [outcome] = workbook.run_batch([params], reports=batch, progress=False)
+    [outcome] = run_batch([params], reports=batch, progress=False)
     assert outcome.status == "passed", outcome.message
     batch_record = json.loads((batch / "from-lab.json").read_text())
     for key in ("cosine", "kld_mean", "top1_agreement", "ppl_delta_pct"):

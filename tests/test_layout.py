@@ -98,3 +98,73 @@ def test_every_registered_format_has_the_required_verbs_and_defaults_for_the_opt
         assert "detect" in str(exc)
     else:
         raise AssertionError("a module without the verbs was accepted")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports, at any depth of the file (function-level
+    imports count: they are dependencies too)."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in PACKAGE.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_workbook"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    deps.add(full if full in modules else resolve(node.module))
+            elif isinstance(node, ast.Import):
+                deps.update(resolve(a.name) for a in node.names if a.name.startswith("llm_workbook"))
+        graph[name] = deps - {None, name}
+    return graph
+
+
+# Cycles that are still there, to be taken apart (issue: one path for data): the store's converters and the
+# writer they share, and a format record that finds its own format through the registry.
+KNOWN_CYCLES = [
+    {"llm_workbook.formats", "llm_workbook.formats.base"},
+    {"llm_workbook.store.aios", "llm_workbook.store.convert", "llm_workbook.store.gguf", "llm_workbook.store.loader"},
+]
+
+
+def test_the_import_graph_has_no_new_cycle():
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph[node]:
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    new = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}"
+    assert {frozenset(c) for c in cycles} <= {frozenset(c) for c in KNOWN_CYCLES}

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from llm_workbook.workbook import run as workbook
+from llm_workbook.workbook.executors import run_batch
 
 from conftest import REPO, int8_copy, make_checkpoint
 
@@ -32,7 +33,7 @@ def batch(tmp_path_factory):
     (params / "tiny-int8.yaml").write_text(yaml.safe_dump({"title": "tiny INT8", "model": str(candidate), **common}))
     (params / "broken.yaml").write_text(yaml.safe_dump({"model": str(root / "missing"), **common}))
     reports = root / "reports"
-    outcomes = workbook.run_batch(sorted(params.glob("*.yaml")), reports=reports, progress=False)
+    outcomes = run_batch(sorted(params.glob("*.yaml")), reports=reports, progress=False)
     return reports, {o.run: o for o in outcomes}, params
 
 
@@ -59,7 +60,7 @@ def test_batch_writes_reports_and_marks_the_broken_run(batch):
 
 def test_rerun_skips_unchanged_inputs_unless_forced(batch):
     reports, _, params = batch
-    again = {o.run: o for o in workbook.run_batch([params / "tiny-int8.yaml"], reports=reports, progress=False)}
+    again = {o.run: o for o in run_batch([params / "tiny-int8.yaml"], reports=reports, progress=False)}
     assert again["tiny-int8"].status == "skipped"
 
 

@@ -144,7 +144,8 @@ def _reports_dir(args) -> str:
 
 
 def _cmd_run(args) -> int:
-    from llm_workbook.workbook.run import ParameterError, parse_overrides, run_batch
+    from llm_workbook.workbook.executors import run_batch
+    from llm_workbook.workbook.run import ParameterError, parse_overrides
 
     args.reports = _reports_dir(args)
 
@@ -161,7 +162,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from llm_workbook.workbook.run import ParameterError, check_parameters, check_source, parse_overrides, run_batch
+    from llm_workbook.workbook.executors import run_batch
+    from llm_workbook.workbook.run import ParameterError, check_parameters, check_source, parse_overrides
 
     args.reports = _reports_dir(args)
     try:

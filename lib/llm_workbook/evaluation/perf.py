@@ -1,6 +1,6 @@
-"""Performance figures of one model, each measured in a fresh Python process.
+"""Performance figures of one model, each measured in a fresh Python process (``measure.run_child``).
 
-``measure(source)`` runs three children (``python -c``, the spec on stdin, one JSON line back):
+``measure(source)`` runs three children:
 
 * ``load`` from Parquet: ``runtime.load.load_model`` on the Parquet file (warm-up, then repeats);
 * ``load`` from HF safetensors: ``from_pretrained`` on the same checkpoint as an HF directory
@@ -26,12 +26,9 @@ child's ``VmHWM`` (Linux; ``ru_maxrss`` elsewhere), current RSS comes from psuti
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +36,8 @@ from typing import Any
 
 import torch
 
-RESULT_MARKER = "LLMC_PERF_RESULT "
-
+from llm_workbook.evaluation.measure import (greedy_decode, peak_rss_bytes, release_freed_memory, reset_peak_rss,
+                                              rss_bytes, run_child, summarize, timed)
 
 @dataclass
 class PerfSettings:
@@ -71,19 +68,6 @@ class PerfSettings:
             raise ValueError(f"PerfSettings.runtimes: unknown {unknown}; known: {list(RUNTIMES)}")
         if self.warmup < 0:
             raise ValueError(f"PerfSettings.warmup must be >= 0, got {self.warmup}")
-
-
-def summarize(values: list[float]) -> dict:
-    """Median, quartiles (IQR), min, max and the raw values of a list of measurements."""
-    if not values:
-        raise ValueError("summarize: no values")
-    ordered = sorted(values)
-    if len(ordered) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = q3 = ordered[0]
-    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": ordered[0],
-            "max": ordered[-1], "n": len(ordered), "values": list(values)}
 
 
 # ============================================================================================
@@ -175,7 +159,8 @@ def _measure_llama_cpp(source: str, common: dict, settings: PerfSettings, workdi
     gguf = source if is_gguf_file(source) else str(workdir / "model.gguf")
     if gguf != source:
         export_gguf(source, gguf, progress=False)
-    return run_child({"op": "llama.cpp", "via": "gguf", "source": gguf, **common}, settings.timeout_s)
+    return run_child(f"{__name__}:child_llama_cpp", {"op": "llama.cpp", "via": "gguf", "source": gguf, **common},
+                     settings.timeout_s)
 
 
 def memory_bandwidth(buffer_mb: int = 256, repeats: int = 5) -> dict:
@@ -206,24 +191,6 @@ def against_bandwidth(run: dict, bandwidth: dict) -> dict:
         return {}
     limit = bandwidth["copy_gb_per_s"]["median"] * 1e9 / per_token
     return {"limit_tokens_per_s": limit, "fraction_of_limit": decode / limit}
-
-
-def run_child(spec: dict, timeout: float) -> dict:
-    """Run one measurement in a fresh interpreter; its result (or error) as a dict."""
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    code = "from llm_workbook.evaluation.perf import _child_main; _child_main()"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{spec['op']} of {spec['source']} timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-    return {"error": f"{spec['op']} of {spec['source']} exited with code {proc.returncode}: {tail}"}
 
 
 def _store_copy(source: str, workdir: Path) -> str:
@@ -286,12 +253,14 @@ def measure(
         disk = {"source_bytes": model_size(source)["file_bytes"],
                 "parquet_bytes": os.path.getsize(parquet) if parquet else None}
         if parquet and hf_dir:
-            load_pq = run_child({"op": "load", "via": "parquet", "source": parquet, **common}, settings.timeout_s)
+            load_pq = run_child(f"{__name__}:child_load", {"op": "load", "via": "parquet", "source": parquet, **common},
+                                settings.timeout_s)
             if "error" in load_pq:
                 raise RuntimeError(f"perf: Parquet load failed: {load_pq['error']}")
             load["parquet_s"] = summarize(load_pq["seconds"])
         if parquet and hf_dir:
-            load_hf = run_child({"op": "load", "via": "hf", "source": hf_dir, **common}, settings.timeout_s)
+            load_hf = run_child(f"{__name__}:child_load", {"op": "load", "via": "hf", "source": hf_dir, **common},
+                                settings.timeout_s)
             if "error" in load_hf:
                 load["hf_error"] = load_hf["error"]
             else:
@@ -314,13 +283,15 @@ def measure(
                     result = measure_gpu(stored, _is_gguf(source), common, settings, workdir)
                 else:
                     spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
-                    result = run_child({"op": "run", "via": "source", "source": stored, **spec}, settings.timeout_s)
+                    result = run_child(f"{__name__}:child_run", {"op": "run", "via": "source", "source": stored, **spec},
+                                       settings.timeout_s)
                 # a GPU run stands against its device's bandwidth, measured in its own child
                 limit = against_bandwidth(result, result.get("device_bandwidth") or bandwidth)
                 measured[name] = {"runtime": how["label"], **result, **limit}
             run = measured[runtimes[0]]
         else:
-            run = run_child({"op": "run", "via": "source", "source": source, **common}, settings.timeout_s)
+            run = run_child(f"{__name__}:child_run", {"op": "run", "via": "source", "source": source, **common},
+                            settings.timeout_s)
         if "error" in run:
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
@@ -338,63 +309,6 @@ def measure(
 # ============================================================================================
 # Child side
 # ============================================================================================
-
-
-def peak_rss_bytes() -> tuple[int, str]:
-    """Peak RSS of this process and where it was read.
-
-    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this address space. ``ru_maxrss``
-    is only the fallback: after fork/vfork + exec it starts at the *parent's* peak, so a child of a
-    large parent would report the parent's memory.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "VmHWM"
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024), "ru_maxrss"
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the high-water mark to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    """gc, then glibc's malloc_trim: the allocator otherwise keeps the load's freed temporaries (dequantized
-    copies, decoded codes) resident, and the peak while decoding would count them."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to release
-        pass
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def _timed(fn) -> float:
-    import time
-
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _load(spec: dict):
@@ -434,7 +348,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def _child_load(spec: dict) -> dict:
+def child_load(spec: dict) -> dict:
     import gc
 
     settings = spec["settings"]
@@ -443,38 +357,27 @@ def _child_load(spec: dict) -> dict:
         gc.collect()
     seconds = []
     for _ in range(settings["repeats"]):
-        seconds.append(_timed(lambda: _load(spec)))
+        seconds.append(timed(lambda: _load(spec)))
         gc.collect()
     return {"seconds": seconds}
 
 
-def greedy_decode(model, prompt: torch.Tensor, steps: int) -> None:
-    from llm_workbook.evaluation.metrics import cache_of  # the cache keyword differs between transformers 4 and 5
-
-    with torch.inference_mode():
-        out = model(prompt, use_cache=True)
-        for _ in range(steps):
-            cache = cache_of(out)
-            token = out.logits[:, -1:].argmax(dim=-1)
-            out = model(token, use_cache=True, **({cache[0]: cache[1]} if cache else {}))
-
-
-def _child_run(spec: dict) -> dict:
+def child_run(spec: dict) -> dict:
     import time
 
     settings = spec["settings"]
     _preimport(spec["source"], spec["task"])  # so the baseline holds the code, and the load delta the weights
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     model = _load(spec)
     load_seconds = time.perf_counter() - start
-    _release_freed_memory()  # what the load freed goes back to the system: RSS is then the model as it is held
-    model_rss = _rss_bytes()
+    release_freed_memory()  # what the load freed goes back to the system: RSS is then the model as it is held
+    model_rss = rss_bytes()
     load_peak, peak_source = peak_rss_bytes()  # read second: a peak is never below the RSS read before it
     memory: dict[str, Any] = {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak,
                               "model_rss_bytes": model_rss, "peak_source": peak_source}
     # from here the peak counts inference only (the loaded model stays resident, so it is included)
-    memory["inference_peak_is_since_load"] = _reset_peak_rss()
+    memory["inference_peak_is_since_load"] = reset_peak_rss()
     result: dict[str, Any] = {"pid": os.getpid(), "first_load_s": load_seconds}
     used = getattr(getattr(model, "llmc_info", None), "kernels", None)
     if spec.get("kernels"):  # how many quantized Linears ran on which kernel, or dense
@@ -499,11 +402,11 @@ def _child_run(spec: dict) -> dict:
             prefill()
             greedy_decode(model, prompt, n_decode)
             greedy_decode(model, prompts, n_decode)
-        prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
-        prefill_batch_s = statistics.median(_timed(lambda: prefill(prompts)) for _ in range(settings["repeats"]))
+        prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
+        prefill_batch_s = statistics.median(timed(lambda: prefill(prompts)) for _ in range(settings["repeats"]))
         # decode time = prefill + n steps, minus the prefill's median: per-token cost of the cached steps
-        decode_total = [_timed(lambda: greedy_decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
-        decode_batch_total = [_timed(lambda: greedy_decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
+        decode_total = [timed(lambda: greedy_decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
+        decode_batch_total = [timed(lambda: greedy_decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
         prefill_median = statistics.median(prefill_s)
         result.update({
             "kind": CAUSAL_LM,
@@ -525,7 +428,7 @@ def _child_run(spec: dict) -> dict:
         batch = settings["batch_size"]
         for _ in range(settings["warmup"]):
             sentence_embeddings(model, tokenizer, sentences, batch)
-        runs = [_timed(lambda: sentence_embeddings(model, tokenizer, sentences, batch)) for _ in range(settings["repeats"])]
+        runs = [timed(lambda: sentence_embeddings(model, tokenizer, sentences, batch)) for _ in range(settings["repeats"])]
         result.update({"kind": "encoder", "sentences": len(sentences), "batch_size": batch,
                        "embedding_sentences_per_s": summarize([len(sentences) / t for t in runs])})
     memory["inference_peak_rss_bytes"] = peak_rss_bytes()[0]
@@ -547,7 +450,7 @@ def gguf_bytes_per_token(path: str) -> int:
     return total
 
 
-def _child_llama_cpp(spec: dict) -> dict:
+def child_llama_cpp(spec: dict) -> dict:
     """Prefill and decode of one sequence in llama.cpp (llama-cpp-python), with the same prompt length and
     decode steps as the other runtimes; llama-cpp-python decodes one sequence, so no batch figure."""
     import time
@@ -556,7 +459,7 @@ def _child_llama_cpp(spec: dict) -> dict:
     from llama_cpp import Llama
 
     settings = spec["settings"]
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     n_prompt, n_decode = settings["prompt_tokens"], settings["decode_tokens"]
     threads = settings.get("threads") or torch.get_num_threads()
     start = time.perf_counter()
@@ -564,8 +467,8 @@ def _child_llama_cpp(spec: dict) -> dict:
                 n_threads_batch=threads, verbose=False)
     load_seconds = time.perf_counter() - start
     load_peak, peak_source = peak_rss_bytes()
-    model_rss = _rss_bytes()
-    since_load = _reset_peak_rss()
+    model_rss = rss_bytes()
+    since_load = reset_peak_rss()
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, llm.n_vocab(), n_prompt)]
     steps = [int(t) for t in rng.integers(0, llm.n_vocab(), n_decode)]
@@ -581,9 +484,9 @@ def _child_llama_cpp(spec: dict) -> dict:
 
     for _ in range(settings["warmup"]):
         decode()
-    prefill_s = [_timed(prefill) for _ in range(settings["repeats"])]
+    prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
     prefill_median = statistics.median(prefill_s)
-    decode_total = [_timed(decode) for _ in range(settings["repeats"])]
+    decode_total = [timed(decode) for _ in range(settings["repeats"])]
     import llama_cpp
 
     return {
@@ -623,23 +526,6 @@ def _perf_sentences(count: int) -> list[str]:
 
     sentences = split_sentences([topics[key] for key in sorted(topics)[:40]])
     return [sentences[i % len(sentences)] for i in range(count)]
-
-
-def _child_main() -> None:
-    spec = json.loads(sys.stdin.read())
-    if spec["settings"].get("threads"):
-        torch.set_num_threads(int(spec["settings"]["threads"]))
-    try:
-        if spec["op"] == "gpu":
-            from llm_workbook.evaluation.perf_gpu import child_gpu
-
-            result = child_gpu(spec)
-        else:
-            result = {"load": _child_load, "run": _child_run, "llama.cpp": _child_llama_cpp}[spec["op"]](spec)
-    except Exception as exc:  # reported to the parent, which decides whether it is fatal
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    sys.stdout.write("\n" + RESULT_MARKER + json.dumps(result) + "\n")
-    sys.stdout.flush()
 
 
 __all__ = ["RUNTIMES", "PerfSettings", "against_bandwidth", "measure", "memory_bandwidth", "model_size", "summarize",

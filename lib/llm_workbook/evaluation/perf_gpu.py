@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from llm_workbook.evaluation.measure import greedy_decode, peak_rss_bytes, run_child, summarize
+
 NO_CUDA = ("no CUDA device on this machine: on one, install a CUDA build of torch (and vLLM for its kernels) "
            "and the same run measures this row (README, 'Speed and memory on a GPU')")
 GGUF_ON_GPU = "a GGUF checkpoint runs on a GPU in llama.cpp's CUDA build, not measured here"
@@ -38,8 +40,6 @@ def gpu_device() -> str | None:
 
 def measure_gpu(source: str, is_gguf: bool, common: dict, settings, workdir: Path) -> dict:
     """The GPU runtime's figures for one checkpoint (a Parquet file or an HF directory), or why there are none."""
-    from llm_workbook.evaluation.perf import run_child
-
     device = gpu_device()
     if device is None:
         return {"unavailable": NO_CUDA}
@@ -51,14 +51,12 @@ def measure_gpu(source: str, is_gguf: bool, common: dict, settings, workdir: Pat
 
         hf_dir = str(export_to_hf(source, workdir / "gpu-hf", progress=False))
     engine = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    return run_child({**common, "op": "gpu", "via": engine, "device": device, "source": hf_dir},
+    return run_child(f"{__name__}:child_gpu", {**common, "op": "gpu", "via": engine, "device": device, "source": hf_dir},
                       settings.timeout_s)
 
 
 def device_bandwidth(device: str, buffer_mb: int, repeats: int = 5) -> dict:
     """Copy bandwidth of the device's memory (read + write bytes per second, as ``perf.memory_bandwidth``)."""
-    from llm_workbook.evaluation.perf import summarize
-
     count = buffer_mb * 2**20 // 4
     src = torch.ones(count, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -108,8 +106,6 @@ def _synchronize(device: str) -> None:
 def _protocol(settings: dict, device: str, prefill, decode) -> dict:
     """Warm-up, then repeats of prefill (batch 1) and of prefill plus decode at batch 1 and at the larger batch;
     decode time is the total minus the prefill's median, as in the CPU runtimes."""
-    from llm_workbook.evaluation.perf import summarize
-
     n_prompt, n_decode, batch = settings["prompt_tokens"], settings["decode_tokens"], settings.get("decode_batch", 8)
     for _ in range(settings["warmup"]):
         prefill(1)
@@ -146,8 +142,6 @@ def _quantization(hf_dir: str) -> str:
 def _child_transformers(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from llm_workbook.evaluation.perf import greedy_decode
-
     settings, device = spec["settings"], spec["device"]
     cuda = device.startswith("cuda")
     if cuda:
@@ -166,8 +160,6 @@ def _child_transformers(spec: dict) -> dict:
         greedy_decode(model, ids.expand(batch, -1).contiguous(), settings["decode_tokens"])
 
     result = {"first_load_s": load_seconds, "engine": "transformers", **_protocol(settings, device, prefill, decode)}
-    from llm_workbook.evaluation.perf import peak_rss_bytes
-
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()[0]
     result["memory"] = {"device_peak_bytes": int(peak), "device_memory": "peak allocated on the device"}
     return result
@@ -202,7 +194,7 @@ def _child_vllm(spec: dict) -> dict:
 
 
 def child_gpu(spec: dict) -> dict:
-    """The GPU child (``perf._child_main`` dispatches ``op: gpu`` here): the protocol in vLLM or transformers
+    """The GPU child (run by ``measure.run_child``): the protocol in vLLM or transformers
     on ``spec['device']``, with the device's bandwidth and the checkpoint's bytes per token."""
     measure = _child_vllm if spec["via"] == "vllm" else _child_transformers
     result = measure(spec)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
 
 from llm_workbook.paths import REPO_ROOT, __version__, reports_root
 from llm_workbook import names
@@ -408,72 +407,12 @@ def batch_lock(reports: Path, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-EXECUTORS = ("local", "ray")
-
-
-def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike | None = None, force: bool = False,
-              progress: bool = True, overrides: dict | None = None, executor: str = "local",
-              address: str | None = None) -> list[RunOutcome]:
-    """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
-    the comparison notebook, then write reports/index.html. ``executor="ray"`` runs each as a Ray task
-    (``cluster``), on a local Ray or the cluster at ``address``."""
-    reports = Path(reports) if reports else reports_root()
-    reports.mkdir(parents=True, exist_ok=True)
-    runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
-    if not runs:
-        raise ParameterError("no parameter files given")
-    if executor not in EXECUTORS:
-        raise ParameterError(f"unknown executor {executor!r}; choose one of {list(EXECUTORS)}")
-    with batch_lock(reports):
-        if executor == "ray":
-            from llm_workbook.workbook.cluster import run_on_ray
-
-            outcomes = run_on_ray(runs, reports, force, progress, overrides, address)
-            return finish_batch(reports, outcomes)
-        return _run_batch(runs, reports, force, progress, overrides)
-
-
-def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides: dict | None) -> list[RunOutcome]:
-    outcomes = []
-    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
-    for param_file in bar:
-        name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
-        bar.set_postfix_str(name)
-        try:
-            outcomes.append(run_one(param_file, reports, force, overrides))
-        except ParameterError as exc:
-            outcomes.append(error_outcome(reports, name, str(exc)))
-    return finish_batch(reports, outcomes)
-
-
 def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
     """A run that could not start (bad parameters file): its record says why."""
     record = reports / f"{name}.json"
     atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": message,
                                           "verdict": {"passed": False, "reasons": [message]}}, indent=2))
     return RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, message)
-
-
-def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
-    """The comparison notebook and the index, once, after every run."""
-    import papermill
-
-    compare = reports / "compare_models.ipynb"
-    try:
-        with atomic.replacing(compare, fsync=False) as staged:
-            staged_nb = staged.with_name(staged.name + ".ipynb")
-            try:
-                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO_ROOT)
-            except papermill.PapermillExecutionError as exc:  # its report shows the error; the index still follows
-                print(f"compare_models.ipynb failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
-            finally:
-                if staged_nb.exists():
-                    os.replace(staged_nb, staged)
-    finally:
-        if compare.exists():
-            render_html(compare)
-    write_index(reports, outcomes)
-    return outcomes
 
 
 def load_records(reports: Path, runs: list[str] | None = None) -> list[dict]:

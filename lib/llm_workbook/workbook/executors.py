@@ -1,6 +1,7 @@
-"""Sweeps on Ray: each run of a batch is one Ray task that executes the evaluation notebook (papermill).
+"""How a batch runs: locally, one run after another, or on Ray, one task per run; then the comparison
+notebook and the index, once. Both executors publish a run's files through ``run.publish_run_files``.
 
-A task runs ``workbook.run.run_one`` in a scratch reports directory on its worker and returns the run's files
+On Ray, a task runs ``workbook.run.run_one`` in a scratch reports directory on its worker and returns the run's files
 (record, executed notebook, HTML); the driver writes them under ``reports/`` exactly as a sequential run
 does (each atomically, the record last), so a cancelled sweep leaves no half-written report. A task's
 resources come from the run's ``resources`` parameter (default one CPU). Without an address a local Ray
@@ -11,13 +12,17 @@ starts on this machine with its CPUs; ``address="auto"`` joins the cluster this 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llm_workbook.workbook.run import (RUN_FILES, ParameterError, RunOutcome, error_outcome, load_parameters,
-                                       publish_run_files, unchanged)
+from llm_workbook.paths import REPO_ROOT, reports_root
+from llm_workbook.store import atomic
+from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, ParameterError, RunOutcome, batch_lock,
+                                       error_outcome, execute, load_parameters, publish_run_files, render_html,
+                                       run_one, unchanged, write_index)
 
 INSTALL_HINT = "Ray is an optional extra: pip install -e '.[cluster]' (make setup installs it)"
 
@@ -32,8 +37,6 @@ def _ray():
 
 def execute_run(params: dict) -> dict:
     """The body of one Ray task: run the notebook in a scratch directory, return the files it wrote."""
-    from llm_workbook.workbook.run import run_one
-
     threads = str(int((params.get("resources") or {}).get("num_cpus") or 1))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the kernel inherits these: no oversubscription
         os.environ[name] = threads
@@ -104,3 +107,61 @@ def run_on_ray(runs: list, reports: Path, force: bool, progress: bool, overrides
         if started_here:
             ray.shutdown()
     return [outcomes[name] for name in order]
+
+
+EXECUTORS = ("local", "ray")
+
+
+def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.PathLike | None = None, force: bool = False,
+              progress: bool = True, overrides: dict | None = None, executor: str = "local",
+              address: str | None = None) -> list[RunOutcome]:
+    """Execute every run (a YAML path or a parameter mapping each; ``overrides`` apply to every YAML), then
+    the comparison notebook, then write reports/index.html. ``executor="ray"`` runs each as a Ray task
+    (``run_on_ray``), on a local Ray or the cluster at ``address``."""
+    reports = Path(reports) if reports else reports_root()
+    reports.mkdir(parents=True, exist_ok=True)
+    runs = [p if isinstance(p, dict) else Path(p) for p in param_files]
+    if not runs:
+        raise ParameterError("no parameter files given")
+    if executor not in EXECUTORS:
+        raise ParameterError(f"unknown executor {executor!r}; choose one of {list(EXECUTORS)}")
+    with batch_lock(reports):
+        if executor == "ray":
+            outcomes = run_on_ray(runs, reports, force, progress, overrides, address)
+            return finish_batch(reports, outcomes)
+        return _run_batch(runs, reports, force, progress, overrides)
+
+
+def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides: dict | None) -> list[RunOutcome]:
+    outcomes = []
+    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+    for param_file in bar:
+        name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
+        bar.set_postfix_str(name)
+        try:
+            outcomes.append(run_one(param_file, reports, force, overrides))
+        except ParameterError as exc:
+            outcomes.append(error_outcome(reports, name, str(exc)))
+    return finish_batch(reports, outcomes)
+
+
+def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """The comparison notebook and the index, once, after every run."""
+    import papermill
+
+    compare = reports / "compare_models.ipynb"
+    try:
+        with atomic.replacing(compare, fsync=False) as staged:
+            staged_nb = staged.with_name(staged.name + ".ipynb")
+            try:
+                execute(COMPARE_NOTEBOOK, staged_nb, {"reports_dir": str(reports.resolve())}, REPO_ROOT)
+            except papermill.PapermillExecutionError as exc:  # its report shows the error; the index still follows
+                print(f"compare_models.ipynb failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
+            finally:
+                if staged_nb.exists():
+                    os.replace(staged_nb, staged)
+    finally:
+        if compare.exists():
+            render_html(compare)
+    write_index(reports, outcomes)
+    return outcomes

@@ -173,14 +173,15 @@ def test_hf_urls_read_through_fsspec(qwen3_dir, tmp_path, monkeypatch):
 def test_ray_runs_two_default_files_in_parallel_with_the_verdicts_of_a_sequential_run(tmp_path):
     pytest.importorskip("ray")
     from llm_workbook.workbook import run as workbook
+    from llm_workbook.workbook.executors import run_batch
 
     files = [REPO / "parameters" / "default" / f"{name}.yaml" for name in ("minilm-ptq-int8", "minilm-ptq-int2")]
     small = {"max_eval_tokens": 512, "measure_perf": False}
     started = time.perf_counter()
-    sequential = workbook.run_batch(files, reports=tmp_path / "seq", progress=False, overrides=small)
+    sequential = run_batch(files, reports=tmp_path / "seq", progress=False, overrides=small)
     seq_s = time.perf_counter() - started
     started = time.perf_counter()
-    on_ray = workbook.run_batch(files, reports=tmp_path / "ray", progress=False, overrides=small, executor="ray")
+    on_ray = run_batch(files, reports=tmp_path / "ray", progress=False, overrides=small, executor="ray")
     ray_s = time.perf_counter() - started
     print(f"two default runs: sequential {seq_s:.1f} s, Ray (2 CPUs) {ray_s:.1f} s")
     assert [o.status for o in on_ray] == [o.status for o in sequential] == ["passed", "failed-check"]
@@ -198,8 +199,9 @@ def test_ray_runs_two_default_files_in_parallel_with_the_verdicts_of_a_sequentia
 def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
     import builtins
 
-    from llm_workbook.workbook import cluster
+    from llm_workbook.workbook import executors as cluster
     from llm_workbook.workbook import run as workbook
+    from llm_workbook.workbook.executors import run_batch
 
     real_import = builtins.__import__
 
@@ -214,7 +216,7 @@ def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_ray_task_resources_come_from_the_parameters():
-    from llm_workbook.workbook.cluster import _options
+    from llm_workbook.workbook.executors import _options
 
     assert _options({"resources": {"num_cpus": 2, "num_gpus": 1}}) == {"num_cpus": 2.0, "num_gpus": 1.0}
     assert _options({}) == {"num_cpus": 1.0, "num_gpus": 0.0}
