@@ -149,6 +149,10 @@ def test_runtime_rows_give_the_interval_the_limit_and_what_ran_where():
     assert row["decode tokens/s (batch 1)"] == "42.0 [IQR 41.6, 42.4]" and row["decode tokens/s (batch 8)"] == "168.0"
     assert row["bandwidth limit (tokens/s)"] == "123" and row["share of the limit"] == "34%"
     assert row["quantized layers run as"] == "210 int8 per channel"
+    data["perf"]["candidate"]["runtimes"]["gpu"] = {"unavailable": "no CUDA device on this machine"}
+    kernels, gpu = report.runtime_rows(data)
+    assert gpu["decode tokens/s (batch 1)"] == "no CUDA device on this machine" and set(gpu) == set(kernels)
+    assert gpu["peak memory decoding (MB)"] == "—"
 
 
 def test_llama_cpp_gets_a_column_only_where_a_gguf_candidate_was_measured_or_could_be():

@@ -97,15 +97,12 @@ class Survey:
         return "latent" if self.rows_on_grid == 0 else "mixed"
 
     def describe(self) -> str | None:
-        """One sentence for ``llmc inspect`` and the run report, or None without SEQ companions."""
+        """Short enough for a table cell (``llmc inspect``, the run report's store facts); None without SEQ."""
         if not self.layers:
             return None
-        head = f"AngelSlim SEQ 2-bit ({self.layers} projections with weight_clip_val)"
         if self.case == "on the grid":
-            return f"{head}: every row on its SEQ grid, served as stored"
-        latent = f"{self.rows - self.rows_on_grid:,} of {self.rows:,} rows latent"
-        return (f"{head}: {latent} ({self.layers - self.layers_on_grid} projections), served with SEQ applied "
-                "(α · {±1/4, ±3/4} per row), never as the latent weights")
+            return f"on the grid: {self.layers} projections, served as stored"
+        return f"latent: {self.rows - self.rows_on_grid:,}/{self.rows:,} rows, served through SEQ"
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "layers_on_grid": self.layers_on_grid, "rows": self.rows,

@@ -411,7 +411,8 @@ def runtime_rows(data: dict) -> list[dict]:
                          "weights read per token (MB)": f"{f['weight_mb_per_token']:.0f}",
                          "peak memory decoding (MB)": f"{f['peak_rss_mb']:.0f}" + (" on the device" if name == "gpu" else " RSS"),
                          "quantized layers run as": f["kernels"] or "float32 (dequantized at load)"})
-    return rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key, "—") for key in columns} for row in rows]  # a runtime without figures reads "—"
 
 
 def speed_finding(data: dict, params: dict) -> str:
