@@ -259,6 +259,28 @@ def test_gptq_keeps_one_decoder_layer_resident(tiny, tmp_path, monkeypatch):
     assert seen == [0, 0]  # when layer i loads, no other layer holds weights
 
 
+def test_linears_reading_one_input_share_a_hessian_equal_to_their_own(tiny):
+    """q/k/v (and gate/up) read the same tensor: one accumulator serves them, bit for bit the Hessian each
+    would have collected alone; Linears reading other inputs keep their own."""
+    from llm_workbook.quantize import model as quantize_model_module
+
+    model = float_model(tiny)
+    layer = model.model.layers[0]
+    ids = heldout_ids(tiny).reshape(-1)[:48].view(3, 1, 16)
+    captured = [quantize_model_module._capture_layer_calls(model, model.model.layers, chunk) for chunk in ids]
+    states, calls = [hidden for hidden, _ in captured], [layer_calls[0] for _, layer_calls in captured]
+    linears = {name: getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp,
+                             name) for name in LINEARS}
+    together = quantize_model_module._collect_hessians(layer, linears, states, calls)
+    assert together["q_proj"] is together["k_proj"] is together["v_proj"]
+    assert together["gate_proj"] is together["up_proj"]
+    assert together["o_proj"] is not together["q_proj"] and together["down_proj"] is not together["gate_proj"]
+    for name, module in linears.items():
+        alone = quantize_model_module._collect_hessians(layer, {name: module}, states, calls)[name]
+        assert alone.n_samples == together[name].n_samples == 48
+        assert torch.equal(alone.hessian, together[name].hessian), name
+
+
 def test_gptq_int4_beats_rtn_int4_on_heldout_logits(tiny, outputs):
     ids = heldout_ids(tiny)
     with torch.no_grad():

@@ -123,15 +123,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def greedy_decode(model, prompt: torch.Tensor, steps: int) -> None:
+def greedy_decode(model, prompt: torch.Tensor, steps: int) -> float:
+    """Prefill ``prompt``, then ``steps`` cached greedy steps; returns the seconds of the cached steps alone."""
+    import time
+
     from llm_workbook.evaluation.metrics import cache_of  # the cache keyword differs between transformers 4 and 5
 
     with torch.inference_mode():
         out = model(prompt, use_cache=True)
+        start = time.perf_counter()
         for _ in range(steps):
             cache = cache_of(out)
             token = out.logits[:, -1:].argmax(dim=-1)
             out = model(token, use_cache=True, **({cache[0]: cache[1]} if cache else {}))
+        return time.perf_counter() - start
 
 
 __all__ = ["RESULT_MARKER", "child_main", "greedy_decode", "peak_rss_bytes", "release_freed_memory", "reset_peak_rss",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -403,20 +402,17 @@ def child_run(spec: dict) -> dict:
             greedy_decode(model, prompt, n_decode)
             greedy_decode(model, prompts, n_decode)
         prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
-        prefill_batch_s = statistics.median(timed(lambda: prefill(prompts)) for _ in range(settings["repeats"]))
-        # decode time = prefill + n steps, minus the prefill's median: per-token cost of the cached steps
-        decode_total = [timed(lambda: greedy_decode(model, prompt, n_decode)) for _ in range(settings["repeats"])]
-        decode_batch_total = [timed(lambda: greedy_decode(model, prompts, n_decode)) for _ in range(settings["repeats"])]
-        prefill_median = statistics.median(prefill_s)
+        # decode: the cached steps alone, timed after each run's prefill
+        decode_s = [greedy_decode(model, prompt, n_decode) for _ in range(settings["repeats"])]
+        decode_batch_s = [greedy_decode(model, prompts, n_decode) for _ in range(settings["repeats"])]
         result.update({
             "kind": CAUSAL_LM,
             "prefill_tokens": n_prompt,
             "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
             "decode_tokens": n_decode,
-            "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
+            "decode_tokens_per_s": summarize([n_decode / max(t, 1e-9) for t in decode_s]),
             "decode_batch": batch,  # tokens/s over the whole batch
-            "decode_batch_tokens_per_s": summarize([batch * n_decode / max(t - prefill_batch_s, 1e-9)
-                                                    for t in decode_batch_total]),
+            "decode_batch_tokens_per_s": summarize([batch * n_decode / max(t, 1e-9) for t in decode_batch_s]),
             "weight_bytes_per_token": weight_bytes_per_token(model),
         })
     else:
@@ -477,16 +473,14 @@ def child_llama_cpp(spec: dict) -> dict:
         llm.reset()
         llm.eval(prompt)
 
-    def decode() -> None:  # cached steps after the prompt; the token values do not change the work
+    def decode() -> float:  # cached steps after the prompt, timed alone; the token values do not change the work
         prefill()
-        for token in steps:
-            llm.eval([token])
+        return timed(lambda: [llm.eval([token]) for token in steps])
 
     for _ in range(settings["warmup"]):
         decode()
     prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
-    prefill_median = statistics.median(prefill_s)
-    decode_total = [timed(decode) for _ in range(settings["repeats"])]
+    decode_s = [decode() for _ in range(settings["repeats"])]
     import llama_cpp
 
     return {
@@ -494,7 +488,7 @@ def child_llama_cpp(spec: dict) -> dict:
         "threads": threads, "prefill_tokens": n_prompt,
         "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
         "decode_tokens": n_decode,
-        "decode_tokens_per_s": summarize([n_decode / max(t - prefill_median, 1e-9) for t in decode_total]),
+        "decode_tokens_per_s": summarize([n_decode / max(t, 1e-9) for t in decode_s]),
         "weight_bytes_per_token": gguf_bytes_per_token(spec["source"]),
         "memory": {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak, "model_rss_bytes": model_rss,
                    "peak_source": peak_source, "inference_peak_is_since_load": since_load,

@@ -105,7 +105,8 @@ def _synchronize(device: str) -> None:
 
 def _protocol(settings: dict, device: str, prefill, decode) -> dict:
     """Warm-up, then repeats of prefill (batch 1) and of prefill plus decode at batch 1 and at the larger batch;
-    decode time is the total minus the prefill's median, as in the CPU runtimes."""
+    decode time is the total minus the prefill's median (vLLM's generate cannot be timed step by step, so both
+    GPU engines subtract; the CPU runtimes time their cached steps alone)."""
     n_prompt, n_decode, batch = settings["prompt_tokens"], settings["decode_tokens"], settings.get("decode_batch", 8)
     for _ in range(settings["warmup"]):
         prefill(1)

@@ -206,24 +206,45 @@ def _collect_hessians(
     """Hessians of ``linears`` over all calibration chunks.
 
     Each forward stops once every Linear of the group has seen its input (a Linear called twice in
-    one layer forward would only count its first call).
+    one layer forward would only count its first call). Linears that read the very same input tensor
+    (q/k/v, gate/up) share one accumulator: their Hessians are the same sums, computed once.
     """
-    accumulators = {name: HessianAccumulator(module.in_features, name=name) for name, module in linears.items()}
+    accumulators: dict[str, HessianAccumulator] = {}
     pending: set[str] = set()
+    # this forward: input id -> (input, the Hessian it went into); Hessian id -> the input it got
+    read: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}
+    fed: dict[int, torch.Tensor] = {}
 
-    def make_hook(name: str):
+    def make_hook(name: str, in_features: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            accumulators[name].add_batch(args[0] if args else kwargs["input"])
+            inputs = args[0] if args else kwargs["input"]
+            mine = accumulators.get(name)
+            if mine is None:
+                seen = read.get(id(inputs))
+                if seen is not None and seen[0] is inputs:  # first chunk: both start from zero, so they share
+                    mine = accumulators[name] = seen[1]
+                else:
+                    mine = accumulators[name] = HessianAccumulator(in_features, name=name)
+            given = fed.get(id(mine))
+            if given is None:
+                mine.add_batch(inputs)
+                fed[id(mine)] = inputs
+                read[id(inputs)] = (inputs, mine)
+            elif given is not inputs:
+                raise ValueError(f"{name}: shares its Hessian with another Linear but read a different input")
             pending.discard(name)
             if not pending:
                 raise _StopForward
 
         return hook
 
-    handles = [module.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, module in linears.items()]
+    handles = [module.register_forward_pre_hook(make_hook(name, module.in_features), with_kwargs=True)
+               for name, module in linears.items()]
     try:
         for chunk_states, call in zip(states, calls):
             pending.update(linears)
+            read.clear()
+            fed.clear()
             try:
                 _run_layer(layer, chunk_states, call)
             except _StopForward:
@@ -231,6 +252,8 @@ def _collect_hessians(
     finally:
         for handle in handles:
             handle.remove()
+    for name, module in linears.items():  # a Linear the forwards never reached has an empty Hessian
+        accumulators.setdefault(name, HessianAccumulator(module.in_features, name=name))
     return accumulators
 
 
