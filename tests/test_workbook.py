@@ -113,6 +113,45 @@ def test_notebook_parameters_cell_matches_the_defaults():
         k: v for k, v in workbook.DEFAULTS.items() if k not in examples}
 
 
+def test_a_run_and_the_api_share_one_set_of_defaults():
+    """The parameters' defaults, under evaluate()'s names, are EvaluationSettings' own; only what a notebook
+    run does on purpose differs (it shows progress and measures speed with explicit PerfSettings)."""
+    import torch
+
+    from llm_workbook.evaluation.compare import EvaluationSettings
+    from llm_workbook.evaluation.perf import PerfSettings
+    from llm_workbook.evaluation.record import Thresholds
+    from llm_workbook.workbook import report
+
+    params = {**workbook.DEFAULTS, "model": "m", "reference": "r"}
+    settings = report.evaluation_settings(params)
+    api = EvaluationSettings(thresholds=EvaluationSettings().thresholds or Thresholds())  # None: the default limits
+    assert {key for key, value in settings.items() if getattr(api, key) != value} == {"perf", "progress"}
+    assert settings["perf"] == PerfSettings(compare_hf_load=True) and settings["dtype"] is torch.float32
+    # every parameter either says what the run is (RUN_KEYS) or changes what evaluate() is given
+    changed = {"corpus": "other.txt", "context_length": 64, "stride": 32, "max_eval_tokens": 99, "stage_tokens": 512,
+               "reference_precision": "float16", "gen_tokens": 0, "dtype": "bfloat16", "activation_quant": False,
+               "keep_packed": True, "measure_perf": False, "perf_models": "candidate", "perf_hf_load": False,
+               "perf_packed": True, "cosine_threshold": 0.9, "ppl_threshold": 0.3, "kld_threshold": 0.1,
+               "top1_threshold": 0.8, "lm_eval_tasks": "heldout_lambada", "lm_eval_limit": 10, "progress": False}
+    assert set(changed) | set(report.RUN_KEYS) == set(workbook.DEFAULTS)
+    for key, value in changed.items():
+        assert report.evaluation_settings({**params, key: value}) != settings, key
+
+
+def test_a_task_that_contradicts_the_original_is_one_error(qwen3_dir, tmp_path):
+    from llm_workbook.workbook import report
+
+    report.check_task(None, qwen3_dir)
+    report.check_task("causal-lm", qwen3_dir)
+    with pytest.raises(workbook.ParameterError, match="is a causal-lm model"):
+        report.check_task("encoder", qwen3_dir)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nreference: y\ntask: decoder\n")
+    with pytest.raises(workbook.ParameterError, match="task 'decoder' is not one of"):
+        workbook.load_parameters(bad)
+
+
 def test_unknown_parameter_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\nreference: y\ncontext_lenght: 3\n")

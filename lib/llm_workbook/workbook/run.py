@@ -36,10 +36,10 @@ DEFAULTS: dict = {
     "model": None,  # candidate: HF dir, hub id, .parquet, or builtin:<name>
     "reference": None,  # original: same kinds of source
     "format_notes": "",
-    "task": "causal-lm",  # causal-lm | encoder
+    "task": None,  # causal-lm | encoder; null: from the checkpoints' architectures
     "corpus": "pydoc",  # offline default; a .txt/.jsonl path or (online) a datasets id
-    "context_length": 128,
-    "stride": 128,
+    "context_length": 256,  # the evaluation's defaults are EvaluationSettings' (a test holds them equal)
+    "stride": None,  # null: the context length
     "max_eval_tokens": 2048,  # tokens of the held-out text scored at most
     "stage_tokens": None,  # score in stages of this many tokens, stopping once every check is decided (null: all)
     "reference_precision": "float32",  # the original's stored logits: float32 (exact) or float16 (half the disk)
@@ -66,6 +66,9 @@ DEFAULTS: dict = {
     "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
     "progress": True,  # progress bars in the notebook (Lab); llmc run turns them off, its own bar shows the batch
 }
+
+
+TASKS = (None, "causal-lm", "encoder")
 
 
 class ParameterError(ValueError):
@@ -102,6 +105,8 @@ def check_parameters(raw: dict, origin: str, overrides: dict | None = None) -> d
     for key in ("model", "reference"):
         if not params[key]:
             raise ParameterError(f"{origin}: parameter {key!r} is required")
+    if params["task"] not in TASKS:
+        raise ParameterError(f"{origin}: task {params['task']!r} is not one of {list(TASKS)}")
     params["title"] = params["title"] or params["run"]
     return params
 
