@@ -22,7 +22,8 @@ from llm_workbook.paths import REPO_ROOT, reports_root
 from llm_workbook.store import atomic
 from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, ParameterError, RunOutcome, batch_lock,
                                        error_outcome, execute, load_parameters, publish_run_files, render_html,
-                                       run_one, unchanged, write_index)
+                                       run_one, unchanged)
+from llm_workbook.workbook.index import write_index
 
 INSTALL_HINT = "Ray is an optional extra: pip install -e '.[cluster]' (make setup installs it)"
 
