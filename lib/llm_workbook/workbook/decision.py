@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm_workbook.workbook.status import RunStatus
+
 GO, NO_GO, NO_ANGELSLIM = "go", "no-go", "no AngelSlim run"
 
 
@@ -132,7 +134,7 @@ def _phase1_for(record: dict) -> list[Criterion]:
     run = record.get("run")
     store = record.get("store") or {}
     status = record.get("status")
-    converted = status != "error" and bool(store) and store.get("export_bit_exact") is not False
+    converted = status != RunStatus.ERROR and bool(store) and store.get("export_bit_exact") is not False
     detail = store.get("round_trip") or ("converted" if converted else (record.get("error") or "not converted"))
     loads = converted and store.get("checksums_verify") is True
     threshold = _number((record.get("parameters") or {}).get("cosine_threshold")) or 0.95
@@ -177,8 +179,8 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
     """What the project shows for each Phase 2 item. ``environment``: ``angelslim_env`` (None when built,
     else why not), ``angelslim_version``, ``cli_backend`` (bool), ``readme`` (its text)."""
     runs = [r for r in records if is_angelslim(r)]
-    works = sorted({_label(r) for r in runs if r.get("status") != "error"})
-    fails = [(_label(r), first_line(r.get("error") or "")) for r in runs if r.get("status") == "error"]
+    works = sorted({_label(r) for r in runs if r.get("status") != RunStatus.ERROR})
+    fails = [(_label(r), first_line(r.get("error") or "")) for r in runs if r.get("status") == RunStatus.ERROR]
     env_problem = environment.get("angelslim_env")
     version = environment.get("angelslim_version")
     toolchain = f"runs here: {', '.join(works) or 'none'}" + "".join(f"; fails: {name} ({why})" for name, why in fails)
@@ -199,12 +201,12 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
 
 
 def _passed(record: dict) -> bool:
-    return bool((record.get("verdict") or {}).get("passed")) and record.get("status") != "error"
+    return bool((record.get("verdict") or {}).get("passed")) and record.get("status") != RunStatus.ERROR
 
 
 def _outcome(record: dict) -> str:
     """pass / fail / inconclusive / error (records written before verdicts had intervals: pass or fail)."""
-    if record.get("status") == "error":
+    if record.get("status") == RunStatus.ERROR:
         return "error"
     verdict = record.get("verdict") or {}
     return verdict.get("outcome") or ("pass" if verdict.get("passed") else "fail")
@@ -311,7 +313,7 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                              + "; ".join(f"{_label(r)} ({_quality(r)})" for r in undecided) + ".")
             else:
                 lines.append(f"{width}: no candidate passes.")
-            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != "error" and _quality(r) != "no figures"),
+            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != RunStatus.ERROR and _quality(r) != "no figures"),
                             key=_rank)
             ours = sorted((r for r in at if is_ours(r) and _quality(r) != "no figures"), key=_rank)
             kept = [r for r in at if is_aios(r) and not _as_aios_reads(r) and _quality(r) != "no figures"]
@@ -323,7 +325,7 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                 if b is not None:
                     lines.append(f"{width}: {compare_candidates(a, b)}")
         for r in runs:
-            if bit_width(r) is None and r.get("status") != "error":
+            if bit_width(r) is None and r.get("status") != RunStatus.ERROR:
                 lines.append(f"Not ranked by bit width: {_label(r)} has no quantized layer ({_quality(r)}, run {r['run']}).")
         for r in runs:  # task accuracy where it was measured (lm-eval)
             for name, t in ((r.get("metrics") or {}).get("tasks") or {}).items():
@@ -344,7 +346,7 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
 
 def _engine_criterion(runs: list[dict]) -> Criterion:
     """Can AI-OS's engine, as it stands, run the AngelSlim checkpoints that pass? If not, what it must add."""
-    passing = [r for r in runs if _passed(r)] or [r for r in runs if r.get("status") != "error"]
+    passing = [r for r in runs if _passed(r)] or [r for r in runs if r.get("status") != RunStatus.ERROR]
     needs: dict[str, list[str]] = {}
     for r in passing:
         verdict = r.get("aios_engine") or {}
@@ -365,7 +367,7 @@ LABEL_OF_OUTCOME = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
 def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]:
     """What passes, what AI-OS's own PTQ really delivers (as AI-OS reads its files), what AI-OS's engine runs
     today, and what adopting AngelSlim would ask of AI-OS: the decision as a meeting acts on it."""
-    runs = [r for r in records if not _self_source(r) and r.get("status") != "error"]
+    runs = [r for r in records if not _self_source(r) and r.get("status") != RunStatus.ERROR]
     lines = []
     for model in sorted({_model_of(r) for r in runs}):
         at = sorted((r for r in runs if _model_of(r) == model), key=_rank)

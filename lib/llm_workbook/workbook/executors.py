@@ -24,6 +24,7 @@ from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, ParameterErr
                                        error_outcome, execute, load_parameters, publish_run_files, render_html,
                                        run_one, unchanged)
 from llm_workbook.workbook.index import write_index
+from llm_workbook.workbook.status import RunStatus
 
 INSTALL_HINT = "Ray is an optional extra: pip install -e '.[cluster]' (make setup installs it)"
 
@@ -79,7 +80,7 @@ def run_on_ray(runs: list, reports: Path, force: bool, progress: bool, overrides
                 outcomes[name] = error_outcome(reports, name, str(exc))
                 continue
             if not force and unchanged(params, reports):
-                outcomes[name] = RunOutcome(name, "skipped", reports / f"{name}.ipynb", reports / f"{name}.html",
+                outcomes[name] = RunOutcome(name, RunStatus.SKIPPED, reports / f"{name}.ipynb", reports / f"{name}.html",
                                             reports / f"{name}.json", "inputs unchanged")
                 continue
             pending[task.options(**_options(params)).remote(params)] = name

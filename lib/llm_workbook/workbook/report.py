@@ -19,6 +19,7 @@ from llm_workbook.store import atomic
 from llm_workbook.store import inventory
 from llm_workbook.store.aios import AiosView, aios_view, convert_aios, is_aios_source
 from llm_workbook.workbook import tables
+from llm_workbook.workbook.status import RunStatus
 from llm_workbook.store.convert import HuggingFaceToParquetConverter, export_to_hf
 from llm_workbook.store.gguf import export_gguf, is_gguf_file
 from llm_workbook.store.loader import WeightLoaderV2
@@ -323,7 +324,7 @@ def summary_rows(result: dict) -> dict[str, str]:
     return rows
 
 
-RUN_STATUS = {"pass": "passed", "fail": "failed-check", "inconclusive": "inconclusive"}
+RUN_STATUS = {"pass": RunStatus.PASSED, "fail": RunStatus.FAILED_CHECK, "inconclusive": RunStatus.INCONCLUSIVE}
 
 
 def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> dict:
@@ -332,7 +333,7 @@ def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> 
     summary = {"run": params["run"], "title": params["title"], "model": params.get("model"),
                "reference": params.get("reference"), "producer": params.get("producer"), "passed": False}
     return {
-        "run": params["run"], "title": params["title"], "status": "failed", "inputs_digest": params.get("inputs_digest"),
+        "run": params["run"], "title": params["title"], "status": RunStatus.FAILED, "inputs_digest": params.get("inputs_digest"),
         "parameters": _run_parameters(params),
         **({"store": {**check.summary, "checksums_verify": not check.checksum_problems,
                       "export_bit_exact": check.lossless}} if check else {}),

@@ -22,6 +22,7 @@ import yaml
 from llm_workbook.paths import REPO_ROOT, __version__, reports_root
 from llm_workbook import names
 from llm_workbook.store import atomic
+from llm_workbook.workbook.status import RunStatus
 from llm_workbook.workbook.index import load_records, write_index  # noqa: F401  (load_records: its old home)
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -147,7 +148,7 @@ def inputs_digest(params: dict) -> str:
 @dataclass
 class RunOutcome:
     run: str
-    status: str  # passed | failed-check | inconclusive | error | skipped
+    status: RunStatus
     notebook: Path
     html: Path | None
     record: Path
@@ -157,7 +158,7 @@ class RunOutcome:
     @property
     def evaluated(self) -> bool:
         """Did the run reach a verdict (a failed check is a verdict), or fail as documented?"""
-        return self.status != "error" or self.expected
+        return self.status != RunStatus.ERROR or self.expected
 
 
 def exit_status(outcomes: list[RunOutcome]) -> int:
@@ -250,7 +251,7 @@ def unchanged(params: dict, reports: Path) -> bool:
         old = json.loads(record.read_text())
     except json.JSONDecodeError:
         return False
-    return old.get("inputs_digest") == inputs_digest(params) and old.get("status") != "error"
+    return old.get("inputs_digest") == inputs_digest(params) and old.get("status") != RunStatus.ERROR
 
 
 RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
@@ -286,35 +287,35 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     record = reports / f"{run}.json"
     digest = inputs_digest(params)
     if not force and unchanged(params, reports):
-        return RunOutcome(run, "skipped", notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
+        return RunOutcome(run, RunStatus.SKIPPED, notebook, notebook.with_suffix(".html"), record, "inputs unchanged")
     staging = atomic.temp_path(reports / run)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     params["output_dir"] = str(staging.resolve())
     params["inputs_digest"] = digest
     params["progress"] = False  # bars would land in the report; the batch shows its own
-    status, message = "passed", ""
+    status, message = RunStatus.PASSED, ""
     staged_record = staging / f"{run}.json"
     try:
         try:
             execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO_ROOT)
         except papermill.PapermillExecutionError as exc:
-            status, message = "error", f"{exc.ename}: {exc.evalue}"
+            status, message = RunStatus.ERROR, f"{exc.ename}: {exc.evalue}"
         except Exception as exc:  # kernel died, bad notebook...
-            status, message = "error", f"{type(exc).__name__}: {exc}"
+            status, message = RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-        if status == "error":
+        if status == RunStatus.ERROR:
             staged_record.write_text(json.dumps({
                 "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
-                "status": "error", "error": message, "inputs_digest": digest,
+                "status": RunStatus.ERROR, "error": message, "inputs_digest": digest,
                 "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
                 "summary": _error_summary(params),
             }, indent=2))
         elif staged_record.exists():
             status, message = record_status(json.loads(staged_record.read_text()))
         else:
-            status, message = "error", "the notebook finished without writing its record"
-            staged_record.write_text(json.dumps({"run": run, "status": "error", "error": message, "inputs_digest": digest,
+            status, message = RunStatus.ERROR, "the notebook finished without writing its record"
+            staged_record.write_text(json.dumps({"run": run, "status": RunStatus.ERROR, "error": message, "inputs_digest": digest,
                                                  "verdict": {"passed": False, "reasons": [message]}}, indent=2))
         if (staging / notebook.name).exists():
             render_html(staging / notebook.name)
@@ -322,17 +323,17 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     html_path = notebook.with_suffix(".html") if notebook.with_suffix(".html").exists() else None
-    expected = bool(status == "error" and params.get("expect_error") and str(params["expect_error"]) in message)
-    if params.get("expect_error") and status != "error":
+    expected = bool(status == RunStatus.ERROR and params.get("expect_error") and str(params["expect_error"]) in message)
+    if params.get("expect_error") and status != RunStatus.ERROR:
         message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
     return RunOutcome(run, status, notebook, html_path, record, message, expected)
 
 
 def record_status(data: dict) -> tuple[str, str]:
     """A finished run's status and message from the record its notebook wrote."""
-    status = data.get("status") if data.get("status") in ("failed", "inconclusive") else (
-        "passed" if data.get("verdict", {}).get("passed") else "failed-check")
-    return status, "; ".join(data.get("verdict", {}).get("reasons") or []) if status == "failed" else ""
+    status = RunStatus(data["status"]) if data.get("status") in (RunStatus.FAILED, RunStatus.INCONCLUSIVE) else (
+        RunStatus.PASSED if data.get("verdict", {}).get("passed") else RunStatus.FAILED_CHECK)
+    return status, "; ".join(data.get("verdict", {}).get("reasons") or []) if status == RunStatus.FAILED else ""
 
 
 def notebook_run_name(nb) -> str:
@@ -415,6 +416,6 @@ def batch_lock(reports: Path, wait: bool = True):
 def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
     """A run that could not start (bad parameters file): its record says why."""
     record = reports / f"{name}.json"
-    atomic.write_text(record, json.dumps({"run": name, "status": "error", "error": message,
+    atomic.write_text(record, json.dumps({"run": name, "status": RunStatus.ERROR, "error": message,
                                           "verdict": {"passed": False, "reasons": [message]}}, indent=2))
-    return RunOutcome(name, "error", reports / f"{name}.ipynb", None, record, message)
+    return RunOutcome(name, RunStatus.ERROR, reports / f"{name}.ipynb", None, record, message)

@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from llm_workbook.workbook.decision import first_line, format_ppl_delta
+from llm_workbook.workbook.status import RunStatus
 
 COLUMNS = {
     "run": "run",
@@ -53,9 +54,9 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
         s = record.get("summary") or {}
         status = record.get("status") or s.get("status")
         verdict = record.get("verdict") or {}
-        passed = bool(verdict.get("passed")) and status not in ("error",)
+        passed = bool(verdict.get("passed")) and status != RunStatus.ERROR
         outcome = verdict.get("outcome") or ("pass" if passed else "fail")
-        if status == "error":
+        if status == RunStatus.ERROR:
             label = "ERROR"
         elif s.get("self_source"):
             label = "ROUND TRIP"  # the original's own source: a store check, never a quantization to recommend
