@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     settings = PerfSettings(repeats=args.repeats, decode_tokens=args.decode_tokens, compare_hf_load=False)
-    sources = {"original": args.original, **{c.rsplit("/", 1)[-1]: c for c in args.candidates.split(",") if c}}
+    sources = {"original": args.original,
+               **{c.rsplit("/", 1)[-1].removesuffix(".parquet"): c for c in args.candidates.split(",") if c}}
     figures = {}
     for name, source in sources.items():
         result = measure(builtins.resolve(source), settings=settings)

@@ -74,11 +74,18 @@ def test_scale_bench_prints_its_six_figures(tmp_path):
 
 
 def test_runtime_bench_prints_each_model_in_each_runtime_against_the_original(tmp_path):
-    """The runtimes section on the toy LM and its PTQ INT4: every model, runtime and ratio once; no timing asserted."""
+    """The runtimes section on a tiny random LM and its PTQ INT4 (a Parquet path: named by its stem): every model,
+    runtime and ratio once; no timing asserted. (Not the toy LM: a fresh clone would train it first.)"""
+    from llm_workbook.fixtures import toy_models
+    from llm_workbook.quantize.run import quantize
+
+    original = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=2,
+                                          num_heads=2, num_kv_heads=1, head_dim=64)
+    quantize(original, tmp_path / "ptq-int4.parquet", "int4", progress=False)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--original", "builtin:toy-lm",
-         "--candidates", "builtin:toy-lm/ptq-int4", "--repeats", "1", "--decode-tokens", "2"],
+        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--original", str(original),
+         "--candidates", str(tmp_path / "ptq-int4.parquet"), "--repeats", "1", "--decode-tokens", "2"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
