@@ -542,7 +542,7 @@ def test_a_run_record_says_whether_aios_runs_the_file(qwen3_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_causal_lm(tmp_path_factory) -> Path:
-    from llm_workbook.fixtures.toy_models import make_tiny_model
+    from llm_workbook.synthetic.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 

@@ -76,7 +76,7 @@ def test_scale_bench_prints_its_six_figures(tmp_path):
 def test_runtime_bench_prints_each_model_in_each_runtime_against_the_original(tmp_path):
     """The runtimes section on a tiny random LM and its PTQ INT4 (a Parquet path: named by its stem): every model,
     runtime and ratio once; no timing asserted. (Not the toy LM: a fresh clone would train it first.)"""
-    from llm_workbook.fixtures import toy_models
+    from llm_workbook.synthetic import toy_models
     from llm_workbook.quantize.run import quantize
 
     original = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=2,

@@ -17,7 +17,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from llm_workbook import corpus  # noqa: E402
-from llm_workbook.fixtures import toy_models
+from llm_workbook.synthetic import toy_models
 
 WINDOW = 200
 
@@ -126,7 +126,7 @@ def test_tokenizer_round_trips_eval_text(tokenizer_dir: Path) -> None:
 def test_tokenizer_and_split_are_identical_in_a_fresh_process(tokenizer_dir: Path, tmp_path: Path) -> None:
     script = (
         "import sys, json\n"
-        "from llm_workbook import corpus\nfrom llm_workbook.fixtures import toy_models\n"
+        "from llm_workbook import corpus\nfrom llm_workbook.synthetic import toy_models\n"
         "toy_models.build_tokenizer(sys.argv[1])\n"
         "print(json.dumps(corpus.pydoc_split_keys()))\n"
     )

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 import llm_workbook  # noqa: E402
 from llm_workbook import WeightLoaderV2  # noqa: E402
 from llm_workbook.workbook import builtins
-from llm_workbook.fixtures import toy_models
-from llm_workbook.fixtures import checkpoints
+from llm_workbook.synthetic import toy_models
+from llm_workbook.synthetic import checkpoints
 from llm_workbook.workbook.run import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_pr
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     """A random Qwen3 (hidden 256, 2 layers) with the BPE tokenizer trained on pydoc, saved bf16."""
-    from llm_workbook.fixtures.toy_models import make_tiny_model
+    from llm_workbook.synthetic.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 

@@ -65,7 +65,7 @@ def test_inspect_and_the_store_facts_say_which_seq_case_a_file_is(tmp_path):
 
     from conftest import make_checkpoint
     from llm_workbook import HuggingFaceToParquetConverter
-    from llm_workbook.fixtures.checkpoints import write_checkpoint
+    from llm_workbook.synthetic.checkpoints import write_checkpoint
     from llm_workbook.store import inventory
     from llm_workbook.store.loader import WeightLoaderV2
 

@@ -15,7 +15,7 @@ LAYERS = [
     {"runtime"},
     {"evaluation", "quantize"},
     {"inference"},  # AI-OS's import paths, over store, quantize and evaluation
-    {"fixtures"},
+    {"synthetic"},
     {"workbook"},
     {"cli", "__main__", "__init__"},  # the package root re-exports the documented names: it sits on top
 ]

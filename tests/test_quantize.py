@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_workbook import HuggingFaceToParquetConverter, WeightLoaderV2, corpus, export_to_hf
 from llm_workbook import quantize as ptq
-from llm_workbook.fixtures import toy_models
+from llm_workbook.synthetic import toy_models
 from llm_workbook.cli import main as llmc
 from llm_workbook.formats import ptq as ptq_format
 from llm_workbook.formats.base import QuantizedTensor, StoreError

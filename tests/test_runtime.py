@@ -350,7 +350,7 @@ def test_an_unquantized_checkpoint_loads_tensor_by_tensor_with_from_pretrained_s
     parameters and buffers from_pretrained gives, for a causal LM with tied embeddings and for an encoder."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from llm_workbook.fixtures import toy_models
+    from llm_workbook.synthetic import toy_models
     from llm_workbook.runtime.model import model_from_checkpoint
     from llm_workbook.workbook import builtins
 

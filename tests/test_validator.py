@@ -41,7 +41,7 @@ def fake_quant_copy(src: Path, dst: Path, bits: int, per_channel: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
-    from llm_workbook.fixtures.toy_models import make_tiny_model
+    from llm_workbook.synthetic.toy_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
 

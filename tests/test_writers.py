@@ -22,8 +22,8 @@ from safetensors.torch import load_file  # noqa: E402
 from format_fixtures import cosine, round_trip  # noqa: E402
 from llm_workbook import WeightLoaderV2  # noqa: E402
 from llm_workbook.store import inventory as catalog
-from llm_workbook.fixtures import toy_models
-from llm_workbook.fixtures import checkpoints as writers
+from llm_workbook.synthetic import toy_models
+from llm_workbook.synthetic import checkpoints as writers
 from llm_workbook.formats import awq  # noqa: E402
 from llm_workbook.runtime.model import model_from_parquet  # noqa: E402
 

@@ -8,13 +8,14 @@ its name says whether its writer is still alive.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 # SIGINT too: a process started in the background of a non-interactive shell inherits SIGINT ignored, and
 # Python then never raises KeyboardInterrupt, so Ctrl-C from a job controller would kill nothing cleanly.
@@ -107,3 +108,30 @@ def write_bytes(target: Path, data: bytes) -> Path:
     with replacing(target) as tmp:
         tmp.write_bytes(data)
     return Path(target)
+
+
+@contextmanager
+def file_lock(path: Path, on_busy: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): one process builds or writes at a time.
+
+    The holder's pid is written in the file, so a process that finds it held can say for whom:
+    ``on_busy(holder)`` is called before waiting (it may raise instead).
+    """
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            if on_busy is not None:
+                on_busy(handle.read().strip() or "another process")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

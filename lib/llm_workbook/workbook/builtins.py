@@ -123,7 +123,7 @@ SMOLLM2_WRITERS = ("fp8_block", "nvfp4", "seq_2bit")
 
 
 def _catalogue() -> dict[str, Builtin]:
-    from llm_workbook.fixtures.checkpoints import FORMATS
+    from llm_workbook.synthetic.checkpoints import FORMATS
 
     entries = [
         Builtin("smollm2", "base", SMOLLM2_LABEL),
@@ -161,14 +161,14 @@ CATALOGUE: dict[str, Builtin] = _catalogue()
 
 # Base models: name -> function(builtin cache dir) -> local HF directory. Tests may point these elsewhere.
 def _toy_lm(root: Path) -> Path:
-    from llm_workbook.fixtures.toy_models import default_lm_path
+    from llm_workbook.synthetic.toy_models import default_lm_path
 
     # toy_models' own cache (<cache>/default_lm-<key>), shared with other callers: trained once.
     return default_lm_path(root.parent)
 
 
 def _minilm(_root: Path) -> Path:
-    from llm_workbook.fixtures.toy_models import minilm_path
+    from llm_workbook.synthetic.toy_models import minilm_path
 
     return minilm_path()
 
@@ -198,7 +198,7 @@ def _smollm2_key() -> str:
 
 def _smollm2_gguf(root: Path) -> Path:
     """The shipped GGUF as a Parquet weight file (GGML blocks as they are)."""
-    from llm_workbook.fixtures.toy_models import file_lock
+    from llm_workbook.store.atomic import file_lock
     from llm_workbook.store.convert import HuggingFaceToParquetConverter
 
     gguf = smollm2_gguf_path()
@@ -214,7 +214,7 @@ def _smollm2(root: Path) -> Path:
     """The GGUF dequantized (exactly as transformers loads it) and cast to bf16, as an HF directory."""
     import torch
 
-    from llm_workbook.fixtures.toy_models import file_lock
+    from llm_workbook.store.atomic import file_lock
     from llm_workbook.store.convert import export_to_hf
 
     target = root / f"smollm2-bf16-{_smollm2_key()}"
@@ -322,7 +322,7 @@ def resolve(source: str | os.PathLike) -> str:
     failure = target.with_name(target.name + ".failed.txt")  # a tool's own error, kept so re-runs are quick
     if _is_built(target):
         return str(target)
-    from llm_workbook.fixtures.toy_models import file_lock
+    from llm_workbook.store.atomic import file_lock
 
     with file_lock(root / f".{target.name}.lock"):
         if failure.is_file():
@@ -482,7 +482,7 @@ def _is_built(target: Path) -> bool:
 def _build(entry: Builtin, base: Path, target: Path, root: Path) -> None:
     try:
         if entry.kind == "writer":
-            from llm_workbook.fixtures.checkpoints import write_checkpoint
+            from llm_workbook.synthetic.checkpoints import write_checkpoint
 
             write_checkpoint(base, target, entry.method, **entry.options)
         elif entry.kind == "angelslim":

@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,33 +383,15 @@ def publish_notebook(notebook: str | os.PathLike, reports: str | os.PathLike | N
     return outcome
 
 
-@contextmanager
 def batch_lock(reports: Path, wait: bool = True):
     """One batch at a time per reports directory: a second ``llmc run`` waits, saying for whom."""
-    import fcntl
+    def busy(holder: str) -> None:
+        if not wait:
+            raise ParameterError(f"{reports}: another llmc run ({holder}) is writing reports there")
+        print(f"{reports}: waiting for another llmc run ({holder}) to finish writing there ...", file=sys.stderr,
+              flush=True)
 
-    path = reports / ".llmc-run.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            if not wait:
-                raise ParameterError(f"{reports}: another llmc run ({holder}) is writing reports there") from None
-            print(f"{reports}: waiting for another llmc run ({holder}) to finish writing there ...", file=sys.stderr,
-                  flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return atomic.file_lock(reports / ".llmc-run.lock", on_busy=busy)
 
 
 def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
