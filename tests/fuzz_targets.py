@@ -147,7 +147,8 @@ def _store_seeds() -> list[bytes]:
     from llm_workbook.formats import ptq as ptq_format
     from llm_workbook.formats.base import Row
     from llm_workbook.quantize.rtn import quantize_rtn
-    from llm_workbook.store.convert import HuggingFaceToParquetConverter, StoreWriter
+    from llm_workbook.store.convert import HuggingFaceToParquetConverter
+    from llm_workbook.store.writer import StoreWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model"

@@ -372,7 +372,7 @@ def test_schema_2_1_files_still_read_bit_for_bit(name, tmp_path):
         assert hashlib.sha256(raw).hexdigest() == digest
     # converted forward: the same values in schema 3
     out = tmp_path / "v3.parquet"
-    from llm_workbook.store.convert import StoreWriter
+    from llm_workbook.store.writer import StoreWriter
 
     with StoreWriter(out) as writer:
         for tensor_name in loader.stored_keys():

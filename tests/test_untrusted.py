@@ -227,7 +227,7 @@ def test_a_row_claiming_a_terabyte_is_refused_before_memory_is_allocated(store_f
 def test_a_compression_bomb_is_refused_from_the_footer(tmp_path):
     import pyarrow as pa
 
-    from llm_workbook.store.convert import StoreWriter
+    from llm_workbook.store.writer import StoreWriter
     from llm_workbook.formats.base import Row
     import torch
 

@@ -138,7 +138,7 @@ RUN_EXIT_CODES = ("exit status: 0 every run reached a verdict (a failed check is
 
 
 def _reports_dir(args) -> str:
-    from llm_workbook import reports_root
+    from llm_workbook.paths import reports_root
 
     return str(args.reports or reports_root())
 

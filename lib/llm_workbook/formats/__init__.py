@@ -51,6 +51,9 @@ def get_format(name: str) -> Format:
     raise UnsupportedFormatError(f"unknown storage format {name!r}; supported: {supported_names()}")
 
 
+QuantizedTensor.format_of = staticmethod(get_format)
+
+
 def is_per_tensor(name: str) -> bool:
     """Does every stored array of this format dequantize on its own (no layer groups)?"""
     try:

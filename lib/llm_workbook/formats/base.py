@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -102,10 +102,11 @@ class QuantizedTensor:
     tensors: dict[str, torch.Tensor]
     params: dict[str, Any]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from llm_workbook.formats import get_format
+    # The registry (formats/__init__) sets this when it loads: a record finds its format without importing up.
+    format_of: ClassVar[Callable[[str], "Format"]]
 
-        return get_format(self.format).dequantize(self, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.format_of(self.format).dequantize(self, dtype)
 
     @property
     def nbytes(self) -> int:

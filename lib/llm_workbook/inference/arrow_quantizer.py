@@ -21,7 +21,7 @@ from llm_workbook.errors import ConfigurationError, StorageError, StoreError
 from llm_workbook.formats.base import Row
 from llm_workbook.logger import logger
 from llm_workbook.quantize import aios as aios_quantize
-from llm_workbook.store.convert import StoreWriter
+from llm_workbook.store.writer import StoreWriter
 from llm_workbook.store.loader import WeightLoaderV2
 
 QUANT_TYPES = ("int8", "int2", "fp16")

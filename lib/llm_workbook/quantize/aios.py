@@ -159,7 +159,8 @@ def quantize_file(src, out, quant_type: str = "int8", per_channel: bool = True, 
 
     from llm_workbook.paths import __version__
     from llm_workbook import schema as S
-    from llm_workbook.store.convert import HuggingFaceToParquetConverter, StoreWriter
+    from llm_workbook.store.convert import HuggingFaceToParquetConverter
+    from llm_workbook.store.writer import StoreWriter
     from llm_workbook.store.loader import WeightLoaderV2
 
     options = aios_options(quant_type, per_channel, symmetric, group_size)
@@ -203,7 +204,7 @@ def as_aios_reads(src, out, progress: bool = True) -> int:
 
     from llm_workbook import schema as S
     from llm_workbook.formats import aios as aios_format
-    from llm_workbook.store.convert import StoreWriter
+    from llm_workbook.store.writer import StoreWriter
     from llm_workbook.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(src)

@@ -17,11 +17,8 @@ from llm_workbook import schema as S
 from llm_workbook.errors import QuantizeError, StoreError
 from llm_workbook.memory import return_freed_memory
 from llm_workbook.quantize.options import TORCH_DTYPE_NAMES
-from llm_workbook.store.convert import (
-    HuggingFaceToParquetConverter,
-    all_finite,
-    source_metadata,
-)
+from llm_workbook.store.convert import HuggingFaceToParquetConverter, source_metadata
+from llm_workbook.store.writer import all_finite
 from llm_workbook.store.loader import DENSE, WeightLoaderV2
 
 

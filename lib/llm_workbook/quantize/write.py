@@ -20,10 +20,7 @@ from llm_workbook.formats import ptq as ptq_format
 from llm_workbook.formats.base import Row
 from llm_workbook.quantize.options import TORCH_DTYPE_NAMES, Options
 from llm_workbook.quantize.sources import ParquetSource, Source
-from llm_workbook.store.convert import (
-    StoreWriter,
-    staged_directory,
-)
+from llm_workbook.store.writer import StoreWriter, staged_directory
 from llm_workbook.store.loader import DENSE
 
 

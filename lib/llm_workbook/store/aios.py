@@ -163,7 +163,7 @@ def export_aios(parquet_path: str | os.PathLike, output: str | os.PathLike, prog
     from tqdm.auto import tqdm
 
     from llm_workbook.store.atomic import temp_path
-    from llm_workbook.store.convert import staged_directory
+    from llm_workbook.store.writer import staged_directory
     from llm_workbook.store.loader import WeightLoaderV2
 
     loader = WeightLoaderV2(parquet_path)
@@ -309,7 +309,7 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
     from tqdm.auto import tqdm
 
     from llm_workbook.paths import __version__
-    from llm_workbook.store.convert import ConversionReport, StoreWriter, write_error
+    from llm_workbook.store.writer import ConversionReport, StoreWriter, write_error
     from llm_workbook.store.loader import WeightLoaderV2
 
     src = Path(source)
@@ -393,7 +393,7 @@ def aios_view(source: str | os.PathLike, converted: str | os.PathLike, output: s
     """``source`` (an AI-OS file or model directory) as AI-OS's loader reads it. ``converted`` is the same file in
     our store (as its writer meant it); where AI-OS reads a tensor wrong, ``output`` gets AI-OS's value instead
     (float32), every other row is copied. Nothing is written when AI-OS reads everything right or raises."""
-    from llm_workbook.store.convert import StoreWriter
+    from llm_workbook.store.writer import StoreWriter
     from llm_workbook.store.loader import WeightLoaderV2
 
     src = Path(source)

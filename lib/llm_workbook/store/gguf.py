@@ -17,7 +17,6 @@ import math
 import os
 import re
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +27,11 @@ from llm_workbook import schema as S
 from llm_workbook.store.atomic import temp_path
 from llm_workbook.formats import gguf as fmt
 from llm_workbook.errors import StoreError
+from llm_workbook.store.gguf_kv import (
+    META_GGUF, gguf_metadata, gguf_package, kv_value, quiet_transformers, write_metadata_gguf,
+)
 
-META_GGUF = S.META_GGUF
 HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # GGUFReader's pseudo-fields
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise StoreError("reading GGUF needs the `gguf` package (pip install gguf)") from None
-    return gguf
 
 
 @dataclass
@@ -68,10 +61,6 @@ def _string(raw: bytes):
         return {"base64": base64.b64encode(raw).decode("ascii")}
 
 
-def _unstring(value) -> bytes:
-    return base64.b64decode(value["base64"]) if isinstance(value, dict) else value.encode("utf-8")
-
-
 def _scalar(part: np.ndarray, vtype, gguf):
     if vtype == gguf.GGUFValueType.STRING:
         return _string(bytes(part))
@@ -96,19 +85,6 @@ def _field_entry(path: Path, key: str, f, gguf) -> dict:
                 values = [bool(v) for v in values]
         return {"key": key, "type": vtype.name, "sub_type": sub.name, "value": values}
     return {"key": key, "type": vtype.name, "sub_type": None, "value": _scalar(f.parts[f.data[0]], vtype, gguf)}
-
-
-def _kv_value(item: dict, gguf):
-    T = gguf.GGUFValueType
-    vtype = T[item["type"]]
-    if vtype == T.STRING:
-        return _unstring(item["value"])
-    if vtype == T.ARRAY:
-        sub = T[item["sub_type"]]
-        if sub == T.STRING:
-            return [_unstring(v) for v in item["value"]]
-        return list(item["value"])
-    return item["value"]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -240,51 +216,12 @@ def _open_reader(path: Path, gguf):
         raise StoreError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from None
 
 
-@contextmanager
-def _quiet_transformers():
-    """transformers' logging at error level while it reads a GGUF (it logs every key it does not map)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def write_metadata_gguf(path: Path, kv: list[dict], tensor_names: list[str] = (), sanitize: bool = False) -> Path:
-    """A GGUF holding the key-values (and, as 1-element placeholders, the tensor names) but no weights:
-    what transformers reads to build a config or a tokenizer. ``sanitize`` replaces invalid UTF-8 in
-    strings, which transformers' GGUF parser cannot decode."""
-    gguf = _gguf()
-    T = gguf.GGUFValueType
-    arch = next(item["value"] for item in kv if item["key"] == "general.architecture")
-    writer = gguf.GGUFWriter(path, arch)
-    writer.kv_data = [{}]
-    for item in kv:
-        value = _kv_value(item, gguf)
-        if sanitize and T[item["type"]] == T.STRING:
-            value = value.decode("utf-8", "replace")
-        elif sanitize and item["sub_type"] == "STRING":
-            value = [v.decode("utf-8", "replace") for v in value]
-        writer.add_key_value(item["key"], value, T[item["type"]],
-                             sub_type=T[item["sub_type"]] if item["sub_type"] else None)
-    for name in tensor_names:
-        writer.add_tensor(name, np.zeros(1, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _transformers_config(path: Path, kv: list[dict], tensor_names: list[str]):
     """The transformers config built from the GGUF's metadata (from a sanitized copy of the key-values
     when some strings are not UTF-8, which transformers' parser cannot read)."""
     from transformers import AutoConfig
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             try:
                 return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -296,26 +233,6 @@ def _transformers_config(path: Path, kv: list[dict], tensor_names: list[str]):
                     return AutoConfig.from_pretrained(tmp, gguf_file=twin.name)
         except Exception as exc:  # transformers raises many kinds here (validation, parsing, unknown arch)
             raise StoreError(f"{path}: transformers cannot build a model config from this GGUF ({exc})") from None
-
-
-def tokenizer_files(loader) -> dict[str, bytes]:
-    """Tokenizer files (tokenizer.json, ...) that transformers builds from the stored GGUF key-values.
-
-    They are derived on request instead of stored: the key-values already hold the vocabulary, and a
-    second copy as tokenizer.json would add ~5 % to the file.
-    """
-    from transformers import AutoTokenizer
-
-    meta = gguf_metadata(loader)
-    with tempfile.TemporaryDirectory(prefix="llmc-gguf-tok-") as tmp:
-        header = write_metadata_gguf(Path(tmp) / "metadata.gguf", meta["kv"], sanitize=True)
-        out = Path(tmp) / "tokenizer"
-        with _quiet_transformers():
-            try:
-                AutoTokenizer.from_pretrained(tmp, gguf_file=header.name).save_pretrained(out)
-            except Exception as exc:
-                raise StoreError(f"{loader.path}: transformers builds no tokenizer from the GGUF metadata ({exc})") from None
-        return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
 def _check_config_claims(config, path: Path, tensor_names: list[str]) -> None:
@@ -374,7 +291,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFSource:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"{path}: no such GGUF file")
-    gguf = _gguf()
+    gguf = gguf_package()
     reader = _open_reader(path, gguf)
     if reader.byte_order != "I":
         raise StoreError(f"{path}: big-endian GGUF files are not supported")
@@ -420,7 +337,7 @@ def convert_gguf(path: str | os.PathLike, output: str | os.PathLike, progress: b
     """Store every tensor of a GGUF file as its GGML blocks, with the file's metadata in the footer."""
     from tqdm.auto import tqdm
 
-    from llm_workbook.store.convert import ConversionReport, StoreWriter, write_error
+    from llm_workbook.store.writer import ConversionReport, StoreWriter, write_error
 
     src = open_gguf(path)
     current = "(none)"
@@ -461,14 +378,6 @@ def _metadata(src: GGUFSource, label: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- Parquet -> GGUF
 
 
-def gguf_metadata(loader) -> dict:
-    text = loader.metadata.get(META_GGUF)
-    if not text:
-        raise StoreError(f"{loader.path}: not converted from a GGUF file (no {META_GGUF} metadata); "
-                         f"export it as an HF directory instead")
-    return json.loads(text)
-
-
 def export_gguf(parquet_path: str | os.PathLike, out_path: str | os.PathLike, progress: bool = True) -> list[str]:
     """Write the GGUF file back; returns how its layout differs from the source's (empty: identical).
 
@@ -477,7 +386,7 @@ def export_gguf(parquet_path: str | os.PathLike, out_path: str | os.PathLike, pr
     """
     from llm_workbook.store.loader import WeightLoaderV2
 
-    gguf = _gguf()
+    gguf = gguf_package()
     T = gguf.GGUFValueType
     loader = WeightLoaderV2(parquet_path)
     meta = gguf_metadata(loader)
@@ -494,7 +403,7 @@ def export_gguf(parquet_path: str | os.PathLike, out_path: str | os.PathLike, pr
         writer.data_alignment = meta["alignment"]
         for item in meta["kv"]:
             sub = T[item["sub_type"]] if item["sub_type"] else None
-            writer.add_key_value(item["key"], _kv_value(item, gguf), T[item["type"]], sub_type=sub)
+            writer.add_key_value(item["key"], kv_value(item, gguf), T[item["type"]], sub_type=sub)
         for entry in meta["tensors"]:
             name = entry["hf_name"] or entry["gguf_name"]
             info = loader.rows.get(name)

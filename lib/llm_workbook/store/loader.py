@@ -477,7 +477,7 @@ class WeightLoaderV2:
         files = {names.file_name(name, source=self.path, entry="side file"): _base64(data, self.path, name)
                  for name, data in raw.items()}
         if not files and S.META_GGUF in self.metadata:
-            from llm_workbook.store.gguf import tokenizer_files  # GGUF files derive theirs from the stored key-values
+            from llm_workbook.store.gguf_kv import tokenizer_files  # GGUF files derive theirs from the stored key-values
 
             try:
                 files = tokenizer_files(self)
