@@ -70,7 +70,7 @@ def gguf(data: bytes) -> None:
 
 def safetensors(data: bytes) -> None:
     """A checkpoint directory's safetensors file, as ``llmc convert`` opens it."""
-    from llm_workbook.store.sources import open_checkpoint
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     with _file(data, "model.safetensors") as path:
         (path.parent / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))

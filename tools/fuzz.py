@@ -37,7 +37,7 @@ def fuzz_once(target: str, corpus: Path, seconds: int, timeout: int, rss_limit_m
         import llm_compression.inference.weight_loader  # noqa: F401
         import llm_workbook.store.gguf  # noqa: F401
         import llm_workbook.store.loader  # noqa: F401
-        import llm_workbook.store.sources  # noqa: F401
+        import llm_workbook.store.checkpoint  # noqa: F401
     found = fuzz_targets.CASES / target
     found.mkdir(parents=True, exist_ok=True)
     atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={seconds}", f"-timeout={timeout}",

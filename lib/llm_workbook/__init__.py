@@ -7,6 +7,8 @@ from llm_workbook.errors import StoreError, UnsupportedFormatError  # noqa: E402
 from llm_workbook.formats.base import QuantizedTensor  # noqa: E402
 from llm_workbook.store.convert import HuggingFaceToParquetConverter, export_to_hf  # noqa: E402
 from llm_workbook.store.loader import WeightLoaderV2  # noqa: E402
+from llm_workbook.store.source import Source  # noqa: E402
+from llm_workbook.workbook import builtins as _builtins  # noqa: E402, F401 - registers builtin: names with Source.of
 
 _LAZY = {
     "PrecisionValidator": ("evaluation.validator", "PrecisionValidator"),
@@ -32,6 +34,7 @@ __all__ = [
     "load_model",
     "HuggingFaceToParquetConverter",
     "QuantizedTensor",
+    "Source",
     "StoreError",
     "UnsupportedFormatError",
     "WeightLoaderV2",

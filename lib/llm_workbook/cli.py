@@ -99,10 +99,9 @@ def _cmd_inspect(args) -> int:
 
 def _aios_verdict(path: str, loader) -> dict | str:
     """What AI-OS's own loader would make of the file, tensor by tensor (see store.aios)."""
-    from llm_workbook.store import remote
     from llm_workbook.store.aios import aios_findings, summarize_findings
 
-    if remote.is_remote(path):
+    if loader.remote:
         return "not checked for remote files"
     found = summarize_findings(aios_findings(path, loader))
     parts = [f"{found.get(k, 0)} {k}" for k in ("reads right", "raises", "reads wrong") if found.get(k)]

@@ -6,6 +6,10 @@ class StoreError(ValueError):
     """Bad input or a broken file; the message names the file and the tensor."""
 
 
+class SourceNotFoundError(StoreError):
+    """A named model that is nowhere: no such file or directory, and not a hub id."""
+
+
 class UnsupportedFormatError(StoreError):
     """A checkpoint or tensor whose quantization format we do not read."""
 

@@ -52,6 +52,7 @@ from llm_workbook.evaluation.scoring import (
 )
 from llm_workbook.memory import return_freed_memory
 from llm_workbook.runtime.embeddings import split_sentences
+from llm_workbook.store.source import Source
 from llm_workbook.runtime.load import (
     load_model,
     load_tokenizer,
@@ -91,19 +92,19 @@ def _sentences(texts: list[str], max_sentences: int) -> list[str]:
     return out[:max_sentences]
 
 
-def _sizes(orig_info, cand_info) -> dict:
-    sizes = {"original": _size(orig_info), "candidate": _size(cand_info)}
+def _sizes(original: Source, candidate: Source, orig_info, cand_info) -> dict:
+    sizes = {"original": _size(original, orig_info), "candidate": _size(candidate, cand_info)}
     if sizes["original"].get("file_bytes"):
         sizes["candidate_vs_original_bytes"] = sizes["candidate"]["file_bytes"] / sizes["original"]["file_bytes"]
     return sizes
 
 
-def _size(info) -> dict:
+def _size(source: Source, info) -> dict:
     """Size on disk of the model as given; bits per weight from the Parquet file when there is one
     (a quantized HF directory's temporary conversion counts quantized groups by their real shape)."""
     from llm_workbook.evaluation import perf as perf_module
 
-    size = perf_module.model_size(info.source)
+    size = perf_module.model_size(source)
     if info.converted and info.parquet and Path(info.parquet).is_file():
         exact = perf_module.model_size(info.parquet)
         for key in ("parameters", "bits_per_weight", "compression_vs_bf16", "quantized_bits_per_weight", "formats"):
@@ -194,8 +195,8 @@ class EvaluationSettings:
 
 
 def evaluate(
-    original: str | os.PathLike,
-    candidate: str | os.PathLike,
+    original: Source | str | os.PathLike,
+    candidate: Source | str | os.PathLike,
     settings: EvaluationSettings | None = None,
     **options: Any,
 ) -> EvaluationRecord:
@@ -218,7 +219,7 @@ def evaluate(
         raise ValueError(f"perf_models may name 'original' and 'candidate', got {sorted(unknown)}")
     if s.context_length < 1:
         raise ValueError(f"context_length must be >= 1, got {s.context_length}")
-    original, candidate = str(original), str(candidate)
+    original, candidate = Source.of(original), Source.of(candidate)
     orig_config = read_config(original)
     check_compatible(original, candidate, orig_config, read_config(candidate))
 
@@ -260,9 +261,9 @@ def _estimates(intervals: dict) -> dict:
             "kld": {"mean": est("kld_mean")}, "top1_agreement": est("top1_agreement"), "intervals": intervals}
 
 
-def _check_same_kind(original: str, candidate: str, orig_info, cand_info) -> None:
+def _check_same_kind(original: Source, candidate: Source, orig_info, cand_info) -> None:
     if orig_info.kind != cand_info.kind or orig_info.architecture != cand_info.architecture:
-        raise EvaluationFault(f"original {original!r} loads as {orig_info.architecture} but candidate {candidate!r} "
+        raise EvaluationFault(f"original '{original}' loads as {orig_info.architecture} but candidate '{candidate}' "
                               f"as {cand_info.architecture}: different architectures")
 
 
@@ -278,7 +279,7 @@ def _prompts(tokenizer, ids: torch.Tensor, s: EvaluationSettings) -> list[torch.
     return prompts
 
 
-def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_texts: list[str],
+def _score_causal(original: Source, candidate: Source, s: EvaluationSettings, source_texts: list[str],
                   user_texts: list[str] | None, recorded: dict):
     """One model in memory at a time: the original's side comes from the cache (or is computed and stored
     first), then the candidate is loaded and scored against it."""
@@ -311,11 +312,11 @@ def _score_causal(original: str, candidate: str, s: EvaluationSettings, source_t
     if tasks:
         metrics["tasks"] = task_metrics(ref, cand_model, tokenizer, tasks, s.lm_eval_limit)
     metrics["weight_error"] = weight_errors(OriginalWeights(original, s.dtype), cand_model, cand_info.quantized_layers)
-    sizes = _sizes(orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
+    sizes = _sizes(original, candidate, orig_info, cand_info)  # while the candidate (and any temporary conversion of it) exists
     return metrics, orig_info, cand_info, sizes
 
 
-def _score_encoder(original: str, candidate: str, s: EvaluationSettings, source_texts: list[str],
+def _score_encoder(original: Source, candidate: Source, s: EvaluationSettings, source_texts: list[str],
                    user_texts: list[str] | None, recorded: dict):
     orig_model, orig_info = load_model(original, **s.load)
     cand_model, cand_info = load_model(candidate, **s.load)
@@ -328,10 +329,10 @@ def _score_encoder(original: str, candidate: str, s: EvaluationSettings, source_
     recorded.update({"max_length": s.context_length, "num_sentences": len(sentences), "batch_size": s.batch_size})
     metrics = encoder_metrics(orig_model, cand_model, tokenizer, sentences, s.context_length, s.batch_size)
     metrics["weight_error"] = weight_errors(orig_model, cand_model, cand_info.quantized_layers)
-    return metrics, orig_info, cand_info, _sizes(orig_info, cand_info)  # the models go before perf runs
+    return metrics, orig_info, cand_info, _sizes(original, candidate, orig_info, cand_info)  # the models go before perf runs
 
 
-def _perf_block(original: str, candidate: str, s: EvaluationSettings, cand_info) -> dict:
+def _perf_block(original: Source, candidate: Source, s: EvaluationSettings, cand_info) -> dict:
     from llm_workbook.evaluation import perf as perf_module
 
     settings = s.perf if isinstance(s.perf, perf_module.PerfSettings) else perf_module.PerfSettings()

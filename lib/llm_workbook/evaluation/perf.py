@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from llm_workbook.store.source import Kind, Source
 from llm_workbook.evaluation.measure import (greedy_decode, peak_rss_bytes, release_freed_memory, reset_peak_rss,
                                               rss_bytes, run_child, summarize, timed)
 
@@ -74,31 +75,30 @@ class PerfSettings:
 # ============================================================================================
 
 
-def model_size(source: str | os.PathLike) -> dict:
+def model_size(source: Source | str | os.PathLike) -> dict:
     """Bytes on disk, parameters and bits per weight of a Parquet file or an HF checkpoint.
 
     Parquet files use ``inventory.summary`` (quantized groups counted by their dequantized shape);
     an HF directory counts its safetensors files (exact for unquantized checkpoints).
     """
     from llm_workbook.store import inventory
-    from llm_workbook.store.loader import WeightLoaderV2
 
-    if str(source).endswith(".parquet"):
-        s = inventory.summary(WeightLoaderV2(source))
-        return {"path": str(source), "file_bytes": s["file_bytes"], "stored_bytes": s["stored_bytes"],
+    source = Source.of(source)
+    if source.is_parquet:
+        s = inventory.summary(source.loader())
+        return {"path": source.name, "file_bytes": s["file_bytes"], "stored_bytes": s["stored_bytes"],
                 "parameters": s["parameters"], "bits_per_weight": s["bits_per_weight"],
                 "compression_vs_bf16": s["compression_vs_bf16"], "quantized_bits_per_weight": s["quantized_bits_per_weight"],
                 "formats": s["formats"]}
     from llm_workbook.schema import torch_dtype
-    from llm_workbook.store.gguf import is_gguf_file
-    from llm_workbook.store.sources import open_checkpoint, resolve_source
 
-    if is_gguf_file(source):  # its blocks' sizes: convert it to Parquet for bits per weight
-        return {"path": str(source), "file_bytes": os.path.getsize(source), "stored_bytes": None, "parameters": None,
+    if source.kind is Kind.GGUF:  # its blocks' sizes: convert it to Parquet for bits per weight
+        gguf = source.gguf()
+        return {"path": str(gguf), "file_bytes": os.path.getsize(gguf), "stored_bytes": None, "parameters": None,
                 "bits_per_weight": None, "compression_vs_bf16": None, "quantized_bits_per_weight": None, "formats": None}
 
-    root = resolve_source(source)
-    ckpt = open_checkpoint(root)
+    root = source.root()
+    ckpt = source.checkpoint()
     stored = numel = 0
     for info in ckpt.tensors.values():
         n = 1
@@ -135,29 +135,30 @@ NOT_GGUF = "not a GGUF checkpoint: llama.cpp runs GGUF files only"  # no llama.c
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make llama-cpp` builds it into .venv (about 4 minutes)"
 
 
-def _is_gguf(source: str) -> bool:
+def _is_gguf(source: Source | str) -> bool:
     """A GGUF file, or a Parquet file of GGUF blocks (which export writes back byte for byte)."""
-    from llm_workbook.store.gguf import is_gguf_file
-    from llm_workbook.store.loader import WeightLoaderV2
-
-    if is_gguf_file(source):
+    source = Source.of(source)
+    if source.kind is Kind.GGUF:
         return True
-    return source.endswith(".parquet") and "gguf" in {i.format for i in WeightLoaderV2(source).rows.values()}
+    return source.is_parquet and "gguf" in {i.format for i in source.loader().rows.values()}
 
 
-def _measure_llama_cpp(source: str, common: dict, settings: PerfSettings, workdir: Path) -> dict:
+def _measure_llama_cpp(source: Source | str, common: dict, settings: PerfSettings, workdir: Path) -> dict:
     """The llama.cpp runtime: what the GGUF runs at in llama.cpp itself, or why there is no figure."""
+    source = Source.of(source)
     import importlib.util
 
-    from llm_workbook.store.gguf import export_gguf, is_gguf_file
+    from llm_workbook.store.gguf import export_gguf
 
     if not _is_gguf(source):
         return {"unavailable": NOT_GGUF}
     if importlib.util.find_spec("llama_cpp") is None:
         return {"unavailable": LLAMA_CPP_MISSING}
-    gguf = source if is_gguf_file(source) else str(workdir / "model.gguf")
-    if gguf != source:
-        export_gguf(source, gguf, progress=False)
+    if source.kind is Kind.GGUF:
+        gguf = str(source.gguf())
+    else:
+        gguf = str(workdir / "model.gguf")
+        export_gguf(source.location, gguf, progress=False)
     return run_child(f"{__name__}:child_llama_cpp", {"op": "llama.cpp", "via": "gguf", "source": gguf, **common},
                      settings.timeout_s)
 
@@ -192,29 +193,30 @@ def against_bandwidth(run: dict, bandwidth: dict) -> dict:
     return {"limit_tokens_per_s": limit, "fraction_of_limit": decode / limit}
 
 
-def _store_copy(source: str, workdir: Path) -> str:
+def _store_copy(source: Source | str, workdir: Path) -> str:
     """The source in the Parquet store (written into ``workdir``): a GGUF file as its blocks, an HF directory
     through the converter."""
-    from llm_workbook.store.gguf import convert_gguf, is_gguf_file
+    source = Source.of(source)
+    from llm_workbook.store.gguf import convert_gguf
 
-    if is_gguf_file(source):
-        convert_gguf(source, workdir / "gguf.parquet", progress=False)
+    if source.kind is Kind.GGUF:
+        convert_gguf(source.gguf(), workdir / "gguf.parquet", progress=False)
         return str(workdir / "gguf.parquet")
     return _counterparts(source, workdir)[0]
 
 
-def _counterparts(source: str, workdir: Path) -> tuple[str, str]:
+def _counterparts(source: Source | str, workdir: Path) -> tuple[str, str]:
     """(parquet, hf_dir) holding the same checkpoint; the missing one is written into ``workdir``."""
-    if source.endswith(".parquet"):
+    source = Source.of(source)
+    if source.is_parquet:
         from llm_workbook.store.convert import export_to_hf
 
-        return source, str(export_to_hf(source, workdir / "hf", progress=False))
+        return os.fspath(source), str(export_to_hf(source.location, workdir / "hf", progress=False))
     from llm_workbook.store.convert import HuggingFaceToParquetConverter
-    from llm_workbook.store.sources import resolve_source
 
-    root = resolve_source(source)
+    root = source.root()
     parquet = workdir / "model.parquet"
-    HuggingFaceToParquetConverter(progress=False).convert(root, parquet)
+    HuggingFaceToParquetConverter(progress=False).convert(source, parquet)
     return str(parquet), str(root)
 
 
@@ -239,7 +241,7 @@ def measure(
     """
     settings = settings or PerfSettings()
     runtimes = () if keep_packed else settings.runtimes
-    source = str(source)
+    source = Source.of(source)
     common = {"dtype": str(dtype).removeprefix("torch."), "task": task, "activation_quant": activation_quant,
               "keep_packed": keep_packed, "settings": {**asdict(settings), "runtimes": list(settings.runtimes)}}
     workdir = Path(tempfile.mkdtemp(prefix="llmc-perf-"))
@@ -248,7 +250,7 @@ def measure(
         if settings.compare_hf_load:
             parquet, hf_dir = _counterparts(source, workdir)
         else:
-            parquet, hf_dir = (source, None) if source.endswith(".parquet") else (None, source)
+            parquet, hf_dir = (os.fspath(source), None) if source.is_parquet else (None, os.fspath(source))
         disk = {"source_bytes": model_size(source)["file_bytes"],
                 "parquet_bytes": os.path.getsize(parquet) if parquet else None}
         if parquet and hf_dir:
@@ -279,7 +281,7 @@ def measure(
                 elif name == "gpu":
                     from llm_workbook.evaluation.perf_gpu import measure_gpu
 
-                    result = measure_gpu(stored, _is_gguf(source), common, settings, workdir)
+                    result = measure_gpu(Source.of(stored), _is_gguf(source), common, settings, workdir)
                 else:
                     spec = {**common, "dtype": how["dtype"], "kernels": how["kernels"], "activation_quant": False}
                     result = run_child(f"{__name__}:child_run", {"op": "run", "via": "source", "source": stored, **spec},
@@ -289,16 +291,16 @@ def measure(
                 measured[name] = {"runtime": how["label"], **result, **limit}
             run = measured[runtimes[0]]
         else:
-            run = run_child(f"{__name__}:child_run", {"op": "run", "via": "source", "source": source, **common},
+            run = run_child(f"{__name__}:child_run", {"op": "run", "via": "source", "source": os.fspath(source), **common},
                             settings.timeout_s)
         if "error" in run:
             raise RuntimeError(f"perf: run failed: {run['error']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if not (load["parquet_s"] or load["hf_s"]):  # no comparison: the run's first load, from where it loaded
-        from_store = bool(runtimes) or str(source).endswith(".parquet")
+        from_store = bool(runtimes) or source.is_parquet
         load["parquet_s" if from_store else "hf_s"] = summarize([run["first_load_s"]])
-    result = {"source": source, "settings": common, "load": load, **run, "disk": disk}
+    result = {"source": source.name, "settings": common, "load": load, **run, "disk": disk}
     if runtimes:
         result.pop("runtime", None)
         result.update(runtimes=measured, bandwidth=bandwidth)

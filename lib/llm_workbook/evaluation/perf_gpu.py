@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llm_workbook.store.source import Source
 from llm_workbook.evaluation.measure import greedy_decode, peak_rss_bytes, run_child, summarize
 
 NO_CUDA = ("no CUDA device on this machine: on one, install a CUDA build of torch (and vLLM for its kernels) "
@@ -38,18 +39,19 @@ def gpu_device() -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
-def measure_gpu(source: str, is_gguf: bool, common: dict, settings, workdir: Path) -> dict:
+def measure_gpu(source: Source | str, is_gguf: bool, common: dict, settings, workdir: Path) -> dict:
     """The GPU runtime's figures for one checkpoint (a Parquet file or an HF directory), or why there are none."""
     device = gpu_device()
     if device is None:
         return {"unavailable": NO_CUDA}
     if is_gguf:
         return {"unavailable": GGUF_ON_GPU}
-    hf_dir = source
-    if source.endswith(".parquet"):  # the checkpoint as it was published: the store gives its tensors back exactly
+    source = Source.of(source)
+    hf_dir = os.fspath(source)
+    if source.is_parquet:  # the checkpoint as it was published: the store gives its tensors back exactly
         from llm_workbook.store.convert import export_to_hf
 
-        hf_dir = str(export_to_hf(source, workdir / "gpu-hf", progress=False))
+        hf_dir = str(export_to_hf(source.location, workdir / "gpu-hf", progress=False))
     engine = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
     return run_child(f"{__name__}:child_gpu", {**common, "op": "gpu", "via": engine, "device": device, "source": hf_dir},
                       settings.timeout_s)
@@ -72,7 +74,7 @@ def checkpoint_bytes_per_token(hf_dir: str) -> int:
     """Bytes of a checkpoint's tensors one decoded token reads: all of them once, except the token embedding
     table of which it reads one row (unless no separate output head is stored, then the table is the head)."""
     from llm_workbook.schema import torch_dtype
-    from llm_workbook.store.sources import open_checkpoint
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(Path(hf_dir))
     total, embedding = 0, None
@@ -133,7 +135,7 @@ def _prompt_ids(vocab: int, n_prompt: int) -> list[int]:
 
 def _quantization(hf_dir: str) -> str:
     """How the checkpoint's layers run on the GPU: its quantization method, or dense."""
-    from llm_workbook.store.sources import open_checkpoint
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     config = open_checkpoint(Path(hf_dir)).quantization_config or {}
     method = config.get("quant_method") or config.get("format")

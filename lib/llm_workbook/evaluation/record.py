@@ -205,21 +205,21 @@ def check_compatible(original: str, candidate: str, orig_config: dict, cand_conf
     for key in ARCHITECTURE_FIELDS:
         a, b = orig_config.get(key), cand_config.get(key)
         if a is not None and b is not None and a != b:
-            raise EvaluationFault(f"original {original!r} and candidate {candidate!r} are different architectures: "
+            raise EvaluationFault(f"original '{original}' and candidate '{candidate}' are different architectures: "
                              f"{key} {a!r} vs {b!r}")
     arch_a, arch_b = orig_config.get("architectures"), cand_config.get("architectures")
     if arch_a and arch_b and arch_a[0] != arch_b[0]:
-        raise EvaluationFault(f"original {original!r} and candidate {candidate!r} are different architectures: "
+        raise EvaluationFault(f"original '{original}' and candidate '{candidate}' are different architectures: "
                          f"{arch_a[0]} vs {arch_b[0]}")
     va, vb = orig_config.get("vocab_size"), cand_config.get("vocab_size")
     if va != vb:
-        raise EvaluationFault(f"original {original!r} has vocab_size {va} but candidate {candidate!r} has {vb}: "
+        raise EvaluationFault(f"original '{original}' has vocab_size {va} but candidate '{candidate}' has {vb}: "
                          "their outputs cannot be compared token by token")
 
 
 def check_tokenizers(original: str, candidate: str, tok_a, tok_b) -> None:
     if tok_a.get_vocab() != tok_b.get_vocab():
-        raise EvaluationFault(f"original {original!r} and candidate {candidate!r} have different tokenizer vocabularies "
+        raise EvaluationFault(f"original '{original}' and candidate '{candidate}' have different tokenizer vocabularies "
                          f"({len(tok_a)} vs {len(tok_b)} entries)")
 
 

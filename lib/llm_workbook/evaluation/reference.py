@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from llm_workbook.paths import __version__
 from llm_workbook.store import atomic
+from llm_workbook.store.source import Kind, Source
 
 FORMAT_VERSION = 2  # 2: per-token NLL of the original (nll.<i>)
 
@@ -45,15 +46,16 @@ def _checksum(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(tensor.contiguous().view(torch.uint8).numpy())
 
 
-def source_identity(source: str | os.PathLike) -> dict:
+def source_identity(source: Source | str | os.PathLike) -> dict:
     """What changes when the original's weights change: its files' names, sizes and mtimes, and config.json."""
-    from llm_workbook.store.remote import identity, is_remote
+    from llm_workbook.store.remote import identity
 
-    if is_remote(str(source)):
-        return identity(str(source))
-    path = Path(str(source))
+    source = Source.of(source)
+    if source.kind is Kind.REMOTE:
+        return identity(source.name)
+    path = source.path or Path(source.name)  # a hub id: no local files to follow (its revision is in its name)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
-    identity = {"source": str(source)}
+    identity = {"source": source.name}
     for p in files:
         stat = p.stat()
         identity[p.name] = [stat.st_size, stat.st_mtime_ns]

@@ -20,12 +20,10 @@ from llm_workbook.evaluation import uncertainty as U
 from llm_workbook.evaluation.record import EvaluationFault
 from llm_workbook.memory import return_freed_memory
 from llm_workbook.runtime.embeddings import pool_embeddings
-from llm_workbook.runtime.load import (
-    is_parquet,
-    load_model,
-)
+from llm_workbook.runtime.load import load_model
 from llm_workbook.runtime.packed import PackedLinear
 from llm_workbook.store.loader import WeightLoaderV2
+from llm_workbook.store.source import Source
 
 # ============================================================================================
 # Running the models
@@ -181,7 +179,7 @@ def is_causal(config: dict, task: str | None) -> bool:
     return not architectures or any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
-def original_side(original: str, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
+def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[torch.Tensor], gen_tokens: int,
                   load: dict, cache: str | os.PathLike | bool | None, precision: str = "float32",
                   tasks: tuple[str, ...] = (), task_limit: int | None = None, tokenizer=None, progress: bool = False):
     """The original's side: read from the cache when the same inputs were scored before, else computed
@@ -296,15 +294,14 @@ def task_metrics(ref: "reference.ReferenceSide", cand: nn.Module, tokenizer, tas
 class OriginalWeights:
     """The original's weights by module name, read from its file one at a time (the model is not loaded)."""
 
-    def __init__(self, source: str, dtype: torch.dtype):
+    def __init__(self, source: Source | str, dtype: torch.dtype):
         self.dtype = dtype
-        if is_parquet(source):
-            self.loader = WeightLoaderV2(source)
+        source = Source.of(source)
+        if source.is_parquet:
+            self.loader = source.loader()
             self.names = set(self.loader.keys())
         else:
-            from llm_workbook.store.sources import open_checkpoint, resolve_source
-
-            self.loader = open_checkpoint(resolve_source(source))
+            self.loader = source.checkpoint()
             self.names = set(self.loader.tensors)
 
     def get(self, module: str) -> torch.Tensor | None:

@@ -102,7 +102,8 @@ def run_angelslim(src, out_dir: str | os.PathLike, method: str, calib_samples: i
     than ``timeout_s`` or leaves an incomplete output fails with that reason (``AngelSlimError``)."""
     from transformers import AutoTokenizer
 
-    from llm_workbook.store.sources import open_checkpoint, resolve_source
+    from llm_workbook.store.source import Source
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     python = Path(python) if python else ANGELSLIM_PYTHON
     out_dir = Path(out_dir)
@@ -119,10 +120,11 @@ def run_angelslim(src, out_dir: str | os.PathLike, method: str, calib_samples: i
     check_output(out_dir, "gptq")  # a new or empty directory
     work = Path(tempfile.mkdtemp(prefix=".llmc-angelslim-", dir=out_dir.parent)).resolve()  # absolute: cwd differs
     try:
-        if Path(src).is_file():
-            model_dir = export_to_hf(src, work / "model", progress=progress)
+        source = Source.of(src)
+        if source.is_parquet:
+            model_dir = export_to_hf(source.location, work / "model", progress=progress)
         else:
-            model_dir = resolve_source(src).resolve()  # the subprocess runs in the repo root
+            model_dir = source.root().resolve()  # the subprocess runs in the repo root
         if open_checkpoint(model_dir).quantization_config:
             raise QuantizeError(f"{src}: AngelSlim quantizes an unquantized checkpoint; this one already has a "
                                 f"quantization_config")

@@ -48,7 +48,7 @@ from llm_workbook.quantize.options import (
     COUNTERPARTS, OUT_FORMATS, PTQ_METHODS, ComparisonResult, Options, QuantizeResult, check_output,
     ptq_options,
 )
-from llm_workbook.quantize.sources import Source, SourceLayers, meta_model, open_source, skeleton_model, source_weight
+from llm_workbook.quantize.sources import QuantizeSource, SourceLayers, meta_model, open_source, skeleton_model, source_weight
 from llm_workbook.quantize.write import write_gptq_dir, write_parquet
 
 # ==================================================================================================
@@ -56,7 +56,7 @@ from llm_workbook.quantize.write import write_gptq_dir, write_parquet
 # ==================================================================================================
 
 
-def _calibration_ids(source: Source, options: Options) -> torch.Tensor:
+def _calibration_ids(source: QuantizeSource, options: Options) -> torch.Tensor:
     tokenizer = source.tokenizer()
     try:
         return corpus.calibration_samples(tokenizer, options.calib_samples, options.calib_seq_len, options.seed,
@@ -65,7 +65,7 @@ def _calibration_ids(source: Source, options: Options) -> torch.Tensor:
         raise QuantizeError(f"{source.label}: calibration data: {exc}") from None
 
 
-def _quantizable_linears(source: Source, model: torch.nn.Module, options: Options) -> dict:
+def _quantizable_linears(source: QuantizeSource, model: torch.nn.Module, options: Options) -> dict:
     """The Linears to quantize (not skipped), refusing one that shares its weight with the input embeddings."""
     targets = ptq.find_quantizable_linears(model, options.skip)
     if not targets:
@@ -78,7 +78,7 @@ def _quantizable_linears(source: Source, model: torch.nn.Module, options: Option
     return targets
 
 
-def _run_ptq(source: Source, options: Options, out_format: str, progress: bool) -> dict[str, ptq.QuantizedLinear]:
+def _run_ptq(source: QuantizeSource, options: Options, out_format: str, progress: bool) -> dict[str, ptq.QuantizedLinear]:
     if options.method == "gptq":  # one decoder layer resident at a time (see SourceLayers)
         model, layer_weights = skeleton_model(source), SourceLayers(source)
     else:
@@ -125,7 +125,7 @@ class _StreamedRTN(Mapping):
     Which Linears to quantize comes from the architecture built on the meta device (no weights), with
     the same skip list and tied-embedding check as the in-memory path."""
 
-    def __init__(self, source: Source, options: Options):
+    def __init__(self, source: QuantizeSource, options: Options):
         self.source, self.options = source, options
         self.names = list(_quantizable_linears(source, meta_model(source), options))
 

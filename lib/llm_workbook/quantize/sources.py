@@ -20,6 +20,7 @@ from llm_workbook.quantize.options import TORCH_DTYPE_NAMES
 from llm_workbook.store.convert import HuggingFaceToParquetConverter, source_metadata
 from llm_workbook.store.writer import all_finite
 from llm_workbook.store.loader import DENSE, WeightLoaderV2
+from llm_workbook.store.source import Source
 
 
 def dtype_code_of_config(config: dict) -> str | None:
@@ -34,7 +35,7 @@ def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
         raise QuantizeError(f"{where}: tensor {name!r} holds {bad} NaN/Inf values")
 
 
-class Source:
+class QuantizeSource:
     """A source model: float32 model, tokenizer, stored tensors in order, and metadata to carry over."""
 
     label: str
@@ -73,11 +74,11 @@ class Source:
         pass
 
 
-class HFSource(Source):
+class HFSource(QuantizeSource):
     """An unquantized HF directory: tensors straight from its safetensors."""
 
     def __init__(self, label: str, root: Path, progress: bool = True):
-        from llm_workbook.store.sources import open_checkpoint
+        from llm_workbook.store.checkpoint import open_checkpoint
 
         self.label = label
         self.progress = progress
@@ -128,7 +129,7 @@ class HFSource(Source):
         return source_metadata(self.ckpt, self.label)
 
 
-class ParquetSource(Source):
+class ParquetSource(QuantizeSource):
     """A Parquet weight file (ours, or a quantized HF checkpoint converted to a temporary one)."""
 
     def __init__(self, label: str, path: Path, temp_dir: Path | None = None):
@@ -183,29 +184,26 @@ class ParquetSource(Source):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def open_source(src: str | os.PathLike, scratch_parent: Path, progress: bool) -> Source:
-    from llm_workbook.store.sources import open_checkpoint, resolve_source
-
-    text = str(src)
-    path = Path(src)
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise QuantizeError(f"{src}: expected an HF checkpoint directory, a hub id or a .parquet weight file")
-        return ParquetSource(text, path)
-    root = resolve_source(src)
-    if not open_checkpoint(root).quantization_config:
-        return HFSource(text, root, progress)
+def open_source(src: Source | str | os.PathLike, scratch_parent: Path, progress: bool) -> QuantizeSource:
+    source = Source.of(src)
+    if source.is_parquet:
+        return ParquetSource(source.name, source.location)
+    if not source.is_checkpoint:
+        raise QuantizeError(f"{source}: expected an HF checkpoint directory, a hub id or a .parquet weight file")
+    root = source.root()
+    if not source.checkpoint().quantization_config:
+        return HFSource(source.name, root, progress)
     # Already quantized: read it through our own formats (dequantized to float32 for the model).
     temp_dir = Path(tempfile.mkdtemp(prefix=".llmc-quantize-src-", dir=scratch_parent))
     try:
-        HuggingFaceToParquetConverter(progress=progress).convert(root, temp_dir / "source.parquet")
-        return ParquetSource(text, temp_dir / "source.parquet", temp_dir=temp_dir)
+        HuggingFaceToParquetConverter(progress=progress).convert(source, temp_dir / "source.parquet")
+        return ParquetSource(source.name, temp_dir / "source.parquet", temp_dir=temp_dir)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
 
-def meta_model(source: Source, buffers: bool = False) -> torch.nn.Module:
+def meta_model(source: QuantizeSource, buffers: bool = False) -> torch.nn.Module:
     """The source's architecture with no weights (the meta device): the class its ``architectures``
     name, as ``source.model()`` builds it (an HF directory loads as a causal LM). ``buffers``: keep the
     buffers real (rotary frequencies, computed at construction), so the model can run once its
@@ -230,7 +228,7 @@ def meta_model(source: Source, buffers: bool = False) -> torch.nn.Module:
         raise QuantizeError(f"{source.label}: transformers cannot build the architecture ({exc})") from None
 
 
-def source_weight(source: Source, name: str) -> torch.Tensor:
+def source_weight(source: QuantizeSource, name: str) -> torch.Tensor:
     """Parameter NAME in float32, as ``source.model()`` would hold it (a layer the source stores
     quantized arrives dequantized)."""
     layer, _, leaf = name.rpartition(".")
@@ -249,7 +247,7 @@ def _set_parameters(module: torch.nn.Module, values) -> None:
         set_module_tensor_to_device(module, name, "cpu" if value is not None else "meta", value=value)
 
 
-def skeleton_model(source: Source) -> torch.nn.Module:
+def skeleton_model(source: QuantizeSource) -> torch.nn.Module:
     """The float32 model for GPTQ with its decoder layers left on the meta device (``SourceLayers``
     loads one at a time) and the output embeddings too (GPTQ's forwards stop inside the last layer)."""
     model = meta_model(source, buffers=True)
@@ -266,7 +264,7 @@ def skeleton_model(source: Source) -> torch.nn.Module:
 class SourceLayers:
     """``ptq.LayerWeights`` reading a decoder layer's parameters from the source, in float32."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: QuantizeSource):
         self.source = source
 
     def load(self, prefix: str, layer: torch.nn.Module) -> None:

@@ -19,7 +19,7 @@ from llm_workbook.formats import get_format
 from llm_workbook.formats import ptq as ptq_format
 from llm_workbook.formats.base import Row
 from llm_workbook.quantize.options import TORCH_DTYPE_NAMES, Options
-from llm_workbook.quantize.sources import ParquetSource, Source
+from llm_workbook.quantize.sources import ParquetSource, QuantizeSource
 from llm_workbook.store.writer import StoreWriter, staged_directory
 from llm_workbook.store.loader import DENSE
 
@@ -51,7 +51,7 @@ def config_text_with(config: dict, qconfig: dict[str, Any] | None) -> str:
     return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
 
-def source_record(source: Source, backend: str, options: dict[str, Any]) -> str:
+def source_record(source: QuantizeSource, backend: str, options: dict[str, Any]) -> str:
     return json.dumps({
         "source": source.label,
         "quantized_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -60,7 +60,7 @@ def source_record(source: Source, backend: str, options: dict[str, Any]) -> str:
     })
 
 
-def write_parquet(source: Source, results: dict[str, ptq.QuantizedLinear], options: Options, out: Path,
+def write_parquet(source: QuantizeSource, results: dict[str, ptq.QuantizedLinear], options: Options, out: Path,
                    progress: bool) -> float:
     """Write OUT; return the stored bits per weight of the quantized Linears."""
     from tqdm.auto import tqdm
@@ -107,7 +107,7 @@ def write_parquet(source: Source, results: dict[str, ptq.QuantizedLinear], optio
     return 8.0 * q_bytes / q_numel if q_numel else 0.0
 
 
-def _copy_group(source: Source, layer: str, rows: list[str], writer: StoreWriter) -> list[str]:
+def _copy_group(source: QuantizeSource, layer: str, rows: list[str], writer: StoreWriter) -> list[str]:
     """A skipped layer that the source stores quantized: its rows copied verbatim. Returns the export names."""
     assert isinstance(source, ParquetSource)
     loader = source.loader
@@ -121,7 +121,7 @@ def _copy_group(source: Source, layer: str, rows: list[str], writer: StoreWriter
     return [f"{layer}.{s}" if layer else s for s in suffixes]
 
 
-def write_gptq_dir(source: Source, results: dict[str, ptq.QuantizedLinear], options: Options, out: Path,
+def write_gptq_dir(source: QuantizeSource, results: dict[str, ptq.QuantizedLinear], options: Options, out: Path,
                     progress: bool) -> float:
     """Write OUT as an AutoGPTQ v1 directory; return the stored bits per weight of the quantized Linears."""
     from safetensors.torch import save_file

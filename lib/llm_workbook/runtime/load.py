@@ -35,6 +35,7 @@ from llm_workbook.runtime.activations import (
 )
 from llm_workbook.runtime.packed import PackedLinear
 from llm_workbook.store.loader import DENSE, LazyStateDict, WeightLoaderV2
+from llm_workbook.store.source import Source
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -69,31 +70,9 @@ class ModelInfo:
         return asdict(self)
 
 
-def is_parquet(source: str | os.PathLike) -> bool:
-    """A Parquet weight file: a local one that exists, or an s3:// / hf:// URL ending in .parquet."""
-    from llm_workbook.store.remote import is_remote
-
-    return str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file())
-
-
-def read_config(source: str | os.PathLike) -> dict:
+def read_config(source: Source | str | os.PathLike) -> dict:
     """config.json of a Parquet file, an HF directory or a cached hub id, without loading weights."""
-    if is_parquet(source):
-        config = WeightLoaderV2(source).config
-        if not config:
-            raise StoreError(f"{source}: no config.json inside the file")
-        return config
-    if str(source).endswith(".parquet"):
-        raise StoreError(f"{source}: no such Parquet file")
-    from llm_workbook.store.sources import resolve_source
-
-    path = resolve_source(source) / "config.json"
-    if not path.is_file():
-        raise StoreError(f"{path}: missing (every checkpoint needs its config.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc})") from None
+    return Source.of(source).config()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -261,7 +240,7 @@ def _load_parquet(path: Path, source: str, dtype: torch.dtype, task: str | None,
 
 
 def load_model(
-    source: str | os.PathLike,
+    source: Source | str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     task: str | None = None,
     activation_quant: bool = True,
@@ -283,31 +262,27 @@ def load_model(
         ``(model, info)``; ``model.llmc_info`` is ``info`` too.
     """
     start = time.perf_counter()
-    text = str(source)
-    if text.endswith(".parquet"):
-        if not is_parquet(source):
-            raise StoreError(f"{source}: no such Parquet file")
-        location = text if text.startswith(("s3://", "hf://")) else Path(source)
-        model, info = _load_parquet(location, text, dtype, task, activation_quant, keep_packed, converted=False, kernels=kernels)
+    source = Source.of(source)
+    if source.is_parquet:
+        model, info = _load_parquet(source.location, source.name, dtype, task, activation_quant, keep_packed,
+                                    converted=False, kernels=kernels)
     else:
-        from llm_workbook.store.sources import resolve_source
-
-        root = resolve_source(source)
-        config = read_config(root)
-        if config.get("quantization_config"):
+        root = source.root()
+        if source.config().get("quantization_config"):
             from llm_workbook.store.convert import HuggingFaceToParquetConverter
 
             tmp = Path(tempfile.mkdtemp(prefix="llmc-runtime-"))
             parquet = tmp / "model.parquet"
             try:
-                HuggingFaceToParquetConverter(progress=False).convert(root, parquet)
-                model, info = _load_parquet(parquet, text, dtype, task, activation_quant, keep_packed, converted=True, kernels=kernels)
+                HuggingFaceToParquetConverter(progress=False).convert(source, parquet)
+                model, info = _load_parquet(parquet, source.name, dtype, task, activation_quant, keep_packed,
+                                            converted=True, kernels=kernels)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             weakref.finalize(model, shutil.rmtree, str(tmp), True)
         else:
-            model, info = _load_hf(root, text, dtype, task, keep_packed)
+            model, info = _load_hf(root, source.name, dtype, task, keep_packed)
     info.load_seconds = time.perf_counter() - start
     info.seq = getattr(model, "llmc_seq", None)
     model.llmc_info = info
@@ -334,18 +309,17 @@ def _load_hf(root: Path, source: str, dtype: torch.dtype, task: str | None, keep
     return model, info
 
 
-def load_tokenizer(source: str | os.PathLike, model: nn.Module | None = None):
+def load_tokenizer(source: Source | str | os.PathLike, model: nn.Module | None = None):
     """The tokenizer of a Parquet file (it travels inside) or of an HF directory / hub id."""
     loader = getattr(model, "llmc_loader", None) if model is not None else None
     if loader is not None:
         return loader.tokenizer()
-    if str(source).endswith(".parquet"):
-        return WeightLoaderV2(source).tokenizer()
+    source = Source.of(source)
+    if source.is_parquet:
+        return source.loader().tokenizer()
     from transformers import AutoTokenizer
 
-    from llm_workbook.store.sources import resolve_source
-
-    root = resolve_source(source)
+    root = source.root()
     try:
         return AutoTokenizer.from_pretrained(root)
     except Exception as exc:

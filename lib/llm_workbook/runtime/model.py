@@ -89,7 +89,7 @@ def model_from_checkpoint(root: str | os.PathLike, dtype: torch.dtype = torch.fl
     checkpoint's names are not the model's own (``from_pretrained`` renames some legacy ones)."""
     from transformers import AutoConfig
 
-    from llm_workbook.store.sources import open_checkpoint
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(Path(root))
     config = AutoConfig.from_pretrained(root)

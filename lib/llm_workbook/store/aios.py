@@ -280,18 +280,6 @@ def model_metadata(loader) -> dict:
 # --- AI-OS -> our store ----------------------------------------------------------------------------------
 
 
-def is_aios_source(path: str | os.PathLike) -> bool:
-    """An AI-OS V1/V2 Parquet file, or a model directory holding one as ``weights.parquet``."""
-    p = Path(path)
-    target = p / "weights.parquet" if p.is_dir() else p
-    if not target.is_file() or target.suffix != ".parquet":
-        return False
-    try:
-        return S.detect_version(pq.read_schema(target)).is_aios
-    except (pa.ArrowException, OSError, ValueError):
-        return False
-
-
 def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress: bool = True,
                  config_source: str | os.PathLike | None = None):
     """AI-OS's V1/V2 file (or model directory) -> our store, every tensor as its writer meant it.
@@ -354,16 +342,15 @@ def convert_aios(source: str | os.PathLike, output: str | os.PathLike, progress:
 def _config_and_tokenizer(source: str | os.PathLike) -> tuple[str, dict[str, bytes]]:
     """config.json and the side files (tokenizer and the rest) of a weight file, HF directory or hub id, as the
     store keeps them for any checkpoint."""
-    from llm_workbook.store.loader import WeightLoaderV2
-    from llm_workbook.store.remote import is_remote
-    from llm_workbook.store.sources import open_checkpoint, resolve_source
+    from llm_workbook.store.source import Source
 
-    if str(source).endswith(".parquet") and (is_remote(str(source)) or Path(source).is_file()):
-        lender = WeightLoaderV2(source)
+    source = Source.of(source)
+    if source.is_parquet:
+        lender = source.loader()
         if not lender.config_text:
             raise StoreError(f"{source}: no config.json inside the file to lend the AI-OS file")
         return lender.config_text, lender.files
-    checkpoint = open_checkpoint(resolve_source(source))  # a clear error when config.json is missing
+    checkpoint = source.checkpoint()  # a clear error when config.json is missing
     return checkpoint.config_text, checkpoint.side_files
 
 

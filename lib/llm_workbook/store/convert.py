@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from llm_workbook.paths import __version__
 from llm_workbook import formats, schema as S
 from llm_workbook.errors import StoreError
-from llm_workbook.store.aios import convert_aios, is_aios_source
-from llm_workbook.store.gguf import convert_gguf, gguf_files, is_gguf_file
-from llm_workbook.store.sources import Checkpoint, open_checkpoint, resolve_source
+from llm_workbook.store.aios import convert_aios
+from llm_workbook.store.gguf import convert_gguf
+from llm_workbook.store.source import Kind, Source
+from llm_workbook.store.checkpoint import Checkpoint
 from llm_workbook.store.writer import ConversionReport, StoreWriter, check_finite, staged_directory, write_error
 
 
@@ -78,21 +79,21 @@ class HuggingFaceToParquetConverter:
         self.detect_grids = detect_grids
         self.gguf_file = gguf_file
 
-    def convert(self, hf_model_path: str | os.PathLike, output_parquet: str | os.PathLike) -> ConversionReport:
-        if is_aios_source(hf_model_path):
-            return convert_aios(hf_model_path, output_parquet, progress=self.progress)
-        gguf_path = self._gguf_source(hf_model_path)
-        if gguf_path is not None:
-            return convert_gguf(gguf_path, output_parquet, progress=self.progress, label=str(hf_model_path))
-        root = resolve_source(hf_model_path, revision=self.revision)
-        ckpt = open_checkpoint(root, allow_pickle=self.allow_pickle)
+    def convert(self, hf_model_path: str | os.PathLike | Source, output_parquet: str | os.PathLike) -> ConversionReport:
+        source = Source.of(hf_model_path, revision=self.revision, gguf_file=self.gguf_file)
+        if source.kind is Kind.AIOS:
+            return convert_aios(source.path, output_parquet, progress=self.progress)
+        if source.kind is Kind.GGUF:
+            return convert_gguf(source.gguf(), output_parquet, progress=self.progress, label=source.name)
+        root = source.root()
+        ckpt = source.checkpoint(allow_pickle=self.allow_pickle)
         qconfig = ckpt.quantization_config
         fmt = formats.detect(qconfig, ckpt.tensors, source=str(root / "config.json"))
         self._current = "(none)"  # the tensor being written, for the error message
         try:
             with StoreWriter(output_parquet) as writer:  # removed again on any failure or stop signal
                 self._write_rows(ckpt, fmt, qconfig, writer, root)
-                writer.commit(source_metadata(ckpt, str(hf_model_path)))
+                writer.commit(source_metadata(ckpt, source.name))
         except OSError as exc:
             raise write_error(output_parquet, self._current, exc) from None
         return ConversionReport(writer.url or Path(output_parquet), len(ckpt.tensors), writer.row_groups,
@@ -136,22 +137,6 @@ class HuggingFaceToParquetConverter:
                 bar.update(1)
                 del tensor
         bar.close()
-
-    def _gguf_source(self, src: str | os.PathLike) -> Path | None:
-        """The GGUF file to convert: ``src`` itself, or ``gguf_file`` inside a directory or hub repo."""
-        path = Path(src)
-        if path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path)):
-            return path
-        if self.gguf_file is None:
-            if path.is_dir() and not any(path.glob("*.safetensors")) and gguf_files(path):
-                raise StoreError(f"{path}: holds GGUF files {gguf_files(path)} but no safetensors; "
-                                 f"pick one with --gguf-file NAME")
-            return None
-        root = resolve_source(src, revision=self.revision, gguf_file=self.gguf_file)
-        target = root / self.gguf_file
-        if not target.is_file():
-            raise StoreError(f"{target}: no such GGUF file in {src} (GGUF files there: {gguf_files(root)})")
-        return target
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

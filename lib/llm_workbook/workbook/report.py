@@ -17,13 +17,13 @@ import torch
 from llm_workbook import schema as S
 from llm_workbook.store import atomic
 from llm_workbook.store import inventory
-from llm_workbook.store.aios import AiosView, aios_view, convert_aios, is_aios_source
+from llm_workbook.store.aios import AiosView, aios_view, convert_aios
 from llm_workbook.workbook import tables
 from llm_workbook.workbook.status import RunStatus
 from llm_workbook.store.convert import HuggingFaceToParquetConverter, export_to_hf
-from llm_workbook.store.gguf import export_gguf, is_gguf_file
+from llm_workbook.store.gguf import export_gguf
 from llm_workbook.store.loader import WeightLoaderV2
-from llm_workbook.store.remote import is_remote
+from llm_workbook.store.source import Kind, Source
 
 
 @dataclass
@@ -58,14 +58,14 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
-    from llm_workbook.store.sources import open_checkpoint, resolve_source
+def _hf_round_trip(source: Source, parquet: Path, scratch: Path) -> tuple[bool, str]:
+    from llm_workbook.store.checkpoint import open_checkpoint
 
     exported = scratch / "exported"
     shutil.rmtree(exported, ignore_errors=True)
     export_to_hf(parquet, exported, progress=False)
     try:
-        src = open_checkpoint(resolve_source(source))
+        src = source.checkpoint()
         back = open_checkpoint(exported)
         mismatched = [n for n in src.tensors
                       if n not in back.tensors or not _same_bytes(src.read(n), back.read(n))]
@@ -77,12 +77,12 @@ def _hf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, st
     return True, f"all {len(src.tensors)} tensors bit for bit"
 
 
-def _gguf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, str]:
+def _gguf_round_trip(source: Source, parquet: Path, scratch: Path) -> tuple[bool, str]:
     back = scratch / "back.gguf"
     back.unlink(missing_ok=True)
     try:
         differences = export_gguf(parquet, back)
-        same = _sha256(back) == _sha256(source)
+        same = _sha256(back) == _sha256(source.gguf())
     finally:
         back.unlink(missing_ok=True)
     if same:
@@ -90,9 +90,9 @@ def _gguf_round_trip(source: Path, parquet: Path, scratch: Path) -> tuple[bool, 
     return False, "GGUF rewritten with differences: " + ("; ".join(differences) or "bytes differ")
 
 
-def _aios_round_trip(source: Path, parquet: Path) -> tuple[bool, str]:
+def _aios_round_trip(source: Source, parquet: Path) -> tuple[bool, str]:
     """Every tensor of the stored file equals the AI-OS file's as its writer meant it (codes, scales, floats)."""
-    theirs, ours = WeightLoaderV2(source / "weights.parquet" if source.is_dir() else source), WeightLoaderV2(parquet)
+    theirs, ours = WeightLoaderV2(source.aios_file), WeightLoaderV2(parquet)
     names = theirs.stored_keys()
     if sorted(names) != sorted(ours.stored_keys()):
         return False, "the stored file holds other tensors than the AI-OS file"
@@ -103,38 +103,39 @@ def _aios_round_trip(source: Path, parquet: Path) -> tuple[bool, str]:
     return True, f"{len(names)} tensors equal the AI-OS file's values as its writer meant them"
 
 
-def store_candidate(candidate_src: str | Path, scratch: Path, reference: str | Path | None = None,
+def store_candidate(candidate_src: Source | str | Path, scratch: Path, reference: Source | str | Path | None = None,
                     progress: bool = False) -> StoreCheck:
     """Convert the candidate into the store (unless it is a weight file already), verify every checksum and
     check the round trip: HF directories export back tensor for tensor, GGUF files byte for byte. An AI-OS
     V1/V2 file or model directory is converted as its writer meant it, with the config and tokenizer of
     ``reference`` (AI-OS keeps none), and viewed as AI-OS's own loader reads it (``StoreCheck.aios``)."""
-    if is_aios_source(candidate_src):
+    source = Source.of(candidate_src)
+    if source.kind is Kind.AIOS:
         parquet = scratch / "candidate.parquet"
         parquet.unlink(missing_ok=True)
         started = time.perf_counter()
-        convert_aios(candidate_src, parquet, progress=progress, config_source=reference)
+        convert_aios(source.path, parquet, progress=progress, config_source=reference)
         seconds = time.perf_counter() - started
-        view = aios_view(candidate_src, parquet, scratch / "candidate-as-aios-reads.parquet")
-        lossless, detail = _aios_round_trip(Path(candidate_src), parquet)
+        view = aios_view(source.path, parquet, scratch / "candidate-as-aios-reads.parquet")
+        lossless, detail = _aios_round_trip(source, parquet)
         loader = WeightLoaderV2(parquet)
         return StoreCheck(parquet, "aios", seconds, loader.verify_all(), lossless, detail, inventory.summary(loader), view)
-    if str(candidate_src).endswith(".parquet"):
-        parquet, kind, seconds = (str(candidate_src) if is_remote(str(candidate_src)) else Path(candidate_src)), "parquet", None
+    if source.is_parquet:
+        parquet, kind, seconds = source.location, "parquet", None
     else:
-        kind = "gguf" if Path(candidate_src).is_file() and is_gguf_file(candidate_src) else "hf"
+        kind = "gguf" if source.kind is Kind.GGUF else "hf"
         parquet = scratch / "candidate.parquet"
         parquet.unlink(missing_ok=True)
         started = time.perf_counter()
-        HuggingFaceToParquetConverter(progress=progress).convert(candidate_src, parquet)
+        HuggingFaceToParquetConverter(progress=progress).convert(source, parquet)
         seconds = time.perf_counter() - started
     loader = WeightLoaderV2(parquet)
     problems = loader.verify_all()
     lossless, detail = None, "n/a (given as a Parquet weight file)"
     if kind == "hf":
-        lossless, detail = _hf_round_trip(Path(candidate_src), parquet, scratch)
+        lossless, detail = _hf_round_trip(source, parquet, scratch)
     elif kind == "gguf":
-        lossless, detail = _gguf_round_trip(Path(candidate_src), parquet, scratch)
+        lossless, detail = _gguf_round_trip(source, parquet, scratch)
     return StoreCheck(parquet, kind, seconds, problems, lossless, detail, inventory.summary(loader))
 
 

@@ -123,17 +123,21 @@ def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> d
 
 
 def check_source(key: str, source: str) -> None:
-    """One clear error naming a source that does not exist (builtins and hub ids are checked where resolved)."""
+    """One clear error naming a source that does not exist or is no kind of model (builtins are only looked up
+    here, not built; hub ids are checked where resolved)."""
+    from llm_workbook.errors import SourceNotFoundError, StoreError
+    from llm_workbook.store.source import Source
     from llm_workbook.workbook import builtins
-    from llm_workbook.store.sources import HUB_ID
 
     if builtins.is_builtin(source):
         builtins.describe(source)  # an unknown builtin name raises, listing the known ones
         return
-    text = str(source)
-    if Path(text).exists() or text.startswith(("s3://", "hf://")) or HUB_ID.match(text):
-        return
-    raise ParameterError(f"{key}: {text} does not exist (not a file, directory, hub id or builtin:<name>)")
+    try:
+        Source.of(source)
+    except SourceNotFoundError:
+        raise ParameterError(f"{key}: {source} does not exist (not a file, directory, hub id or builtin:<name>)") from None
+    except StoreError as exc:
+        raise ParameterError(f"{key}: {exc}") from None
 
 
 def inputs_digest(params: dict) -> str:

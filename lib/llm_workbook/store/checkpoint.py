@@ -1,4 +1,4 @@
-"""Reading a Hugging Face checkpoint: a local directory or a hub id, one tensor at a time.
+"""Reading a Hugging Face checkpoint directory (a hub id's is its cached snapshot), one tensor at a time.
 
 Weights come from safetensors (single file or shards with ``model.safetensors.index.json``);
 ``pytorch_model.bin`` (pickle) only with ``allow_pickle``. config.json, generation_config.json,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,38 +29,29 @@ SIDE_FILE_MAX_BYTES = 64 * 1024 * 1024
 HUB_PATTERNS = [
     "*.safetensors", "*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*", "*.py",
 ]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_source(src: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
-    """A local checkpoint directory, downloading a hub id with ``snapshot_download`` if needed.
+def hub_snapshot(repo_id: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """A hub repository's local snapshot directory, downloaded with ``snapshot_download`` if needed.
 
-    With ``HF_HUB_OFFLINE=1`` the hub id must already be in the local cache (``HF_HUB_CACHE``).
+    With ``HF_HUB_OFFLINE=1`` it must already be in the local cache (``HF_HUB_CACHE``).
     ``gguf_file``: a repository of GGUF files, of which only that one (and the configs) is fetched.
     """
-    path = Path(src)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise StoreError(f"{src}: expected a checkpoint directory or a hub id, got a file")
-    text = str(src)
-    if not HUB_ID.match(text):
-        raise StoreError(f"{src}: no such directory, and not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         patterns = [gguf_file, "*.json", "*.jinja"] if gguf_file else HUB_PATTERNS
-        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
         raise StoreError(
-            f"{src}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it where the network is "
-            f"available with `hf download {text}` (or `huggingface-cli download {text} --local-dir DIR`) "
+            f"available with `hf download {repo_id}` (or `huggingface-cli download {repo_id} --local-dir DIR`) "
             f"and pass that directory, or copy the cache into HF_HUB_CACHE ({exc.__class__.__name__})"
         ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise StoreError(f"{src}: hub download failed: {exc}") from None
+        raise StoreError(f"{repo_id}: hub download failed: {exc}") from None
 
 
 def _read_json(path: Path) -> tuple[dict, str]:
