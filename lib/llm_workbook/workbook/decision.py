@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm_workbook.workbook.run_record import RunRecord
 from llm_workbook.workbook.status import RunStatus
 
 GO, NO_GO, NO_ANGELSLIM = "go", "no-go", "no AngelSlim run"
@@ -56,36 +57,36 @@ def format_ppl_delta(pct) -> str:
     return f"{pct:+.1f} %"
 
 
-def producer_of(record: dict) -> str:
-    return (record.get("summary") or {}).get("producer") or (record.get("candidate") or {}).get("producer") or ""
+def producer_of(record: RunRecord) -> str:
+    return record.summary.get("producer") or record.candidate.get("producer") or ""
 
 
-def is_angelslim(record: dict) -> bool:
+def is_angelslim(record: RunRecord) -> bool:
     return producer_of(record).startswith("angelslim")
 
 
-def is_ours(record: dict) -> bool:
+def is_ours(record: RunRecord) -> bool:
     return producer_of(record).startswith("llmc ptq")
 
 
-def is_aios(record: dict) -> bool:
+def is_aios(record: RunRecord) -> bool:
     """AI-OS's own PTQ (its ArrowQuantizer): the "keep our PTQ" option the decision weighs AngelSlim against."""
     return producer_of(record).startswith("AI-OS")
 
 
-def _as_aios_reads(record: dict) -> bool:
+def _as_aios_reads(record: RunRecord) -> bool:
     return producer_of(record).endswith("as AI-OS reads it")
 
 
-def bit_width(record: dict) -> str | None:
+def bit_width(record: RunRecord) -> str | None:
     """The class a candidate competes in, from the bits per weight its quantized layers really take."""
-    bits = _number((record.get("summary") or {}).get("quantized_bits_per_weight"))
+    bits = _number(record.summary.get("quantized_bits_per_weight"))
     if bits is None:
         return None
     return "8-bit" if bits >= 7.5 else "4-bit" if bits >= 3.5 else "2-bit" if bits >= 1.5 else "below 2-bit"
 
 
-def _label(record: dict) -> str:
+def _label(record: RunRecord) -> str:
     """Who made it, short: ``AngelSlim int4_awq (group 64)``, ``our GPTQ int4``, ``nvfp4 (our writer)``; W8A8
     runs say so, since quantized activations make another comparison than weight-only."""
     producer = producer_of(record)
@@ -100,8 +101,8 @@ def _label(record: dict) -> str:
     elif producer and not producer.startswith("external"):
         label = producer.split(" (")[0]
     else:
-        label = record.get("run") or "?"
-    activations = (record.get("summary") or {}).get("activations") or ""
+        label = record.run or "?"
+    activations = record.summary.get("activations") or ""
     return label + (" (W8A8)" if activations.startswith(("W8A8", "activations quantized")) else "")  # today's and older records
 
 
@@ -111,16 +112,16 @@ def first_line(text: str) -> str:
     return re.sub(r"^(run failed: )?BuiltinError: building builtin:\S+ from \S+ failed: ", "", first)[:300]
 
 
-def _method(record: dict) -> str:
+def _method(record: RunRecord) -> str:
     """The algorithm family, to pair AngelSlim's GPTQ with ours: gptq, awq or rtn."""
     producer = producer_of(record).lower()
     return "gptq" if "gptq" in producer else "awq" if "awq" in producer else "rtn"
 
 
-def _inference_works(record: dict) -> tuple[bool, str]:
-    ppl = _number(((record.get("metrics") or {}).get("ppl") or {}).get("candidate"))
-    generation = (record.get("metrics") or {}).get("generation") or {}
-    cosine = _number((record.get("summary") or {}).get("cosine"))
+def _inference_works(record: RunRecord) -> tuple[bool, str]:
+    ppl = _number((record.metrics.get("ppl") or {}).get("candidate"))
+    generation = record.metrics.get("generation") or {}
+    cosine = _number(record.summary.get("cosine"))
     if ppl is not None:
         agree = generation.get("agreement")
         extra = f", greedy generation agrees on {agree:.0%} of tokens" if isinstance(agree, (int, float)) else ""
@@ -130,23 +131,23 @@ def _inference_works(record: dict) -> tuple[bool, str]:
     return False, "no output measured"
 
 
-def _phase1_for(record: dict) -> list[Criterion]:
-    run = record.get("run")
-    store = record.get("store") or {}
-    status = record.get("status")
+def _phase1_for(record: RunRecord) -> list[Criterion]:
+    run = record.run
+    store = record.store
+    status = record.status
     converted = status != RunStatus.ERROR and bool(store) and store.get("export_bit_exact") is not False
-    detail = store.get("round_trip") or ("converted" if converted else (record.get("error") or "not converted"))
+    detail = store.get("round_trip") or ("converted" if converted else (record.error or "not converted"))
     loads = converted and store.get("checksums_verify") is True
-    threshold = _number((record.get("parameters") or {}).get("cosine_threshold")) or 0.95
-    cosine = _number((record.get("summary") or {}).get("cosine"))
-    interval = ((record.get("metrics") or {}).get("intervals") or {}).get("cosine")
+    threshold = _number(record.parameters.get("cosine_threshold")) or 0.95
+    cosine = _number(record.summary.get("cosine"))
+    interval = (record.metrics.get("intervals") or {}).get("cosine")
     if cosine is not None and interval:  # met only when the whole 95 % interval is above the threshold
         cosine_met = (_number(interval.get("low")) or -math.inf) > threshold
         cosine_text = f"{run}: cosine {cosine:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
     else:
         cosine_met = cosine is not None and cosine > threshold
         cosine_text = f"{run}: cosine {cosine:.4f}" if cosine is not None else f"{run}: not measured"
-    validator = _number((((record.get("metrics") or {}).get("aios_validator_cosine")) or {}).get("mean"))
+    validator = _number(((record.metrics.get("aios_validator_cosine")) or {}).get("mean"))
     if validator is not None and cosine is not None:  # the planning report's "cosine > 0.95" is AI-OS's figure
         cosine_text += (f" (mean per-token hidden-state cosine, which this criterion uses; AI-OS's PrecisionValidator "
                         f"figure, normalised last-position logits: {validator:.4f})")
@@ -157,12 +158,13 @@ def _phase1_for(record: dict) -> list[Criterion]:
                   f"{run}: every tensor read back, checksums verify" if loads else f"{run}: not loaded", run),
         Criterion(f"cosine similarity above {threshold:g}", cosine_met, cosine_text, run),
         Criterion("inference works", works, f"{run}: in transformers: {evidence}; in AI-OS's engine: "
-                  f"{(record.get('summary') or {}).get('aios_engine') or 'not checked'}", run),
+                  f"{record.summary.get('aios_engine') or 'not checked'}", run),
     ]
 
 
-def phase1(records: list[dict]) -> tuple[str, list[Criterion]]:
+def phase1(records: list[RunRecord | dict]) -> tuple[str, list[Criterion]]:
     """The outcome and, per criterion, the evidence of the best AngelSlim run (the first that meets all)."""
+    records = [RunRecord.of(r) for r in records]
     angelslim = [r for r in records if is_angelslim(r)]
     if not angelslim:
         return NO_ANGELSLIM, [Criterion(name, False, "no AngelSlim run in this batch") for name in (
@@ -170,17 +172,18 @@ def phase1(records: list[dict]) -> tuple[str, list[Criterion]]:
             "cosine similarity above 0.95", "inference works")]
     scored = [(_phase1_for(r), r) for r in angelslim]
     scored.sort(key=lambda item: (-sum(c.met for c in item[0]),
-                                  -(_number((item[1].get("summary") or {}).get("cosine")) or -1)))
+                                  -(_number(item[1].summary.get("cosine")) or -1)))
     criteria, _ = scored[0]
     return (GO if all(c.met for c in criteria) else NO_GO), criteria
 
 
-def phase2(records: list[dict], environment: dict) -> list[Criterion]:
+def phase2(records: list[RunRecord | dict], environment: dict) -> list[Criterion]:
     """What the project shows for each Phase 2 item. ``environment``: ``angelslim_env`` (None when built,
     else why not), ``angelslim_version``, ``cli_backend`` (bool), ``readme`` (its text)."""
+    records = [RunRecord.of(r) for r in records]
     runs = [r for r in records if is_angelslim(r)]
-    works = sorted({_label(r) for r in runs if r.get("status") != RunStatus.ERROR})
-    fails = [(_label(r), first_line(r.get("error") or "")) for r in runs if r.get("status") == RunStatus.ERROR]
+    works = sorted({_label(r) for r in runs if not r.is_error})
+    fails = [(_label(r), first_line(r.error or "")) for r in runs if r.is_error]
     env_problem = environment.get("angelslim_env")
     version = environment.get("angelslim_version")
     toolchain = f"runs here: {', '.join(works) or 'none'}" + "".join(f"; fails: {name} ({why})" for name, why in fails)
@@ -200,28 +203,24 @@ def phase2(records: list[dict], environment: dict) -> list[Criterion]:
     ]
 
 
-def _passed(record: dict) -> bool:
-    return bool((record.get("verdict") or {}).get("passed")) and record.get("status") != RunStatus.ERROR
-
-
-def _outcome(record: dict) -> str:
+def _outcome(record: RunRecord) -> str:
     """pass / fail / inconclusive / error (records written before verdicts had intervals: pass or fail)."""
-    if record.get("status") == RunStatus.ERROR:
+    if record.is_error:
         return "error"
-    verdict = record.get("verdict") or {}
+    verdict = record.verdict
     return verdict.get("outcome") or ("pass" if verdict.get("passed") else "fail")
 
 
-def _self_source(record: dict) -> bool:
-    return bool((record.get("summary") or {}).get("self_source"))
+def _self_source(record: RunRecord) -> bool:
+    return bool(record.summary.get("self_source"))
 
 
-def _ppl(record: dict) -> float | None:
-    return _number((record.get("summary") or {}).get("ppl_delta_pct"))
+def _ppl(record: RunRecord) -> float | None:
+    return _number(record.summary.get("ppl_delta_pct"))
 
 
-def _quality(record: dict) -> str:
-    s = record.get("summary") or {}
+def _quality(record: RunRecord) -> str:
+    s = record.summary
     if _ppl(record) is not None:
         low, high = (s.get("ppl_interval") or [None, None])[:2]
         exploded = abs(_ppl(record)) >= 1000  # "× 316,000" needs no interval in points
@@ -231,14 +230,14 @@ def _quality(record: dict) -> str:
     return f"cosine {cosine:.4f}" if cosine is not None else "no figures"
 
 
-def _rank(record: dict) -> tuple:
+def _rank(record: RunRecord) -> tuple:
     ppl = _ppl(record)
-    cosine = _number((record.get("summary") or {}).get("cosine")) or 0.0
+    cosine = _number(record.summary.get("cosine")) or 0.0
     return (ppl if ppl is not None else math.inf, -cosine)
 
 
-def _blocks(record: dict) -> dict | None:
-    blocks = (record.get("metrics") or {}).get("blocks")
+def _blocks(record: RunRecord) -> dict | None:
+    blocks = record.metrics.get("blocks")
     if not blocks or "nll_candidate" not in blocks:
         return None
     import numpy as np
@@ -250,7 +249,7 @@ OUTCOME_COLORS = {"pass": "#2e7d32", "inconclusive": "#e0a100", "fail": "#c62828
                   "error": "#c62828"}
 
 
-def compare_candidates(a: dict, b: dict) -> str:
+def compare_candidates(a: RunRecord, b: RunRecord) -> str:
     """Which of two candidates of one original has the smaller perplexity change, decided by the 95 % interval
     of their paired difference (same tokens, same blocks); "not distinguishable" when it contains 0."""
     from llm_workbook.evaluation.uncertainty import paired_difference
@@ -274,22 +273,23 @@ def compare_candidates(a: dict, b: dict) -> str:
     return f"{head}: {better} is better ({around} at {tokens:,} tokens)."
 
 
-def _widths(runs: list[dict]) -> list[str]:
+def _widths(runs: list[RunRecord]) -> list[str]:
     """The bit widths the runs take, widest first."""
     return sorted({w for r in runs if (w := bit_width(r))}, key=lambda w: -float(w.split("-")[0]) if w[0].isdigit() else 0)
 
 
-def _model_of(record: dict) -> str:
-    s = record.get("summary") or {}
-    return (s.get("original_model") or (record.get("original") or {}).get("model") or s.get("reference")
-            or record.get("reference") or "?")
+def _model_of(record: RunRecord) -> str:
+    s = record.summary
+    return (s.get("original_model") or record.original.get("model") or s.get("reference")
+            or record.reference or "?")
 
 
-def recommendations(records: list[dict]) -> dict[str, list[str]]:
+def recommendations(records: list[RunRecord | dict]) -> dict[str, list[str]]:
     """Per original model: the best passing candidate per bit width, what is undecided at the tokens scored,
     AngelSlim against our PTQ at the same width (by the interval of their paired difference), and what fails
     and why. A candidate that is the original's own source is a store round-trip check, never recommended."""
-    by_model: dict[str, list[dict]] = {}
+    records = [RunRecord.of(r) for r in records]
+    by_model: dict[str, list[RunRecord]] = {}
     for r in records:
         by_model.setdefault(_model_of(r), []).append(r)
     out: dict[str, list[str]] = {}
@@ -298,22 +298,22 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
         for r in all_runs:
             if _self_source(r):
                 lines.append(f"Round trip, not a candidate: {_label(r)} is the file the original was made from "
-                             f"({_quality(r)}; run {r['run']}).")
+                             f"({_quality(r)}; run {r.run}).")
         runs = [r for r in all_runs if not _self_source(r)]
         widths = _widths(runs)
         for width in widths:
             at = [r for r in runs if bit_width(r) == width]
-            passing = sorted((r for r in at if _passed(r)), key=_rank)
+            passing = sorted((r for r in at if r.passed), key=_rank)
             undecided = sorted((r for r in at if _outcome(r) == "inconclusive"), key=_rank)
             if passing:
                 best = passing[0]
-                lines.append(f"{width}: best passing is {_label(best)} ({_quality(best)}, run {best['run']}).")
+                lines.append(f"{width}: best passing is {_label(best)} ({_quality(best)}, run {best.run}).")
             elif undecided:
                 lines.append(f"{width}: no candidate passes yet; undecided: "
                              + "; ".join(f"{_label(r)} ({_quality(r)})" for r in undecided) + ".")
             else:
                 lines.append(f"{width}: no candidate passes.")
-            theirs = sorted((r for r in at if is_angelslim(r) and r.get("status") != RunStatus.ERROR and _quality(r) != "no figures"),
+            theirs = sorted((r for r in at if is_angelslim(r) and not r.is_error and _quality(r) != "no figures"),
                             key=_rank)
             ours = sorted((r for r in at if is_ours(r) and _quality(r) != "no figures"), key=_rank)
             kept = [r for r in at if is_aios(r) and not _as_aios_reads(r) and _quality(r) != "no figures"]
@@ -325,34 +325,34 @@ def recommendations(records: list[dict]) -> dict[str, list[str]]:
                 if b is not None:
                     lines.append(f"{width}: {compare_candidates(a, b)}")
         for r in runs:
-            if bit_width(r) is None and r.get("status") != RunStatus.ERROR:
-                lines.append(f"Not ranked by bit width: {_label(r)} has no quantized layer ({_quality(r)}, run {r['run']}).")
+            if bit_width(r) is None and not r.is_error:
+                lines.append(f"Not ranked by bit width: {_label(r)} has no quantized layer ({_quality(r)}, run {r.run}).")
         for r in runs:  # task accuracy where it was measured (lm-eval)
-            for name, t in ((r.get("metrics") or {}).get("tasks") or {}).items():
+            for name, t in (r.metrics.get("tasks") or {}).items():
                 rec, flips = t["recovery"], t["flips"]
                 lines.append(f"Task {name} ({t['label']}, {t['items']} items): {_label(r)} keeps "
                              f"{rec['estimate']:.0%} of the original's accuracy [{rec['low']:.0%}, {rec['high']:.0%}]; "
                              f"{flips['estimate']:.0%} of answers flip [{flips['low']:.0%}, {flips['high']:.0%}].")
         for r in runs:
             if _outcome(r) == "inconclusive":
-                why = ((r.get("verdict") or {}).get("reasons") or ["undecided"])[0]
-                lines.append(f"Undecided: {_label(r)} (run {r['run']}): {first_line(why)}")
-            elif not _passed(r):
-                why = ((r.get("verdict") or {}).get("reasons") or [r.get("error") or "failed"])[0]
-                lines.append(f"Fails: {_label(r)} (run {r['run']}): {first_line(why)}")
+                why = (r.verdict.get("reasons") or ["undecided"])[0]
+                lines.append(f"Undecided: {_label(r)} (run {r.run}): {first_line(why)}")
+            elif not r.passed:
+                why = (r.verdict.get("reasons") or [r.error or "failed"])[0]
+                lines.append(f"Fails: {_label(r)} (run {r.run}): {first_line(why)}")
         out[model] = lines
     return out
 
 
-def _engine_criterion(runs: list[dict]) -> Criterion:
+def _engine_criterion(runs: list[RunRecord]) -> Criterion:
     """Can AI-OS's engine, as it stands, run the AngelSlim checkpoints that pass? If not, what it must add."""
-    passing = [r for r in runs if _passed(r)] or [r for r in runs if r.get("status") != RunStatus.ERROR]
+    passing = [r for r in runs if r.passed] or [r for r in runs if not r.is_error]
     needs: dict[str, list[str]] = {}
     for r in passing:
-        verdict = r.get("aios_engine") or {}
+        verdict = r.aios_engine
         for reason in verdict.get("reasons") or []:
             needs.setdefault(reason.split(":")[0], []).append(_label(r))
-    runs_ok = [r for r in passing if (r.get("aios_engine") or {}).get("runs")]
+    runs_ok = [r for r in passing if r.aios_engine.get("runs")]
     if not passing:
         return Criterion("AI-OS's engine runs the checkpoint", False, "no AngelSlim run to check")
     if runs_ok:
@@ -364,16 +364,17 @@ def _engine_criterion(runs: list[dict]) -> Criterion:
 LABEL_OF_OUTCOME = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
 
 
-def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]:
+def in_words(records: list[RunRecord | dict], phase2_criteria: list[Criterion]) -> list[str]:
     """What passes, what AI-OS's own PTQ really delivers (as AI-OS reads its files), what AI-OS's engine runs
     today, and what adopting AngelSlim would ask of AI-OS: the decision as a meeting acts on it."""
-    runs = [r for r in records if not _self_source(r) and r.get("status") != RunStatus.ERROR]
+    records = [RunRecord.of(r) for r in records]
+    runs = [r for r in records if not _self_source(r) and not r.is_error]
     lines = []
     for model in sorted({_model_of(r) for r in runs}):
         at = sorted((r for r in runs if _model_of(r) == model), key=_rank)
         widths = _widths(at)
         lines.append(f"What passes for {model}: " + ("; ".join(
-            f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and _passed(r)) or 'nothing'}" for w in widths)
+            f"{w}: {', '.join(_label(r) for r in at if bit_width(r) == w and r.passed) or 'nothing'}" for w in widths)
             or "no candidate has quantized layers") + ".")
     kept = [r for r in runs if is_aios(r)]
     if kept:
@@ -389,7 +390,8 @@ def in_words(records: list[dict], phase2_criteria: list[Criterion]) -> list[str]
     return lines
 
 
-def decide(records: list[dict], environment: dict) -> Decision:
+def decide(records: list[RunRecord | dict], environment: dict) -> Decision:
+    records = [RunRecord.of(r) for r in records]
     outcome, criteria = phase1(records)
     if outcome == GO:
         headline = "Phase 1 passed: go to Phase 2 (integrate AngelSlim through its isolated environment)."
@@ -426,7 +428,7 @@ def project_environment(repo: Path) -> dict:
 MARKERS = {"AngelSlim": "^", "our PTQ": "o", "our writer": "s", "other": "D"}
 
 
-def _family(record: dict) -> str:
+def _family(record: RunRecord) -> str:
     producer = producer_of(record)
     if producer.startswith("angelslim"):
         return "AngelSlim"
@@ -437,16 +439,17 @@ def _family(record: dict) -> str:
     return "other"
 
 
-def size_quality_figure(records: list[dict]):
+def size_quality_figure(records: list[RunRecord | dict]):
     """Bits per weight of the quantized layers against PPL change (cosine loss for encoders), one panel per
     original model, AngelSlim and our runs told apart by marker, a symmetric log scale where a run explodes,
     labels kept apart by adjustText. Returns a matplotlib Figure, or None when no run has figures."""
+    records = [RunRecord.of(r) for r in records]
     import matplotlib.pyplot as plt
     from adjustText import adjust_text
 
-    by_model: dict[str, list[dict]] = {}
+    by_model: dict[str, list[RunRecord]] = {}
     for r in records:
-        s = r.get("summary") or {}
+        s = r.summary
         if _number(s.get("quantized_bits_per_weight")) is None:
             continue
         model = s.get("original_model") or s.get("reference") or "?"
@@ -458,7 +461,7 @@ def size_quality_figure(records: list[dict]):
         causal = any(_ppl(r) is not None for r in runs)
         texts = []
         for r in runs:
-            s = r["summary"]
+            s = r.summary
             x = _number(s["quantized_bits_per_weight"])
             y = _ppl(r) if causal else (1 - (_number(s.get("cosine")) or 0)) * 100
             if y is None:

@@ -4,25 +4,17 @@ to each run's reports, computed from the records in the reports directory."""
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from llm_workbook.paths import REPO_ROOT, __version__
 from llm_workbook.store import atomic
+from llm_workbook.workbook.run_record import RunRecord
 
 
-def load_records(reports: Path, runs: list[str] | None = None) -> list[dict]:
-    records = []
-    for path in sorted(Path(reports).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(data, dict) or "run" not in data:
-            continue
-        if runs is None or data["run"] in runs:
-            records.append(data)
-    return records
+def load_records(reports: Path, runs: list[str] | None = None) -> list[RunRecord]:
+    """The run records in ``reports`` (files that are not one are passed over), of ``runs`` when given."""
+    records = [RunRecord.read(path) for path in sorted(Path(reports).glob("*.json"))]
+    return [r for r in records if r is not None and (runs is None or r.run in runs)]
 
 
 def _figure_png(fig) -> str:
@@ -48,7 +40,7 @@ def _criteria_html(criteria, reports: Path) -> str:
     return "<table><tr><th>criterion</th><th>met</th><th>evidence</th></tr>" + "".join(rows) + "</table>"
 
 
-def decision_html(records: list[dict], reports: Path) -> str:
+def decision_html(records: list[RunRecord], reports: Path) -> str:
     """The index's opening: the Phase 1 verdict with its evidence, the Phase 2 checklist, a recommendation
     per original model and the size/quality picture, all computed from the records (``phases``)."""
     from llm_workbook.workbook import decision
@@ -76,8 +68,8 @@ def _speed_html(records: list[dict], perf) -> str:
     from llm_workbook.workbook.tables import speed_panel
 
     panel = speed_panel(records)
-    bandwidth = next((r["summary"]["bandwidth_gb_per_s"] for r in records
-                      if (r.get("summary") or {}).get("bandwidth_gb_per_s")), None)
+    bandwidth = next((r.summary["bandwidth_gb_per_s"] for r in records
+                      if r.summary.get("bandwidth_gb_per_s")), None)
     parts = []
     if panel is not None:
         parts.append(
@@ -103,7 +95,7 @@ def write_index(reports: Path, outcomes: list) -> Path:
     table = decision_table(records)
     this_batch = {o.run: o for o in outcomes}
     listed = [(o.run, o.status, o.message) for o in outcomes] + [
-        (r["run"], r.get("status", "?"), "from an earlier batch") for r in records if r["run"] not in this_batch]
+        (r.run, r.status or "?", "from an earlier batch") for r in records if r.run not in this_batch]
     table_html = style_decision_table(table, compact=True).to_html() if len(table) else "<p>No runs.</p>"
     speed_html = _speed_html(records, perf_table(table) if len(table) else None)
     items = []

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -15,11 +14,10 @@ from pathlib import Path
 import torch
 
 from llm_workbook import schema as S
-from llm_workbook.store import atomic
 from llm_workbook.store import inventory
 from llm_workbook.store.aios import AiosView, aios_view, convert_aios
 from llm_workbook.workbook import tables
-from llm_workbook.workbook.status import RunStatus
+from llm_workbook.workbook.run_record import RunRecord
 from llm_workbook.store.convert import HuggingFaceToParquetConverter, export_to_hf
 from llm_workbook.store.gguf import export_gguf
 from llm_workbook.store.loader import WeightLoaderV2
@@ -258,15 +256,7 @@ def evaluation_settings(params: dict) -> dict:
     }
 
 
-def _run_parameters(params: dict) -> dict:
-    keys = ("model", "reference", "format_notes", "corpus", "context_length", "stride", "max_eval_tokens",
-            "stage_tokens", "reference_precision", "dtype",
-            "activation_quant", "keep_packed", "cosine_threshold", "ppl_threshold", "kld_threshold", "top1_threshold",
-            "lm_eval_tasks", "lm_eval_limit", "overrides")
-    return {k: params.get(k) for k in keys}
-
-
-def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
+def run_record(params: dict, data: dict, check: StoreCheck) -> RunRecord:
     """The run's record: the evaluation record, the store check, and the verdict (which also fails when the
     file is not a bit-exact, verified copy of the checkpoint)."""
     verdict = dict(data["verdict"])
@@ -286,14 +276,10 @@ def run_record(params: dict, data: dict, check: StoreCheck) -> dict:
     engine = aios_engine.verdict(WeightLoaderV2(check.parquet))
     summary["aios_engine"] = aios_engine.summary_line(engine)
     summary["as_aios_reads"] = as_read_line(data.get("as_aios_reads"))
-    return {
-        "run": params["run"], "title": params["title"], "status": RUN_STATUS[outcome],
-        "inputs_digest": params.get("inputs_digest"), "parameters": _run_parameters(params),
-        "store": {**check.summary, "checksums_verify": not check.checksum_problems,
-                  "export_bit_exact": check.lossless, "round_trip": check.lossless_detail},
-        **{k: v for k, v in data.items() if k != "verdict"}, "verdict": verdict, "summary": summary,
-        "aios_engine": engine,
-    }
+    store = {**check.summary, "checksums_verify": not check.checksum_problems, "export_bit_exact": check.lossless,
+             "round_trip": check.lossless_detail}
+    evaluation = {k: v for k, v in data.items() if k != "verdict"}
+    return RunRecord.evaluated(params, evaluation, store, verdict, summary, engine)
 
 
 SUMMARY_ROWS = {"producer": "produced by", "format": "format", "activations": "activations",
@@ -303,10 +289,10 @@ SUMMARY_ROWS = {"producer": "produced by", "format": "format", "activations": "a
                 "latency_label": "latency", "peak_rss_mb": "peak memory, dequantized (MB)"}
 
 
-def summary_rows(result: dict) -> dict[str, str]:
+def summary_rows(result: RunRecord | dict) -> dict[str, str]:
     """The verdict's summary as a reader sees it: a figure, or why there is none (never ``None``)."""
-    summary, params = result["summary"], result.get("parameters") or {}
-    perf = result.get("perf") or {}
+    result = RunRecord.of(result)
+    summary, perf = result.summary, result.perf
     measured = bool(perf.get("candidate"))
     rows = {}
     for key, label in SUMMARY_ROWS.items():
@@ -325,21 +311,12 @@ def summary_rows(result: dict) -> dict[str, str]:
     return rows
 
 
-RUN_STATUS = {"pass": RunStatus.PASSED, "fail": RunStatus.FAILED_CHECK, "inconclusive": RunStatus.INCONCLUSIVE}
-
-
-def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> dict:
+def fault_record(params: dict, reason: str, check: StoreCheck | None = None) -> RunRecord:
     """The record of a run the evaluation refused (NaN logits, another vocabulary or architecture...): it
     fails with that reason, and the batch goes on."""
-    summary = {"run": params["run"], "title": params["title"], "model": params.get("model"),
-               "reference": params.get("reference"), "producer": params.get("producer"), "passed": False}
-    return {
-        "run": params["run"], "title": params["title"], "status": RunStatus.FAILED, "inputs_digest": params.get("inputs_digest"),
-        "parameters": _run_parameters(params),
-        **({"store": {**check.summary, "checksums_verify": not check.checksum_problems,
-                      "export_bit_exact": check.lossless}} if check else {}),
-        "verdict": {"passed": False, "reasons": [reason], "checks": []}, "summary": summary,
-    }
+    store = {**check.summary, "checksums_verify": not check.checksum_problems,
+             "export_bit_exact": check.lossless} if check else None
+    return RunRecord.fault(params, reason, store)
 
 
 def evaluated(record, params: dict) -> dict:
@@ -464,7 +441,3 @@ def speed_finding(data: dict, params: dict) -> str:
     """The run's speed and memory finding in one sentence (``tables.speed_finding``)."""
     summary = tables.run_summary(data, params)
     return tables.speed_finding(summary, summary["original_runtimes"], None)
-
-
-def write_record(out_dir: str | Path, record: dict) -> Path:
-    return atomic.write_text(Path(out_dir) / f"{record['run']}.json", json.dumps(record, indent=2, default=str))

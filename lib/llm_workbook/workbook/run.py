@@ -21,6 +21,7 @@ import yaml
 from llm_workbook.paths import REPO_ROOT, __version__, reports_root
 from llm_workbook import names
 from llm_workbook.store import atomic
+from llm_workbook.workbook.run_record import RunRecord
 from llm_workbook.workbook.status import RunStatus
 from llm_workbook.workbook.index import load_records, write_index  # noqa: F401  (load_records: its old home)
 
@@ -250,11 +251,8 @@ def unchanged(params: dict, reports: Path) -> bool:
     record = reports / f"{params['run']}.json"
     if not (record.exists() and (reports / f"{params['run']}.html").exists()):
         return False
-    try:
-        old = json.loads(record.read_text())
-    except json.JSONDecodeError:
-        return False
-    return old.get("inputs_digest") == inputs_digest(params) and old.get("status") != RunStatus.ERROR
+    old = RunRecord.read(record)
+    return old is not None and old.inputs_digest == inputs_digest(params) and not old.is_error
 
 
 RUN_FILES = (".ipynb", ".html", ".meeting.html", ".json")  # published in this order: the record last
@@ -308,18 +306,12 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
             status, message = RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         if status == RunStatus.ERROR:
-            staged_record.write_text(json.dumps({
-                "run": run, "title": params["title"], "model": params["model"], "reference": params["reference"],
-                "status": RunStatus.ERROR, "error": message, "inputs_digest": digest,
-                "verdict": {"passed": False, "reasons": [f"run failed: {message}"]},
-                "summary": _error_summary(params),
-            }, indent=2))
-        elif staged_record.exists():
-            status, message = record_status(json.loads(staged_record.read_text()))
+            RunRecord.failed(run, message, params, digest, _error_summary(params)).write(staging)
+        elif (written := RunRecord.read(staged_record)) is not None:
+            status, message = written.outcome()
         else:
             status, message = RunStatus.ERROR, "the notebook finished without writing its record"
-            staged_record.write_text(json.dumps({"run": run, "status": RunStatus.ERROR, "error": message, "inputs_digest": digest,
-                                                 "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+            RunRecord.failed(run, message, inputs_digest=digest).write(staging)
         if (staging / notebook.name).exists():
             render_html(staging / notebook.name)
         _publish(staging, reports, run)
@@ -330,13 +322,6 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     if params.get("expect_error") and status != RunStatus.ERROR:
         message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
     return RunOutcome(run, status, notebook, html_path, record, message, expected)
-
-
-def record_status(data: dict) -> tuple[str, str]:
-    """A finished run's status and message from the record its notebook wrote."""
-    status = RunStatus(data["status"]) if data.get("status") in (RunStatus.FAILED, RunStatus.INCONCLUSIVE) else (
-        RunStatus.PASSED if data.get("verdict", {}).get("passed") else RunStatus.FAILED_CHECK)
-    return status, "; ".join(data.get("verdict", {}).get("reasons") or []) if status == RunStatus.FAILED else ""
 
 
 def notebook_run_name(nb) -> str:
@@ -372,7 +357,10 @@ def publish_notebook(notebook: str | os.PathLike, reports: str | os.PathLike | N
     if not record.is_file():
         raise ParameterError(f"{notebook}: run {run!r} has no record in {reports} (run the notebook to its end, "
                              f"with output_dir unset or {str(reports)!r}, then save it)")
-    status, message = record_status(json.loads(record.read_text()))
+    written = RunRecord.read(record)
+    if written is None:
+        raise ParameterError(f"{record}: not a run record")
+    status, message = written.outcome()
     outcome = RunOutcome(run, status, reports / f"{run}.ipynb", reports / f"{run}.html", record, message)
     with batch_lock(reports):
         staging = atomic.temp_path(reports / run)
@@ -401,6 +389,5 @@ def batch_lock(reports: Path, wait: bool = True):
 def error_outcome(reports: Path, name: str, message: str) -> RunOutcome:
     """A run that could not start (bad parameters file): its record says why."""
     record = reports / f"{name}.json"
-    atomic.write_text(record, json.dumps({"run": name, "status": RunStatus.ERROR, "error": message,
-                                          "verdict": {"passed": False, "reasons": [message]}}, indent=2))
+    RunRecord.failed(name, message).write(reports)
     return RunOutcome(name, RunStatus.ERROR, reports / f"{name}.ipynb", None, record, message)

@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from llm_workbook.workbook.decision import first_line, format_ppl_delta
+from llm_workbook.workbook.run_record import RunRecord
 from llm_workbook.workbook.status import RunStatus
 
 COLUMNS = {
@@ -47,13 +48,14 @@ def _number(value):
         return math.nan
 
 
-def decision_table(records: list[dict]) -> pd.DataFrame:
+def decision_table(records: list[RunRecord | dict]) -> pd.DataFrame:
     """Sorted: passing runs first, then by PPL change (smallest first), then by size."""
+    records = [RunRecord.of(r) for r in records]
     rows = []
     for record in records:
-        s = record.get("summary") or {}
-        status = record.get("status") or s.get("status")
-        verdict = record.get("verdict") or {}
+        s = record.summary
+        status = record.status or s.get("status")
+        verdict = record.verdict
         passed = bool(verdict.get("passed")) and status != RunStatus.ERROR
         outcome = verdict.get("outcome") or ("pass" if passed else "fail")
         if status == RunStatus.ERROR:
@@ -64,7 +66,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             label = LABELS.get(outcome, "FAIL")
         low, high = (s.get("ppl_interval") or [None, None])[:2]
         rows.append({
-            "run": record.get("run"),
+            "run": record.run,
             "producer": s.get("producer") or "",
             "format": s.get("format", "?"),
             "activations": s.get("activations") or "",
@@ -82,7 +84,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
             "verdict": label,
             "why": "; ".join(filter(None, [
                 "" if passed else "; ".join(first_line(r) for r in verdict.get("reasons") or []) or first_line(
-                    record.get("error") or ""),
+                    record.error or ""),
                 s.get("as_aios_reads")])),  # an AI-OS file AI-OS's own loader reads otherwise
             "_passed": passed,
             "_reference": s.get("reference"),  # the original it was compared with (plots group by it)
@@ -266,18 +268,19 @@ def _ratio(value, reference) -> str:
     return f"{value / reference:.2f}x" if value and reference else "—"
 
 
-def speed_panel(records: list[dict]) -> pd.DataFrame | None:
+def speed_panel(records: list[RunRecord | dict]) -> pd.DataFrame | None:
     """The meeting's speed and memory table: per candidate measured in the serving runtimes, its size on disk
     and, per runtime, decode tokens/s at batch 1 and peak memory, each relative to the original in the same
     runtime (measured in this run, or in another run against the same original), and the finding in words."""
+    records = [RunRecord.of(r) for r in records]
     originals = {}
     for r in records:
-        s = r.get("summary") or {}
+        s = r.summary
         if s.get("original_runtimes"):
-            originals.setdefault(s.get("reference"), (s["original_runtimes"], r.get("run"), s.get("original_size_mb")))
+            originals.setdefault(s.get("reference"), (s["original_runtimes"], r.run, s.get("original_size_mb")))
 
     def shown(name: str) -> bool:  # llama.cpp where a GGUF was measured; the GPU where a device was there
-        figures = [((r.get("summary") or {}).get("runtimes") or {}).get(name) for r in records]
+        figures = [(r.summary.get("runtimes") or {}).get(name) for r in records]
         if name == "llama.cpp":
             return any(f is not None for f in figures)
         return name != "gpu" or any(f and "unavailable" not in f for f in figures)
@@ -303,7 +306,7 @@ def speed_panel(records: list[dict]) -> pd.DataFrame | None:
 
     rows, shown = [], set()
     for r in records:
-        s = r.get("summary") or {}
+        s = r.summary
         if not s.get("runtimes"):
             continue
         base, measured_in, original_size = originals.get(s.get("reference"), ({}, None, None))
@@ -312,7 +315,7 @@ def speed_panel(records: list[dict]) -> pd.DataFrame | None:
             size = f"{original_size:.1f}" if original_size else "—"
             rows.append({"run": f"original: {s.get('reference')}", "size (MB)": size, **cells(base, base),
                          "finding": f"the yardstick (measured in {measured_in})"})
-        rows.append({"run": r.get("run"), "size (MB)": f"{s['size_mb']:.1f}" if s.get("size_mb") else "—",
+        rows.append({"run": r.run, "size (MB)": f"{s['size_mb']:.1f}" if s.get("size_mb") else "—",
                      **cells(s["runtimes"], base), "finding": speed_finding(s, base, measured_in)})
     return pd.DataFrame(rows) if rows else None
 
@@ -355,28 +358,30 @@ LATENCY_PANELS = {
 }
 
 
-def latency_table(records: list[dict]) -> pd.DataFrame:
+def latency_table(records: list[RunRecord | dict]) -> pd.DataFrame:
     """run, value, panel: one row per measured run, the panel naming the unit and what was measured."""
+    records = [RunRecord.of(r) for r in records]
     rows = []
     for r in records:
-        s = r.get("summary") or {}
+        s = r.summary
         metric = s.get("latency_metric")
         value = _number(s.get("latency"))
         if metric in LATENCY_PANELS and not math.isnan(value):
-            rows.append({"run": r.get("run"), "value": value, "panel": LATENCY_PANELS[metric]})
+            rows.append({"run": r.run, "value": value, "panel": LATENCY_PANELS[metric]})
     return pd.DataFrame(rows, columns=["run", "value", "panel"])
 
 
-def sqnr_by_layer_type(records: list[dict]) -> pd.DataFrame:
+def sqnr_by_layer_type(records: list[RunRecord | dict]) -> pd.DataFrame:
     """Mean weight SQNR (dB) per run and layer type (q_proj, down_proj, ...), unchanged tensors left out."""
+    records = [RunRecord.of(r) for r in records]
     cells = []
     for record in records:
-        for t in ((record.get("metrics") or {}).get("weight_error") or {}).get("tensors") or []:
+        for t in (record.metrics.get("weight_error") or {}).get("tensors") or []:
             value = _number(t.get("sqnr_db"))  # the record spells infinity "inf": an unchanged tensor
             if math.isnan(value) or math.isinf(value):
                 continue
             parts = t["name"].split(".")
-            cells.append({"run": record["run"], "layer type": parts[-2] if len(parts) > 1 else t["name"],
+            cells.append({"run": record.run, "layer type": parts[-2] if len(parts) > 1 else t["name"],
                           "sqnr_db": value})
     if not cells:
         return pd.DataFrame()
