@@ -196,8 +196,8 @@ def test_tiny_model_is_byte_deterministic(tmp_path: Path) -> None:
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
-def test_tied_and_sharded_checkpoints(tmp_path: Path) -> None:
-    tied = toy_models.make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+def test_tied_and_sharded_checkpoints(tiny_lm_tied: Path, tmp_path: Path) -> None:
+    tied = tiny_lm_tied  # toy_models.make_tiny_model(..., tie_word_embeddings=True), built once in conftest
     assert "lm_head.weight" not in _tensors(tied)
     model = AutoModelForCausalLM.from_pretrained(str(tied))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -223,8 +223,8 @@ def test_tiny_model_rejects_bad_settings(tmp_path: Path, kwargs: dict) -> None:
 # ----------------------------------------------------------------------------- trained toy LM
 
 
-def test_perplexity_matches_transformers_loss(tmp_path: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(str(toy_models.make_tiny_model(tmp_path)), dtype=torch.float32)
+def test_perplexity_matches_transformers_loss(tiny_lm: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
     ids = torch.randint(4, 4096, (40,), generator=torch.Generator().manual_seed(0))
     expected = torch.exp(model(input_ids=ids[None], labels=ids[None]).loss).item()
     assert toy_models.perplexity(model, ids, seq_len=40) == pytest.approx(expected, rel=1e-4)
