@@ -92,6 +92,14 @@ def qwen3_seed5_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen3_seed5") / "original", "qwen3", seed=5)
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """toy_models.build_tokenizer's BPE tokenizer (4,096 tokens, trained on the pydoc train split) on its own."""
+    from llm_workbook.synthetic import toy_models
+
+    return toy_models.build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
 # ---- toy_models.make_tiny_model checkpoints (the project's BPE tokenizer), built once per session, read only
 
 
