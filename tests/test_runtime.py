@@ -345,17 +345,16 @@ def test_group_activation_quantization_takes_a_shorter_last_group():
         assert torch.equal(y[:, start:stop], alone[:, : stop - start])
 
 
-def test_an_unquantized_checkpoint_loads_tensor_by_tensor_with_from_pretrained_s_weights(tmp_path):
+def test_an_unquantized_checkpoint_loads_tensor_by_tensor_with_from_pretrained_s_weights(tiny_lm_tied):
     """runtime.model.model_from_checkpoint (what load_model uses for an HF directory) gives exactly the
     parameters and buffers from_pretrained gives, for a causal LM with tied embeddings and for an encoder."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from llm_workbook.synthetic import toy_models
     from llm_workbook.runtime.model import model_from_checkpoint
     from llm_workbook.workbook import builtins
 
     cases = [
-        (toy_models.make_tiny_model(tmp_path / "tied", tie_word_embeddings=True), AutoModelForCausalLM, None),
+        (tiny_lm_tied, AutoModelForCausalLM, None),
         (Path(builtins.resolve("builtin:minilm")), AutoModel, "base"),
     ]
     for root, auto, task in cases:

@@ -16,15 +16,15 @@ import yaml
 from llm_workbook.workbook import run as workbook
 from llm_workbook.workbook.executors import run_batch
 
-from conftest import REPO, int8_copy, make_checkpoint
+from conftest import REPO, int8_copy
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def batch(tmp_path_factory, qwen3_seed5_dir):
     root = tmp_path_factory.mktemp("workbook")
-    original = make_checkpoint(root / "original", "qwen3", seed=5)
+    original = qwen3_seed5_dir
     candidate = int8_copy(original, root / "int8")
     params = root / "params"
     params.mkdir()

@@ -183,14 +183,14 @@ def _gpu_settings() -> PerfSettings:
                         compare_hf_load=False, bandwidth_mb=16, runtimes=("gpu",))
 
 
-def test_the_gpu_runtime_runs_the_published_checkpoint_where_the_device_check_finds_a_device(tmp_path, monkeypatch):
+def test_the_gpu_runtime_runs_the_published_checkpoint_where_the_device_check_finds_a_device(qwen3_seed5_dir, tmp_path,
+                                                                                             monkeypatch):
     """The GPU path with its device check answered (no CUDA here): the store's file is exported as published and
     measured in a child by transformers (vLLM is not installed), on the device the check named."""
-    from conftest import make_checkpoint
     from llm_workbook.evaluation import perf_gpu
     from llm_workbook.runtime.load import load_model
 
-    original = make_checkpoint(tmp_path / "original", "qwen3", seed=5)
+    original = qwen3_seed5_dir
     parquet = tmp_path / "m.parquet"
     HuggingFaceToParquetConverter(progress=False).convert(original, parquet)
     monkeypatch.setattr(perf_gpu, "gpu_device", lambda: "cpu")

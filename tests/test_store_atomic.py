@@ -190,13 +190,11 @@ def test_report_publish_failing_keeps_the_previous_reports(tmp_path, monkeypatch
     assert not [p for p in reports.iterdir() if p.name.startswith(".r.")]  # no staging directory left
 
 
-def test_cache_entry_is_whole_or_absent(tmp_path, monkeypatch):
+def test_cache_entry_is_whole_or_absent(tiny_lm_h128_1layer_pos128, tmp_path, monkeypatch):
     from llm_workbook.workbook import builtins
-    from llm_workbook.synthetic import toy_models
     from llm_workbook.synthetic import checkpoints
 
-    tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
-                                      num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
+    tiny = tiny_lm_h128_1layer_pos128
     monkeypatch.setenv(llm_workbook.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     import safetensors.torch
@@ -279,12 +277,10 @@ def test_second_batch_into_the_same_reports_waits_for_the_first(tmp_path, capsys
                 pass
 
 
-def test_two_builds_of_one_cache_entry_build_it_once(tmp_path, monkeypatch):
+def test_two_builds_of_one_cache_entry_build_it_once(tiny_lm_h128_1layer_pos128, tmp_path, monkeypatch):
     from llm_workbook.workbook import builtins
-    from llm_workbook.synthetic import toy_models
 
-    tiny = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=1,
-                                      num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=128)
+    tiny = tiny_lm_h128_1layer_pos128
     monkeypatch.setenv(llm_workbook.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setitem(builtins.BASE_BUILDERS, "toy-lm", lambda root: tiny)
     builds = []

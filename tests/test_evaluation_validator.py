@@ -40,13 +40,6 @@ def fake_quant_copy(src: Path, dst: Path, bits: int, per_channel: bool) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    from llm_workbook.synthetic.toy_models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
 def tiny_copies(tiny_lm, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("copies")
     return {"int8": fake_quant_copy(tiny_lm, work / "int8", 8, per_channel=True),

@@ -1,4 +1,4 @@
-"""Offline corpus, BPE tokenizer, tiny model fixtures, the toy LM trainer and the MiniLM weights."""
+"""synthetic/toy_models.py: the BPE tokenizer, tiny model fixtures, the toy LM trainer and the MiniLM weights."""
 
 from __future__ import annotations
 
@@ -12,94 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from pydoc_data.topics import topics  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from llm_workbook import corpus  # noqa: E402
 from llm_workbook.synthetic import toy_models
 
-WINDOW = 200
-
-
-# ----------------------------------------------------------------------------- corpus
-
-
-def test_pydoc_splits_are_disjoint_and_cover_all_topics() -> None:
-    keys = corpus.pydoc_split_keys()
-    train, evals = set(keys["train"]), set(keys["eval"])
-    assert train and evals
-    assert not train & evals
-    assert train | evals == set(topics)
-    eval_chars = sum(len(topics[k]) for k in evals)
-    share = eval_chars / sum(len(t) for t in topics.values())
-    assert 0.10 <= share <= 0.16, share
-    assert corpus.load_texts("pydoc", "eval") == [topics[k] for k in sorted(evals)]
-
-
-def test_no_eval_passage_appears_in_train() -> None:
-    train_text = corpus.load_text("pydoc", "train")
-    eval_text = corpus.load_text("pydoc", "eval")
-    assert len(eval_text) > 50_000 and len(train_text) > 5 * len(eval_text)
-    train_windows = {train_text[i : i + WINDOW] for i in range(len(train_text) - WINDOW + 1)}
-    leaked = [i for i in range(len(eval_text) - WINDOW + 1) if eval_text[i : i + WINDOW] in train_windows]
-    assert not leaked, eval_text[leaked[0] : leaked[0] + WINDOW]
-
-
-def test_overlapping_topics_are_grouped() -> None:
-    # "customization" is a subsection of "specialnames" in the Python docs: they must share a split.
-    groups = corpus._overlap_groups(topics, WINDOW)
-    group_of = {k: i for i, g in enumerate(groups) for k in g}
-    assert group_of["customization"] == group_of["specialnames"]
-    texts = {"a": "x" * 50 + "shared passage " * 20, "b": "shared passage " * 20 + "y" * 50, "c": "z" * 400}
-    assert corpus._overlap_groups(texts, WINDOW) == [["a", "b"], ["c"]]
-
-
-def test_load_text_joins_with_blank_lines(tmp_path: Path) -> None:
-    path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second", "id": 2}) + "\n")
-    assert corpus.load_texts(str(path)) == ["first", "second"]
-    assert corpus.load_text(str(path), "train") == "first\n\nsecond"
-    txt = tmp_path / "c.txt"
-    txt.write_text("plain text\nline two\n")
-    assert corpus.load_texts(str(txt)) == ["plain text\nline two\n"]
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [('{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"), ('{"body": "x"}\n', "line 1 has no string field 'text'")],
-)
-def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message) as info:
-        corpus.load_texts(str(path))
-    assert "bad.jsonl" in str(info.value)
-
-
-def test_bad_corpus_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="split"):
-        corpus.load_texts("pydoc", "test")
-    with pytest.raises(ValueError, match="does not exist"):
-        corpus.load_texts(str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match=r"\.txt or \.jsonl"):
-        (tmp_path / "data.csv").write_text("a,b\n")
-        corpus.load_texts(str(tmp_path / "data.csv"))
-
-
-def test_hub_dataset_offline_gives_clear_error() -> None:
-    # Either `datasets` is missing or HF_HUB_OFFLINE=1 is set: both must say how to get the corpus.
-    with pytest.raises(corpus.CorpusUnavailableError, match="wikitext-2-raw-v1") as info:
-        corpus.load_texts("wikitext-2-raw-v1", "eval")
-    assert "datasets" in str(info.value) or "HF_HUB_OFFLINE" in str(info.value)
-
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toy_models.build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_tokenizer_files_and_special_tokens(tokenizer_dir: Path) -> None:
@@ -137,21 +57,6 @@ def test_tokenizer_and_split_are_identical_in_a_fresh_process(tokenizer_dir: Pat
     assert json.loads(out.strip().splitlines()[-1]) == {k: list(v) for k, v in corpus.pydoc_split_keys().items()}
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == (tokenizer_dir / name).read_bytes(), name
-
-
-def test_calibration_samples_are_seeded_train_windows(tokenizer_dir: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    a = corpus.calibration_samples(tok, n_samples=6, seq_len=32, seed=1)
-    b = corpus.calibration_samples(tok, n_samples=6, seq_len=32, seed=1)
-    c = corpus.calibration_samples(tok, n_samples=6, seq_len=32, seed=2)
-    assert a.shape == (6, 32) and a.dtype == torch.long
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    train_ids = torch.tensor(tok(corpus.load_text("pydoc", "train"), add_special_tokens=False, verbose=False)["input_ids"])
-    windows = train_ids.unfold(0, 32, 1)
-    for row in a:
-        assert (windows == row).all(dim=1).any()
-    with pytest.raises(ValueError, match="seq_len"):
-        corpus.calibration_samples(tok, n_samples=1, seq_len=10**7, seed=0)
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -196,8 +101,8 @@ def test_tiny_model_is_byte_deterministic(tmp_path: Path) -> None:
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
-def test_tied_and_sharded_checkpoints(tmp_path: Path) -> None:
-    tied = toy_models.make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+def test_tied_and_sharded_checkpoints(tiny_lm_tied: Path, tmp_path: Path) -> None:
+    tied = tiny_lm_tied  # toy_models.make_tiny_model(..., tie_word_embeddings=True), built once in conftest
     assert "lm_head.weight" not in _tensors(tied)
     model = AutoModelForCausalLM.from_pretrained(str(tied))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -223,8 +128,8 @@ def test_tiny_model_rejects_bad_settings(tmp_path: Path, kwargs: dict) -> None:
 # ----------------------------------------------------------------------------- trained toy LM
 
 
-def test_perplexity_matches_transformers_loss(tmp_path: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(str(toy_models.make_tiny_model(tmp_path)), dtype=torch.float32)
+def test_perplexity_matches_transformers_loss(tiny_lm: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
     ids = torch.randint(4, 4096, (40,), generator=torch.Generator().manual_seed(0))
     expected = torch.exp(model(input_ids=ids[None], labels=ids[None]).loss).item()
     assert toy_models.perplexity(model, ids, seq_len=40) == pytest.approx(expected, rel=1e-4)

@@ -540,13 +540,6 @@ def test_a_run_record_says_whether_aios_runs_the_file(qwen3_dir, tmp_path):
 # --- our users' own AI-OS files as candidates: as written, and as AI-OS reads them --------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_causal_lm(tmp_path_factory) -> Path:
-    from llm_workbook.synthetic.toy_models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
-
-
 def _as_aios_wrote_it(ours: Path, out: Path) -> Path:
     """What AI-OS's own ArrowQuantizer writes for the same codes: AI-OS's ten columns, int2 packed low bits first.
     ``out`` ending in .parquet is a file; otherwise AI-OS's model directory."""
@@ -569,19 +562,19 @@ def _aios_int2_of(model: Path, tmp_path: Path) -> Path:
 
 
 def test_an_aios_file_is_stored_with_the_references_config_and_evaluated_as_written_and_as_aios_reads_it(
-        tiny_causal_lm, tmp_path):
+        tiny_lm, tmp_path):
     from llm_workbook.evaluation.compare import evaluate
     from llm_workbook.workbook import report
 
-    int2 = _aios_int2_of(tiny_causal_lm, tmp_path)
+    int2 = _aios_int2_of(tiny_lm, tmp_path)
     theirs = _as_aios_wrote_it(int2, tmp_path / "aios_v2.parquet")
     assert WeightLoaderV2(theirs).version.is_aios and not WeightLoaderV2(theirs).config  # AI-OS keeps no HF config
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    check = report.store_candidate(theirs, scratch, reference=tiny_causal_lm)
+    check = report.store_candidate(theirs, scratch, reference=tiny_lm)
     assert check.source_kind == "aios" and check.ok and check.lossless, check.lossless_detail
     stored = WeightLoaderV2(check.parquet)
-    assert stored.config["architectures"] == json.loads((tiny_causal_lm / "config.json").read_text())["architectures"]
+    assert stored.config["architectures"] == json.loads((tiny_lm / "config.json").read_text())["architectures"]
     assert "tokenizer.json" in stored.files
     name = "model.layers.0.mlp.down_proj.weight"
     layer, weight = S.split_name(name)
@@ -589,8 +582,8 @@ def test_an_aios_file_is_stored_with_the_references_config_and_evaluated_as_writ
     assert name in check.aios.reads_wrong and not check.aios.raises
     settings = dict(context_length=64, max_eval_tokens=192, gen_tokens=2, generation_prompts=2, prompt_tokens=8,
                     perf=False, reference_cache=False)
-    written = evaluate(tiny_causal_lm, check.parquet, **settings)
-    read = report.as_aios_reads(check, tiny_causal_lm, settings)
+    written = evaluate(tiny_lm, check.parquet, **settings)
+    read = report.as_aios_reads(check, tiny_lm, settings)
     assert read["reads_wrong"] == len(check.aios.reads_wrong) and read["loads_in_aios"]
     assert read["kld_mean"] > written.metrics["kld"]["mean"]  # AI-OS computes with something worse
     # what the second evaluation ran is what AI-OS's loader returns for each misread tensor
@@ -601,29 +594,29 @@ def test_an_aios_file_is_stored_with_the_references_config_and_evaluated_as_writ
     assert [r["read"] for r in rows] == ["as written (its writer's values)", "as AI-OS's loader reads it"]
 
 
-def test_an_aios_file_aios_cannot_load_says_so_without_a_second_evaluation(tiny_causal_lm, tmp_path):
+def test_an_aios_file_aios_cannot_load_says_so_without_a_second_evaluation(tiny_lm, tmp_path):
     from llm_workbook.workbook import report
 
-    theirs = _as_aios_wrote_it(_aios_int2_of(tiny_causal_lm, tmp_path), tmp_path / "aios_v2.parquet")
+    theirs = _as_aios_wrote_it(_aios_int2_of(tiny_lm, tmp_path), tmp_path / "aios_v2.parquet")
     rows = pq.read_table(theirs).to_pylist()
     for row in rows:  # a float16 row under AI-OS's float32 tag, as its mixed-precision writer leaves them
         if row["layer_name"] == "model.norm.weight":
             value = aios_reads(row, True).astype(np.float16)
             row.update(quant_type="fp16", dtype="torch.float32", data=value.tobytes(), scales=b"", zero_points=b"")
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(theirs)), theirs)
-    check = report.store_candidate(theirs, tmp_path, reference=tiny_causal_lm)
+    check = report.store_candidate(theirs, tmp_path, reference=tiny_lm)
     assert check.ok and any(r.startswith("model.norm.weight") for r in check.aios.raises)
-    read = report.as_aios_reads(check, tiny_causal_lm, {})
+    read = report.as_aios_reads(check, tiny_lm, {})
     assert not read["loads_in_aios"] and read["verdict"]["outcome"] == "fail"
     assert "does not load in AI-OS" in read["verdict"]["reasons"][0]
 
 
-def test_llmc_evaluate_takes_an_aios_model_directory_in_one_command(tiny_causal_lm, tmp_path):
+def test_llmc_evaluate_takes_an_aios_model_directory_in_one_command(tiny_lm, tmp_path):
     from llm_workbook.cli import main
 
-    model_dir = _as_aios_wrote_it(_aios_int2_of(tiny_causal_lm, tmp_path), tmp_path / "aios_model")
+    model_dir = _as_aios_wrote_it(_aios_int2_of(tiny_lm, tmp_path), tmp_path / "aios_model")
     out = tmp_path / "reports"
-    argv = ["evaluate", str(model_dir), "--reference", str(tiny_causal_lm), "--run", "aios-user-file", "--reports", str(out),
+    argv = ["evaluate", str(model_dir), "--reference", str(tiny_lm), "--run", "aios-user-file", "--reports", str(out),
             "-q", "-p", "context_length", "64", "-p", "stride", "64", "-p", "max_eval_tokens", "192", "-p", "gen_tokens",
             "2", "-p", "measure_perf", "false"]
     assert main(argv) == 0

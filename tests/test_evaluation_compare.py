@@ -17,14 +17,6 @@ from llm_workbook.evaluation.compare import evaluate
 SMALL = dict(context_length=64, max_eval_tokens=192, gen_tokens=4, generation_prompts=2, prompt_tokens=8, perf=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A random Qwen3 (hidden 256, 2 layers) with the BPE tokenizer trained on pydoc, saved bf16."""
-    from llm_workbook.synthetic.toy_models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=0, dtype=torch.bfloat16)
-
-
 def _parquet(src: Path, out: Path) -> Path:
     HuggingFaceToParquetConverter(progress=False).convert(src, out)
     return out

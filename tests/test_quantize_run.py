@@ -38,10 +38,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A random bf16 Qwen3 (2 layers, hidden 128) with the offline BPE tokenizer."""
-    return toy_models.make_tiny_model(tmp_path_factory.mktemp("src") / "tiny", hidden_size=128, intermediate_size=256,
-                                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
+def tiny(tiny_lm_h128) -> Path:
+    """A random bf16 Qwen3 (2 layers, hidden 128) with the offline BPE tokenizer: conftest's session-wide one."""
+    return tiny_lm_h128
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import yaml
 from llm_workbook.workbook import run as workbook
 from llm_workbook.workbook.executors import run_batch
 
-from conftest import REPO, int8_copy, make_checkpoint
+from conftest import REPO, int8_copy
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,13 @@ def _with_parameters(source: Path, target: Path, values: dict) -> None:
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(tmp_path, qwen3_seed5_dir):
     """`make lab` on a copy of notebooks/ whose parameters name a tiny checkpoint; yields (url, notebooks, reports, sources)."""
     if not CHROMIUM:
         pytest.skip("Chromium not installed: run `make setup-browser` (Debian package chromium)")
     if not (REPO / ".venv" / "bin" / "jupyter").exists():
         pytest.skip("no .venv with JupyterLab: run `make setup`")
-    original = make_checkpoint(tmp_path / "original", "qwen3", seed=5)
+    original = qwen3_seed5_dir
     candidate = int8_copy(original, tmp_path / "int8")
     notebooks, reports, settings = tmp_path / "notebooks", tmp_path / "reports", tmp_path / "lab-settings"
     notebooks.mkdir()

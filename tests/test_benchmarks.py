@@ -73,14 +73,12 @@ def test_scale_bench_prints_its_six_figures(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runtime_bench_prints_each_model_in_each_runtime_against_the_original(tmp_path):
+def test_runtime_bench_prints_each_model_in_each_runtime_against_the_original(tiny_lm_h128, tmp_path):
     """The runtimes section on a tiny random LM and its PTQ INT4 (a Parquet path: named by its stem): every model,
     runtime and ratio once; no timing asserted. (Not the toy LM: a fresh clone would train it first.)"""
-    from llm_workbook.synthetic import toy_models
     from llm_workbook.quantize.run import quantize
 
-    original = toy_models.make_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_layers=2,
-                                          num_heads=2, num_kv_heads=1, head_dim=64)
+    original = tiny_lm_h128
     quantize(original, tmp_path / "ptq-int4.parquet", "int4", progress=False)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
