@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_workbook import HuggingFaceToParquetConverter, StoreError, WeightLoaderV2, export_to_hf
 from llm_workbook.store import atomic
+from llm_workbook.workbook import parameters
 from llm_workbook.workbook import run as workbook
 
 LLMC = [sys.executable, "-m", "llm_workbook"]
@@ -173,7 +174,7 @@ def test_report_publish_failing_keeps_the_previous_reports(tmp_path, monkeypatch
     reports.mkdir()
     (reports / "r.json").write_text('{"run": "r", "status": "passed"}')
     (reports / "r.html").write_text("old report")
-    params = {**workbook.DEFAULTS, "run": "r", "title": "r", "model": "builtin:smollm2/ptq-int8",
+    params = {**parameters.DEFAULTS, "run": "r", "title": "r", "model": "builtin:smollm2/ptq-int8",
               "reference": "builtin:smollm2"}
 
     def fake_execute(notebook, output, parameters, cwd):
@@ -271,7 +272,7 @@ def test_second_batch_into_the_same_reports_waits_for_the_first(tmp_path, capsys
     holder.wait()
     assert waited > 0.5
     assert "waiting for another llmc run (pid 4242)" in capsys.readouterr().err
-    with pytest.raises(workbook.ParameterError, match="another llmc run"):
+    with pytest.raises(parameters.ParameterError, match="another llmc run"):
         with workbook.batch_lock(reports):
             with workbook.batch_lock(reports, wait=False):
                 pass

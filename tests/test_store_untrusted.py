@@ -133,7 +133,7 @@ def test_side_files_that_are_not_base64_are_one_clear_error(store_file, tmp_path
 
 
 def test_a_run_name_that_is_a_path_is_refused_before_anything_runs(tmp_path):
-    from llm_workbook.workbook.run import ParameterError, check_parameters
+    from llm_workbook.workbook.parameters import ParameterError, check_parameters
 
     for bad in ("../../x", "/abs", "-rf", "a/b"):
         with pytest.raises(ParameterError, match="run name"):

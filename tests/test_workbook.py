@@ -8,11 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from llm_workbook.workbook import parameters
 from llm_workbook.workbook import run as workbook
 from llm_workbook.workbook.executors import run_batch
 
@@ -94,77 +94,6 @@ def test_missing_source_is_one_clear_error(tmp_path, capsys):
     assert main(["run", str(tmp_path / "x.yaml"), "-p", "nonsense_key", "1", "--reports", str(tmp_path / "r"), "-q"]) == 1  # the run could not be evaluated
     record = json.loads((tmp_path / "r" / "x.json").read_text())
     assert record["status"] == "error" and "cannot read parameters" in record["error"]
-
-
-def test_override_values_parse_as_yaml():
-    assert workbook.parse_overrides([("a", "0.9"), ("b", "true"), ("c", "null"), ("d", "text"), ("e", "[1, 2]")]) == {
-        "a": 0.9, "b": True, "c": None, "d": "text", "e": [1, 2]}
-
-
-def test_notebook_parameters_cell_matches_the_defaults():
-    import ast
-
-    nb = json.loads(workbook.EVALUATE_NOTEBOOK.read_text())
-    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body}
-    examples = {"run", "title", "model", "reference"}
-    assert set(assigned) == set(workbook.DEFAULTS) | {"inputs_digest"}
-    assert {k: v for k, v in assigned.items() if k not in examples | {"inputs_digest"}} == {
-        k: v for k, v in workbook.DEFAULTS.items() if k not in examples}
-
-
-def test_a_run_and_the_api_share_one_set_of_defaults():
-    """The parameters' defaults, under evaluate()'s names, are EvaluationSettings' own; only what a notebook
-    run does on purpose differs (it shows progress and measures speed with explicit PerfSettings)."""
-    import torch
-
-    from llm_workbook.evaluation.compare import EvaluationSettings
-    from llm_workbook.evaluation.perf import PerfSettings
-    from llm_workbook.evaluation.record import Thresholds
-    from llm_workbook.workbook import report
-
-    params = {**workbook.DEFAULTS, "model": "m", "reference": "r"}
-    settings = report.evaluation_settings(params)
-    api = EvaluationSettings(thresholds=EvaluationSettings().thresholds or Thresholds())  # None: the default limits
-    assert {key for key, value in settings.items() if getattr(api, key) != value} == {"perf", "progress"}
-    assert settings["perf"] == PerfSettings(compare_hf_load=True) and settings["dtype"] is torch.float32
-    # every parameter either says what the run is (RUN_KEYS) or changes what evaluate() is given
-    changed = {"corpus": "other.txt", "context_length": 64, "stride": 32, "max_eval_tokens": 99, "stage_tokens": 512,
-               "reference_precision": "float16", "gen_tokens": 0, "dtype": "bfloat16", "activation_quant": False,
-               "keep_packed": True, "measure_perf": False, "perf_models": "candidate", "perf_hf_load": False,
-               "perf_packed": True, "cosine_threshold": 0.9, "ppl_threshold": 0.3, "kld_threshold": 0.1,
-               "top1_threshold": 0.8, "lm_eval_tasks": "heldout_lambada", "lm_eval_limit": 10, "progress": False}
-    assert set(changed) | set(report.RUN_KEYS) == set(workbook.DEFAULTS)
-    for key, value in changed.items():
-        assert report.evaluation_settings({**params, key: value}) != settings, key
-
-
-def test_a_task_that_contradicts_the_original_is_one_error(qwen3_dir, tmp_path):
-    from llm_workbook.workbook import report
-
-    report.check_task(None, qwen3_dir)
-    report.check_task("causal-lm", qwen3_dir)
-    with pytest.raises(workbook.ParameterError, match="is a causal-lm model"):
-        report.check_task("encoder", qwen3_dir)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: x\nreference: y\ntask: decoder\n")
-    with pytest.raises(workbook.ParameterError, match="task 'decoder' is not one of"):
-        workbook.load_parameters(bad)
-
-
-def test_unknown_parameter_is_an_error(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: x\nreference: y\ncontext_lenght: 3\n")
-    with pytest.raises(workbook.ParameterError, match="context_lenght"):
-        workbook.load_parameters(bad)
-
-
-def test_shipped_parameter_files_are_valid():
-    files = sorted((REPO / "parameters").rglob("*.yaml"))
-    assert files
-    for path in files:
-        params = workbook.load_parameters(path)
-        assert params["model"] and params["reference"]
 
 
 def test_notebooks_pass_nbval_with_small_parameters(batch, tmp_path):
@@ -269,5 +198,5 @@ def test_publish_names_the_notebook_when_its_record_is_missing(tmp_path):
 def test_publish_refuses_a_notebook_without_a_run_name(tmp_path):
     bare = tmp_path / "bare.ipynb"
     bare.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-    with pytest.raises(workbook.ParameterError, match="no `run = "):
+    with pytest.raises(parameters.ParameterError, match="no `run = "):
         workbook.publish_notebook(bare, tmp_path)

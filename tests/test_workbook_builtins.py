@@ -20,7 +20,7 @@ from llm_workbook import WeightLoaderV2  # noqa: E402
 from llm_workbook.workbook import builtins
 from llm_workbook.synthetic import toy_models
 from llm_workbook.synthetic import checkpoints
-from llm_workbook.workbook.run import DEFAULTS, load_parameters  # noqa: E402
+from llm_workbook.workbook.parameters import DEFAULTS, load_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = REPO / "parameters" / "default"

@@ -13,7 +13,6 @@ from conftest import REPO
 @pytest.mark.slow
 def test_ray_runs_two_default_files_in_parallel_with_the_verdicts_of_a_sequential_run(tmp_path):
     pytest.importorskip("ray")
-    from llm_workbook.workbook import run as workbook
     from llm_workbook.workbook.executors import run_batch
 
     files = [REPO / "parameters" / "default" / f"{name}.yaml" for name in ("minilm-ptq-int8", "minilm-ptq-int2")]
@@ -41,7 +40,7 @@ def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
     import builtins
 
     from llm_workbook.workbook import executors as cluster
-    from llm_workbook.workbook import run as workbook
+    from llm_workbook.workbook import parameters
     from llm_workbook.workbook.executors import run_batch
 
     real_import = builtins.__import__
@@ -52,7 +51,7 @@ def test_ray_missing_says_how_to_install(monkeypatch, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    with pytest.raises(workbook.ParameterError, match=r"pip install -e '\.\[cluster\]'"):
+    with pytest.raises(parameters.ParameterError, match=r"pip install -e '\.\[cluster\]'"):
         cluster._ray()
 
 

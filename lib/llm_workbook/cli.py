@@ -144,7 +144,7 @@ def _reports_dir(args) -> str:
 
 def _cmd_run(args) -> int:
     from llm_workbook.workbook.executors import run_batch
-    from llm_workbook.workbook.run import ParameterError, parse_overrides
+    from llm_workbook.workbook.parameters import ParameterError, parse_overrides
 
     args.reports = _reports_dir(args)
 
@@ -162,7 +162,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from llm_workbook.workbook.executors import run_batch
-    from llm_workbook.workbook.run import ParameterError, check_parameters, check_source, parse_overrides
+    from llm_workbook.workbook.parameters import ParameterError, check_parameters, check_source, parse_overrides
 
     args.reports = _reports_dir(args)
     try:
@@ -182,7 +182,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from llm_workbook.workbook.run import ParameterError, publish_notebook
+    from llm_workbook.workbook.parameters import ParameterError
+    from llm_workbook.workbook.run import publish_notebook
 
     args.reports = _reports_dir(args)
     try:
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate", help="HF directory, hub id, .parquet, .gguf or builtin:<name>")
     p.add_argument("--reference", required=True, help="the original it is compared with (same kinds of source)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                   help="set a parameter (see llm_workbook.workbook.run.DEFAULTS); VALUE is parsed as YAML")
+                   help="set a parameter (see llm_workbook.workbook.parameters.DEFAULTS); VALUE is parsed as YAML")
     p.add_argument("--run", help="name of the run (default: from the candidate)")
     p.add_argument("--reports", help="output directory (default: the checkout's reports/, or $LLMC_REPORTS_DIR)")
     p.add_argument("--pdf", action="store_true", help="also print the index and the meeting report to PDF")

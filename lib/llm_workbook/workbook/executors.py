@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from llm_workbook.paths import REPO_ROOT, reports_root
 from llm_workbook.store import atomic
-from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, ParameterError, RunOutcome, batch_lock,
-                                       error_outcome, execute, load_parameters, publish_run_files, render_html,
+from llm_workbook.workbook.parameters import ParameterError, load_parameters
+from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, RunOutcome, batch_lock,
+                                       error_outcome, execute, publish_run_files, render_html,
                                        run_one, unchanged)
 from llm_workbook.workbook.index import write_index
 from llm_workbook.workbook.status import RunStatus

@@ -213,49 +213,6 @@ def store_facts(check: StoreCheck) -> dict:
     }
 
 
-# A run's parameters that say what the run is, where it writes and how it is scheduled, not how it evaluates.
-RUN_KEYS = ("run", "title", "model", "reference", "format_notes", "task", "device", "output_dir", "producer",
-            "model_name", "overrides", "expect_error", "resources")
-
-
-def check_task(task: str | None, reference_src) -> None:
-    """A run's ``task``, when given, is what its original is (read from its config): a parameters file that
-    says ``encoder`` for a causal LM is one clear error, not a silently different evaluation."""
-    if task is None:
-        return
-    from llm_workbook.evaluation.scoring import is_causal
-    from llm_workbook.runtime.load import CAUSAL_LM, ENCODER, read_config
-    from llm_workbook.workbook.run import ParameterError
-
-    kind = CAUSAL_LM if is_causal(read_config(reference_src), None) else ENCODER
-    if kind != task:
-        raise ParameterError(f"task: {task!r}, but the original {reference_src} is a {kind} model "
-                             f"(set task: {kind}, or leave it out to follow the checkpoint)")
-
-
-def _names(text: str | None) -> tuple[str, ...]:
-    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
-
-
-def evaluation_settings(params: dict) -> dict:
-    """``evaluate``'s keywords from a run's parameters (their YAML names: ``ppl_threshold`` is the verdict's
-    ``ppl_increase``, ``measure_perf`` / ``perf_hf_load`` make its ``PerfSettings``, comma lists become tuples)."""
-    from llm_workbook.evaluation.perf import PerfSettings
-    from llm_workbook.evaluation.record import Thresholds
-
-    same = ("corpus", "context_length", "stride", "max_eval_tokens", "stage_tokens", "reference_precision", "gen_tokens",
-            "activation_quant", "keep_packed", "perf_packed", "lm_eval_limit", "progress")
-    return {
-        **{key: params[key] for key in same},
-        "dtype": getattr(torch, params["dtype"]),
-        "perf": PerfSettings(compare_hf_load=params["perf_hf_load"]) if params["measure_perf"] else False,
-        "perf_models": _names(params["perf_models"]),
-        "thresholds": Thresholds(cosine=params["cosine_threshold"], ppl_increase=params["ppl_threshold"],
-                                 kld=params["kld_threshold"], top1=params["top1_threshold"]),
-        "lm_eval_tasks": _names(params["lm_eval_tasks"]),
-    }
-
-
 def run_record(params: dict, data: dict, check: StoreCheck) -> RunRecord:
     """The run's record: the evaluation record, the store check, and the verdict (which also fails when the
     file is not a bit-exact, verified copy of the checkpoint)."""

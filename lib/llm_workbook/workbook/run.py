@@ -16,11 +16,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from llm_workbook.paths import REPO_ROOT, __version__, reports_root
-from llm_workbook import names
 from llm_workbook.store import atomic
+from llm_workbook.workbook.parameters import ParameterError, load_parameters
 from llm_workbook.workbook.run_record import RunRecord
 from llm_workbook.workbook.status import RunStatus
 from llm_workbook.workbook.index import load_records, write_index  # noqa: F401  (load_records: its old home)
@@ -29,117 +28,6 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 EVALUATE_NOTEBOOK = NOTEBOOKS / "evaluate_model.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOKS / "compare_models.ipynb"
 KERNEL = "python3"
-
-# Every parameter the evaluation notebook takes, with its default.
-DEFAULTS: dict = {
-    "run": None,  # name of the run: reports/<run>.*
-    "title": None,
-    "model": None,  # candidate: HF dir, hub id, .parquet, or builtin:<name>
-    "reference": None,  # original: same kinds of source
-    "format_notes": "",
-    "task": None,  # causal-lm | encoder; null: from the checkpoints' architectures
-    "corpus": "pydoc",  # offline default; a .txt/.jsonl path or (online) a datasets id
-    "context_length": 256,  # the evaluation's defaults are EvaluationSettings' (a test holds them equal)
-    "stride": None,  # null: the context length
-    "max_eval_tokens": 2048,  # tokens of the held-out text scored at most
-    "stage_tokens": None,  # score in stages of this many tokens, stopping once every check is decided (null: all)
-    "reference_precision": "float32",  # the original's stored logits: float32 (exact) or float16 (half the disk)
-    "gen_tokens": 16,
-    "dtype": "float32",
-    "device": "cpu",
-    "activation_quant": True,
-    "keep_packed": False,
-    "measure_perf": True,
-    "perf_models": "original,candidate",  # whose speed and memory to measure (each costs fresh processes)
-    "perf_hf_load": True,  # also time loading from HF safetensors, for the Parquet/HF load-time ratio
-    "perf_packed": False,  # also measure the candidate with PackedLinear (codes dequantized per call; the kernels runtime is how an engine holds them)
-    "cosine_threshold": 0.95,
-    "ppl_threshold": 0.15,
-    "kld_threshold": None,
-    "top1_threshold": None,
-    "lm_eval_tasks": "",  # lm-evaluation-harness tasks, comma-separated: heldout_lambada (offline) or any reachable task
-    "lm_eval_limit": 200,  # items per task at most (null: all)
-    "output_dir": None,  # None: reports_root(), the checkout's reports/ wherever the notebook runs
-    "producer": None,  # who made the candidate; default from the builtin catalogue (builtins.producer)
-    "model_name": None,  # the original model's name; default from the builtin catalogue (builtins.model_name)
-    "overrides": None,  # set by `llmc run -p KEY VALUE`: what the command line changed
-    "expect_error": None,  # text of a known failure this run documents (a producer's bug): it then does not fail `llmc run`
-    "resources": {"num_cpus": 1},  # what one run asks of a Ray cluster (`llmc run --executor ray`), e.g. num_gpus: 1
-    "progress": True,  # progress bars in the notebook (Lab); llmc run turns them off, its own bar shows the batch
-}
-
-
-TASKS = (None, "causal-lm", "encoder")
-
-
-class ParameterError(ValueError):
-    pass
-
-
-def parse_overrides(pairs: list[tuple[str, str]] | None) -> dict:
-    """``-p KEY VALUE`` pairs, each value parsed as YAML (as papermill's ``-p``/``-y`` do): ``0.9`` is a
-    number, ``true`` a bool, ``null`` None, anything else a string."""
-    out = {}
-    for key, value in pairs or []:
-        try:
-            out[key] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            out[key] = value
-    return out
-
-
-def check_parameters(raw: dict, origin: str, overrides: dict | None = None) -> dict:
-    """Parameters from a mapping, merged over DEFAULTS with ``overrides`` last; unknown keys are an error."""
-    if not isinstance(raw, dict):
-        raise ParameterError(f"{origin}: expected a mapping of parameters")
-    overrides = dict(overrides or {})
-    unknown = sorted((set(raw) | set(overrides)) - set(DEFAULTS))
-    if unknown:
-        raise ParameterError(f"{origin}: unknown parameters {unknown}; known: {sorted(DEFAULTS)}")
-    params = {**DEFAULTS, **raw, **overrides}
-    if overrides:
-        params["overrides"] = overrides  # travels into the record and the inputs digest
-    params["run"] = params["run"] or names.safe_stem(Path(origin).stem)
-    why = names.problem(params["run"]) or ("starts with '-'" if str(params["run"]).startswith("-") else None)
-    if why:  # the run name is a file name in the reports directory
-        raise ParameterError(f"{origin}: run name {params['run']!r} {why}; use letters, digits, '.', '_' or '-'")
-    for key in ("model", "reference"):
-        if not params[key]:
-            raise ParameterError(f"{origin}: parameter {key!r} is required")
-    if params["task"] not in TASKS:
-        raise ParameterError(f"{origin}: task {params['task']!r} is not one of {list(TASKS)}")
-    params["title"] = params["title"] or params["run"]
-    return params
-
-
-def load_parameters(path: str | os.PathLike, overrides: dict | None = None) -> dict:
-    """A run's parameters: the YAML merged over DEFAULTS (then ``overrides``), checked for unknown keys and
-    required ones."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ParameterError(f"{path}: cannot read parameters ({exc})") from None
-    return check_parameters(raw, str(path), overrides)
-
-
-def check_source(key: str, source: str) -> None:
-    """One clear error naming a source that does not exist or is no kind of model (builtins are only looked up
-    here, not built; hub ids are checked where resolved)."""
-    from llm_workbook.errors import SourceNotFoundError, StoreError
-    from llm_workbook.store.source import Source
-    from llm_workbook.workbook import builtins
-
-    if builtins.is_builtin(source):
-        builtins.describe(source)  # an unknown builtin name raises, listing the known ones
-        return
-    try:
-        Source.of(source)
-    except SourceNotFoundError:
-        raise ParameterError(f"{key}: {source} does not exist (not a file, directory, hub id or builtin:<name>)") from None
-    except StoreError as exc:
-        raise ParameterError(f"{key}: {exc}") from None
-
 
 def inputs_digest(params: dict) -> str:
     h = hashlib.sha256()

@@ -56,7 +56,7 @@ class Run:
         """The run the notebook's parameters (its globals, after papermill's injection) describe: checked, with
         its output directories made and both sources resolved (builtins built on first use)."""
         from llm_workbook.workbook import builtins
-        from llm_workbook.workbook.run import DEFAULTS, check_source
+        from llm_workbook.workbook.parameters import DEFAULTS, check_source, check_task
 
         params = {key: namespace.get(key, DEFAULTS[key]) for key in DEFAULTS}
         params["inputs_digest"] = namespace.get("inputs_digest")
@@ -70,7 +70,7 @@ class Run:
         check_source("model", params["model"])
         check_source("reference", params["reference"])
         candidate, original = Source.of(params["model"]), Source.of(params["reference"])
-        report.check_task(params["task"], original)
+        check_task(params["task"], original)
         return cls(params, out_dir, artifacts, candidate, original)
 
     def heading(self):
@@ -110,8 +110,9 @@ class Run:
         vocabulary...) fails with the reason in its record, and the batch goes on."""
         from llm_workbook.evaluation.compare import evaluate
         from llm_workbook.evaluation.record import EvaluationFault
+        from llm_workbook.workbook.parameters import evaluation_settings
 
-        settings = report.evaluation_settings(self.params)  # the parameters under evaluate()'s names
+        settings = evaluation_settings(self.params)  # the parameters under evaluate()'s names
         try:
             record = evaluate(self.original, self.check.parquet, **settings)
         except EvaluationFault as fault:
