@@ -75,6 +75,14 @@ def test_a_file_of_another_kind_is_refused_by_name(tmp_path):
         Source.of(str(AIOS.parent / "angelslim" / "original")).loader()
 
 
+def test_a_hub_id_is_looked_up_once_however_often_its_root_is_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(source_module, "hub_snapshot", lambda *args, **kwargs: calls.append(args) or tmp_path)
+    source = Source.of("owner/model")
+    assert source.root() == source.root() == tmp_path and len(calls) == 1
+    assert source == Source.of("owner/model")  # the looked-up snapshot is not part of the value
+
+
 def test_a_resolver_prefix_classifies_what_it_stands_for(qwen3_dir, monkeypatch):
     monkeypatch.setitem(source_module.RESOLVERS, "test:", lambda name: str(qwen3_dir))
     source = Source.of("test:anything")

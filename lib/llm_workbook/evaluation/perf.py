@@ -145,10 +145,11 @@ def _is_gguf(source: Source | str) -> bool:
 
 def _measure_llama_cpp(source: Source | str, common: dict, settings: PerfSettings, workdir: Path) -> dict:
     """The llama.cpp runtime: what the GGUF runs at in llama.cpp itself, or why there is no figure."""
-    source = Source.of(source)
     import importlib.util
 
     from llm_workbook.store.gguf import export_gguf
+
+    source = Source.of(source)
 
     if not _is_gguf(source):
         return {"unavailable": NOT_GGUF}
@@ -196,8 +197,9 @@ def against_bandwidth(run: dict, bandwidth: dict) -> dict:
 def _store_copy(source: Source | str, workdir: Path) -> str:
     """The source in the Parquet store (written into ``workdir``): a GGUF file as its blocks, an HF directory
     through the converter."""
-    source = Source.of(source)
     from llm_workbook.store.gguf import convert_gguf
+
+    source = Source.of(source)
 
     if source.kind is Kind.GGUF:
         convert_gguf(source.gguf(), workdir / "gguf.parquet", progress=False)

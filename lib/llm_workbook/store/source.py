@@ -123,7 +123,10 @@ class Source:
         if self.kind is Kind.HF_DIR or (self.kind is Kind.GGUF and self.gguf_file and self.path is not None):
             return self.path
         if self.kind is Kind.HUB or (self.kind is Kind.GGUF and self.gguf_file):
-            return hub_snapshot(self.name, revision=self.revision, gguf_file=self.gguf_file)
+            if "_snapshot" not in self.__dict__:  # looked up (or downloaded) once per Source, however often asked
+                object.__setattr__(self, "_snapshot", hub_snapshot(self.name, revision=self.revision,
+                                                                   gguf_file=self.gguf_file))
+            return self.__dict__["_snapshot"]
         got = "an AI-OS model directory" if self.path is not None and self.path.is_dir() else "a file"
         raise StoreError(f"{self.name}: expected a checkpoint directory or a hub id, got {got}")
 

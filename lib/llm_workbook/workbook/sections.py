@@ -13,7 +13,6 @@ import pandas as pd
 from llm_workbook.paths import reports_root
 from llm_workbook.store.source import Source
 from llm_workbook.workbook import report
-from llm_workbook.workbook.run_record import RunRecord
 
 VERDICT_HEADINGS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "UNDECIDED"}
 
@@ -217,4 +216,4 @@ class Run:
                      + pd.DataFrame({"value": detail}).to_html() + "</details>")]
 
 
-__all__ = ["Run", "RunRecord"]
+__all__ = ["Run"]
