@@ -55,7 +55,7 @@ HUNYUAN_1_8B = {
 SHRUNK = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
           "num_key_value_heads": 1, "head_dim": 64, "attention_head_dim": 64, "max_window_layers": 2,
           "vocab_size": 4096, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-BUILD_VERSION = 1  # bump when a build's bytes change: it names the snapshot
+BUILD_VERSION = 2  # bump when a build's bytes change: it names the snapshot (2: seeds from the repo id)
 CALIBRATION = {"n_samples": 8, "seq_len": 256, "seed": 0}  # layout, not quality, is what a stand-in shows
 
 
@@ -124,6 +124,11 @@ def _commit(model: SeedModel, shrink: bool) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
 
+def _seed(repo_id: str) -> int:
+    """An original's weight seed, from its repo id alone: the same bytes whichever subset is built."""
+    return int(hashlib.sha1(repo_id.encode()).hexdigest()[:8], 16)
+
+
 def _write_original(model: SeedModel, out: Path, shrink: bool, seed: int) -> None:
     """Random weights (the architecture's own initialisation, seeded) saved in bf16, with the release's config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -153,7 +158,7 @@ def build(cache: str | Path, only: list[str] | None = None, shrink: bool = False
         raise ValueError(f"unknown stand-in(s) {unknown}; known: {list(BY_ID)}")
     needed = [r for r in BY_ID if r in wanted or any(BY_ID[w].base == r for w in wanted)]
     built: dict[str, Path] = {}
-    for seed, repo_id in enumerate(needed):
+    for repo_id in needed:
         model = BY_ID[repo_id]
         commit = _commit(model, shrink)
         target = repo_dir(cache, repo_id) / "snapshots" / commit
@@ -163,7 +168,7 @@ def build(cache: str | Path, only: list[str] | None = None, shrink: bool = False
             target.parent.mkdir(parents=True, exist_ok=True)
             with staged_directory(target) as staging:  # a stopped build leaves no snapshot
                 if model.config is not None:
-                    _write_original(model, staging, shrink, seed)
+                    _write_original(model, staging, shrink, _seed(repo_id))
                 else:
                     write_checkpoint(built[model.base], staging, model.fmt, **model.options)
         ref = repo_dir(cache, repo_id) / "refs" / "main"
