@@ -112,3 +112,9 @@ def test_a_build_is_deterministic_and_kept(seed_cache, tmp_path):
     logged = []
     seeds.build(tmp_path, only=[seeds.HUNYUAN], shrink=True, log=logged.append)
     assert logged == []  # already built: nothing rebuilt
+
+
+def test_an_unknown_repo_id_is_one_error_and_nothing_is_written(tmp_path, capsys):
+    assert seeds.main(["--cache", str(tmp_path / "hub"), "--only", "nobody/Nothing-0B"]) == 2
+    assert "unknown stand-in(s) ['nobody/Nothing-0B']" in capsys.readouterr().err
+    assert not (tmp_path / "hub").exists()

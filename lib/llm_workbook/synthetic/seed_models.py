@@ -194,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="repo ids to build (and the originals they need)")
     parser.add_argument("--shrink", action="store_true", help="small shapes of the same architectures")
     args = parser.parse_args(argv)
-    build(args.cache, args.only, args.shrink)
+    try:
+        build(args.cache, args.only, args.shrink)
+    except ValueError as exc:  # an unknown repo id, or a writer refusing its original: one line, no traceback
+        print(f"seed-models: {exc}", file=sys.stderr)
+        return 2
     total = 0
     for repo_id, size in sizes(args.cache).items():
         total += size
