@@ -117,7 +117,8 @@ def _print_outcomes(outcomes, reports: str, pdf: bool) -> int:
     for o in outcomes:
         message = o.message.splitlines()[0][:200] if o.message else ""
         status = "error (expected)" if o.expected else o.status
-        print(f"{o.run:<{width}}  {status:<12} {o.html or o.record}{'  ' + message if message else ''}")
+        took = f"{o.seconds:5.0f} s" if o.seconds is not None else " " * 7
+        print(f"{o.run:<{width}}  {status:<12} {took}  {o.html or o.record}{'  ' + message if message else ''}")
     print(f"index: {reports}/index.html")
     if pdf:
         from llm_workbook.workbook.pdf import print_reports

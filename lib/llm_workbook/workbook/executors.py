@@ -48,7 +48,7 @@ def execute_run(params: dict) -> dict:
         files = {suffix: (Path(scratch) / f"{params['run']}{suffix}").read_bytes()
                  for suffix in RUN_FILES if (Path(scratch) / f"{params['run']}{suffix}").exists()}
     return {"status": outcome.status, "message": outcome.message, "expected": outcome.expected, "files": files,
-            "node": os.uname().nodename}
+            "node": os.uname().nodename, "seconds": outcome.seconds}
 
 
 def _options(params: dict) -> dict:
@@ -99,7 +99,7 @@ def run_on_ray(runs: list, reports: Path, force: bool, progress: bool, overrides
                 html = reports / f"{name}.html"
                 outcomes[name] = RunOutcome(name, result["status"], reports / f"{name}.ipynb",
                                             html if html.exists() else None, reports / f"{name}.json",
-                                            result["message"], result.get("expected", False))
+                                            result["message"], result.get("expected", False), result.get("seconds"))
             bar.update(1)
         bar.close()
     except KeyboardInterrupt:

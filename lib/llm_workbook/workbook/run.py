@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class RunOutcome:
     record: Path
     message: str = ""
     expected: bool = False  # an error the run's ``expect_error`` names: documented, not a failure of the batch
+    seconds: float | None = None  # wall time of the run (builds of the builtins it used first included); None: skipped
 
     @property
     def evaluated(self) -> bool:
@@ -185,6 +187,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     params["progress"] = False  # bars would land in the report; the batch shows its own
     status, message = RunStatus.PASSED, ""
     staged_record = staging / f"{run}.json"
+    started = time.monotonic()
     try:
         try:
             execute(EVALUATE_NOTEBOOK, staging / notebook.name, params, REPO_ROOT)
@@ -209,7 +212,7 @@ def run_one(param_file: Path | dict, reports: Path, force: bool = False, overrid
     expected = bool(status == RunStatus.ERROR and params.get("expect_error") and str(params["expect_error"]) in message)
     if params.get("expect_error") and status != RunStatus.ERROR:
         message = f"{message + '; ' if message else ''}the documented error ({params['expect_error']}) did not happen"
-    return RunOutcome(run, status, notebook, html_path, record, message, expected)
+    return RunOutcome(run, status, notebook, html_path, record, message, expected, time.monotonic() - started)
 
 
 def notebook_run_name(nb) -> str:
