@@ -118,3 +118,30 @@ def test_an_unknown_repo_id_is_one_error_and_nothing_is_written(tmp_path, capsys
     assert seeds.main(["--cache", str(tmp_path / "hub"), "--only", "nobody/Nothing-0B"]) == 2
     assert "unknown stand-in(s) ['nobody/Nothing-0B']" in capsys.readouterr().err
     assert not (tmp_path / "hub").exists()
+
+
+def test_every_stand_in_says_so_in_its_model_card_and_the_report_reads_it(seed_cache, monkeypatch, tmp_path):
+    from llm_workbook import Source
+    from llm_workbook.workbook import report
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(seed_cache))
+    for repo_id in seeds.BY_ID:
+        assert seeds.stand_in_of(seeds.snapshot(seed_cache, repo_id)) == repo_id
+    candidate, original = Source.of("AngelSlim/HY-1.8B-2Bit"), Source.of(seeds.HUNYUAN)
+    assert report.stand_ins(candidate, original) == ("AngelSlim/HY-1.8B-2Bit", seeds.HUNYUAN)
+    assert "are stand-ins" in report.stand_in_sentence(report.stand_ins(candidate, original))
+    # a real checkpoint (its own card, or none, or a card that is not YAML) is no stand-in
+    real = tmp_path / "real"
+    real.mkdir()
+    assert seeds.stand_in_of(real) is None
+    for card in ("---\nlicense: apache-2.0\ntags: [llama]\n---\n# Model", "---\ntags: [\n---\n", "no front matter"):
+        (real / "README.md").write_text(card)
+        assert seeds.stand_in_of(real) is None, card
+
+
+def test_a_snapshot_built_before_the_card_gets_it_on_the_next_build(tmp_path):
+    target = seeds.build(tmp_path, only=[seeds.QWEN], shrink=True, log=lambda _: None)[seeds.QWEN]
+    (target / "README.md").unlink()
+    logged = []
+    seeds.build(tmp_path, only=[seeds.QWEN], shrink=True, log=logged.append)
+    assert logged == [] and seeds.stand_in_of(target) == seeds.QWEN

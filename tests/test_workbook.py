@@ -26,6 +26,7 @@ def batch(tmp_path_factory, qwen3_seed5_dir):
     root = tmp_path_factory.mktemp("workbook")
     original = qwen3_seed5_dir
     candidate = int8_copy(original, root / "int8")
+    (candidate / "README.md").write_text("---\ntags: [llmc-stand-in]\n---\n# Stand-in for tiny/INT8\n")
     params = root / "params"
     params.mkdir()
     common = {"reference": str(original), "context_length": 32, "stride": 32, "max_eval_tokens": 192,
@@ -55,16 +56,24 @@ def test_batch_writes_reports_and_marks_the_broken_run(batch):
     assert "store_candidate" not in (reports / "tiny-int8.meeting.html").read_text()
     index = (reports / "index.html").read_text()
     assert "tiny-int8" in index and "broken" in index and "ERROR" in index and "PASS" in index
+    # a stand-in candidate (its model card says so) is named as one in its record, its report and the index
+    assert record["summary"]["stand_in"] == [str(candidate_dir(reports))]
+    assert "Stand-in, not the release" in (reports / "tiny-int8.html").read_text()
+    assert "1 of 2 runs compare stand-ins" in index
     assert (reports / "compare_models.html").is_file()
+
+
+def candidate_dir(reports):
+    return reports.parent / "int8"
 
 
 def test_rerun_skips_unchanged_inputs_unless_forced(batch):
     reports, _, params = batch
     again = {o.run: o for o in run_batch([params / "tiny-int8.yaml"], reports=reports, progress=False)}
-    assert again["tiny-int8"].status == "skipped"
+    assert again["tiny-int8"].status == "skipped" and again["tiny-int8"].seconds is None
 
 
-def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, tmp_path):
+def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, tmp_path, capsys):
     from llm_workbook.cli import main
 
     reports, _, params = batch
@@ -74,6 +83,8 @@ def test_evaluate_command_with_overrides_writes_record_report_and_index(batch, t
             "-q", "-p", "context_length", "32", "-p", "stride", "32", "-p", "max_eval_tokens", "96", "-p", "gen_tokens",
             "2", "-p", "measure_perf", "false", "-p", "ppl_threshold", "0.5"]
     assert main(argv) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("cli-int8"))
+    assert re.search(r"passed\s+\d+ s ", line), line  # each run's wall time, so a batch's costs can be read off
     record = json.loads((out / "cli-int8.json").read_text())
     assert record["status"] == "passed"
     assert record["parameters"]["overrides"] == {"context_length": 32, "stride": 32, "max_eval_tokens": 96,

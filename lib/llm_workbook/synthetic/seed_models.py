@@ -96,6 +96,42 @@ SEED_MODELS = (
               options={"candidates": 16, "latent": True}, note="float32 with weight_clip_val, latent weights"),
 )
 BY_ID = {m.repo_id: m for m in SEED_MODELS}
+STAND_IN_TAG = "llmc-stand-in"  # in a stand-in's model card: reports say its quality figures are not the release's
+
+
+def _write_card(model: SeedModel, out: Path) -> None:
+    """A model card (README.md, the hub's own way for a repository to describe itself) saying what this is."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    made = "random weights (seeded)" if model.config is not None else f"written from the stand-in of `{model.base}`"
+    card = ModelCard.from_template(
+        ModelCardData(tags=[STAND_IN_TAG], base_model=model.base),
+        template_str="---\n{{ card_data }}\n---\n\n# Stand-in for {{ repo_id }}\n\n{{ body }}\n",
+        repo_id=model.repo_id,
+        body=f"Not the release: {made}, {model.note}, in the release's architecture, shapes and layout, built "
+             f"offline by `make seed-models`. Sizes, layouts, time and memory are the release's; quality figures "
+             f"say nothing about it.")
+    card.save(out / "README.md")
+
+
+def stand_in_of(directory: str | Path) -> str | None:
+    """What a checkpoint directory stands in for, when its model card carries ``STAND_IN_TAG``; None for any
+    other checkpoint (a real release's card included, however malformed)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card_path = Path(directory) / "README.md"
+    if not card_path.is_file():
+        return None
+    try:
+        card = ModelCard.load(card_path, ignore_metadata_errors=True)
+    except (OSError, ValueError, yaml.YAMLError):  # a card that is not one is no stand-in's
+        return None
+    tags = card.data.tags or []
+    if STAND_IN_TAG not in ([tags] if isinstance(tags, str) else tags):
+        return None
+    title = next((line[2:].strip() for line in card.text.splitlines() if line.startswith("# ")), "")
+    return title.removeprefix("Stand-in for ").strip() or str(directory)
 
 
 def config_of(model: SeedModel, shrink: bool = False) -> dict:
@@ -171,6 +207,9 @@ def build(cache: str | Path, only: list[str] | None = None, shrink: bool = False
                     _write_original(model, staging, shrink, _seed(repo_id))
                 else:
                     write_checkpoint(built[model.base], staging, model.fmt, **model.options)
+                _write_card(model, staging)
+        if not (target / "README.md").is_file():  # snapshots built before the card was written get it too
+            _write_card(model, target)
         ref = repo_dir(cache, repo_id) / "refs" / "main"
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)

@@ -108,6 +108,11 @@ def write_index(reports: Path, outcomes: list) -> Path:
         message = message.splitlines()[0][:300] if message else ""
         items.append(f"<li><b>{html.escape(run)}</b> — {html.escape(status)}"
                      f"{' (' + html.escape(message) + ')' if message else ''}: {' · '.join(links)}</li>")
+    stand_ins = [r.run for r in records if r.summary.get("stand_in")]
+    banner = (f'<div class="headline none">{len(stand_ins)} of {len(records)} runs compare stand-ins (random weights '
+              "in the releases' layouts, built by <code>make seed-models</code>): their sizes, layouts, round trips, "
+              "time and memory are the releases'; their quality figures, and the decision below, say nothing about "
+              "the releases.</div>") if stand_ins else ""
     compare = '<p><a href="compare_models.html">Comparison notebook (plots)</a></p>' if (reports / "compare_models.html").exists() else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Quantized checkpoint evaluation</title>
@@ -118,6 +123,7 @@ border-radius:4px}} .go{{background:#e6f4ea}} .nogo{{background:#fde2e1}} .none{
 @media print{{body{{margin:0;max-width:none;font-size:10px}} table{{font-size:9px}} img{{max-width:100%}}
 #decision-table td,#decision-table th{{padding:2px 3px}} h2,h3{{break-after:avoid}} tr{{break-inside:avoid}}}}</style></head>
 <body><h1>Is this quantized checkpoint fit for our Parquet weight store?</h1>
+{banner}
 {decision_html(records, reports) if records else ""}
 <h2>All runs</h2>
 <p>One row per model/format, sorted by verdict then PPL change. Failures are highlighted. Runs whose activations

@@ -195,6 +195,22 @@ def as_written_and_as_read(data: dict) -> list[dict]:
     ]
 
 
+def stand_ins(*sources: Source) -> tuple[str, ...]:
+    """The names of the sources whose model card says they are stand-ins (``make seed-models``: random weights
+    in a release's layout), so the report does not pass their quality figures off as the release's."""
+    from llm_workbook.synthetic.seed_models import stand_in_of
+
+    return tuple(s.name for s in sources
+                 if s.kind in (Kind.HUB, Kind.HF_DIR) and stand_in_of(s.root()) is not None)
+
+
+def stand_in_sentence(names) -> str:
+    return (f"{' and '.join(f'`{n}`' for n in names)} {'is a stand-in' if len(names) == 1 else 'are stand-ins'} "
+            "built by `make seed-models`: random weights in the release's architecture, shapes and layout. Sizes, "
+            "layouts, round trip, time and memory are the release's; quality figures and the verdict say nothing "
+            "about it.")
+
+
 def store_facts(check: StoreCheck) -> dict:
     store = check.summary
     return {

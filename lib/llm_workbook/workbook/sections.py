@@ -49,6 +49,7 @@ class Run:
     original: Source
     check: report.StoreCheck | None = None  # the candidate as stored (section 1)
     data: dict | None = None  # the evaluation record (section 2); None when the evaluation refused the pair
+    stand_ins: tuple[str, ...] = ()  # the sources that are stand-ins (random weights), not the checkpoints named
 
     @classmethod
     def start(cls, namespace: dict) -> Run:
@@ -70,7 +71,7 @@ class Run:
         check_source("reference", params["reference"])
         candidate, original = Source.of(params["model"]), Source.of(params["reference"])
         check_task(params["task"], original)
-        return cls(params, out_dir, artifacts, candidate, original)
+        return cls(params, out_dir, artifacts, candidate, original, stand_ins=report.stand_ins(candidate, original))
 
     def heading(self):
         from llm_workbook.workbook import builtins
@@ -80,7 +81,8 @@ class Run:
             f"## {p['title']}\n\n"
             f"- **Candidate:** `{p['model']}` — {builtins.describe(p['model'])} (produced by: {p['producer']})\n"
             f"- **Original:** `{p['reference']}` — {builtins.describe(p['reference'])}\n"
-            f"- **Format:** {p['format_notes'] or 'see the table below'}\n")
+            f"- **Format:** {p['format_notes'] or 'see the table below'}\n"
+            + (f"- **Stand-in, not the release:** {report.stand_in_sentence(self.stand_ins)}\n" if self.stand_ins else ""))
 
     # -- 1. the store --
 
@@ -194,10 +196,14 @@ class Run:
     def verdict(self) -> list:
         """The run's record, written, and its verdict with the figures it rests on."""
         record = report.run_record(self.params, self.data, self.check)
+        if self.stand_ins:
+            record.summary["stand_in"] = list(self.stand_ins)
         record.write(self.out_dir)
         verdict = record.verdict
         heading = VERDICT_HEADINGS.get(verdict.get("outcome"), "FAIL")
         why = "All checks passed." if verdict["passed"] else "Why:\n\n" + "\n".join(f"- {r}" for r in verdict["reasons"])
+        if self.stand_ins:
+            why += f"\n\n**Stand-in:** {report.stand_in_sentence(self.stand_ins)}"
         return [_markdown(f"# {heading}: {self.params['title']}\n\n{why}"),
                 pd.DataFrame({"value": report.summary_rows(record)})]
 
