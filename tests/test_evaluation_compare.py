@@ -188,7 +188,7 @@ def test_original_side_is_computed_once_and_gives_the_same_metrics(tiny_lm, tmp_
     assert direct.settings["reference_cache"] == "computed, not kept"
     assert first.settings["reference_cache"].startswith("computed and stored")
     assert again.settings["reference_cache"].startswith("reused")
-    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob(".*tmp"))
+    assert len(list(cache.glob("*.reference"))) == 1 and not [p for p in cache.iterdir() if p.name.startswith(".")]
     for record in (first, again):  # float32 logits: every figure equals the direct computation exactly
         assert record.metrics["kld"] == direct.metrics["kld"]
         assert record.metrics["ppl"] == direct.metrics["ppl"]
@@ -197,7 +197,39 @@ def test_original_side_is_computed_once_and_gives_the_same_metrics(tiny_lm, tmp_
     assert direct.metrics["kld"]["mean"] > 0  # a real difference, not two identical models
     # another window plan is another entry, never a stale one
     evaluate(tiny_lm, candidate, reference_cache=cache, **{**SMALL, "stride": 32})
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(list(cache.glob("*.reference"))) == 2
+
+
+def test_the_original_side_is_written_window_by_window_and_a_stopped_one_leaves_nothing(tiny_lm, tmp_path,
+                                                                                        monkeypatch):
+    from llm_workbook.evaluation import scoring
+
+    candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
+    cache = tmp_path / "ref"
+    record = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    (entry,) = cache.glob("*.reference")
+    # one shard per window: computing the side holds one window's outputs, never the whole text's
+    assert len(list(entry.glob("window-*.safetensors"))) == record.metrics["ppl"]["num_windows"] >= 3
+    # an entry this version cannot read (an older format) is recomputed in its place
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    again = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
+    assert again.settings["reference_cache"].startswith("computed and stored") and again.metrics["kld"] == record.metrics["kld"]
+    assert json.loads((entry / "meta.json").read_text())["format_version"] == meta["format_version"]
+    # stopped while scoring the original's second window: no entry, no staging directory
+    real, calls = scoring._scored_outputs, []
+
+    def stopped(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(scoring, "_scored_outputs", stopped)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_lm, candidate, reference_cache=fresh, **SMALL)
+    assert not list(fresh.iterdir())
 
 
 def test_float16_reference_stays_within_its_stated_tolerance(tiny_lm, tmp_path):
@@ -214,7 +246,8 @@ def test_corrupted_reference_file_is_refused(tiny_lm, tmp_path):
     candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
     cache = tmp_path / "ref"
     evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
-    (path,) = cache.glob("*.safetensors")
+    (entry,) = cache.glob("*.reference")
+    path = max(entry.glob("window-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # inside the last window's arrays
     path.write_bytes(bytes(data))
@@ -267,8 +300,8 @@ def test_runs_with_and_without_tasks_share_the_originals_scored_windows(tiny_lm,
     assert plain.settings["reference_cache"].startswith("computed and stored")
     assert with_tasks.settings["reference_cache"].startswith("reused")
     assert with_tasks.metrics["kld"] == plain.metrics["kld"]
-    assert len(list(cache.glob("*.tasks.safetensors"))) == 1 and len(list(cache.glob("*.safetensors"))) == 2
-    answers = next(cache.glob("*.tasks.safetensors"))
+    assert len(list(cache.glob("*.tasks"))) == 1 and len(list(cache.glob("*.reference"))) == 1
+    answers = next(cache.glob("*.tasks")) / "tasks.safetensors"
     stamp = answers.stat().st_mtime_ns
     again = evaluate(tiny_lm, candidate, reference_cache=cache, lm_eval_tasks=("heldout_lambada",), lm_eval_limit=8, **SMALL)
     assert answers.stat().st_mtime_ns == stamp  # reused, not recomputed

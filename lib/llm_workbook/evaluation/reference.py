@@ -14,11 +14,14 @@ saves the base model's logits) and each candidate is scored against the file. St
   sum is also in the metadata;
 * the greedy generation of each prompt (token ids, exact).
 
-The file (safetensors) is keyed by everything that determines it: the original's identity (config,
-weight files' names, sizes and mtimes), the token ids, windows, prompts, dtype and package versions.
-Each array's xxh3 is stored beside it and verified on load; the file is written atomically. The original's
-lm-eval answers are a file of their own (``<key>.tasks.safetensors``, keyed by the original, the tasks and
-their limit), so runs with and without tasks share the scored windows.
+An entry (``<key>.reference/``) is keyed by everything that determines it: the original's identity (config,
+weight files' names, sizes and mtimes), the token ids, windows, prompts, dtype and package versions. It is a
+directory of safetensors shards, one per window (and one for the generations), written as each window is
+scored, so computing it holds one window's outputs, not the whole text's (16,384 tokens of a 151,936-word
+vocabulary are 5 GB of float16 log-probs); ``meta.json`` lists each array's shard and xxh3, verified on load.
+The directory is staged and renamed into place when complete. The original's lm-eval answers are an entry of
+their own (``<key>.tasks/``, keyed by the original, the tasks and their limit), so runs with and without tasks
+share the scored windows.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from llm_workbook.paths import __version__
 from llm_workbook.store import atomic
 from llm_workbook.store.source import Kind, Source
 
-FORMAT_VERSION = 2  # 2: per-token NLL of the original (nll.<i>)
+FORMAT_VERSION = 3  # 2: per-token NLL of the original (nll.<i>); 3: a directory of shards
 
 
 def _checksum(tensor: torch.Tensor) -> str:
@@ -70,14 +74,15 @@ def cache_key(payload: dict) -> str:
 
 @dataclass
 class ReferenceSide:
-    """The original's outputs on every window, read lazily from the cache file."""
+    """The original's outputs on every window, read lazily from the cache entry's shards."""
 
     path: Path
-    meta: dict  # nll_sum, num_windows, num_prompts, original (its ModelInfo), key payload
+    meta: dict  # nll_sum, original (its ModelInfo), key payload, and each array's shard and checksum
     answers: "ReferenceSide | None" = None  # the original's lm-eval answers, a cache entry of their own
 
     def _get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as handle:
+        shard = self.path / f"{self.meta['shards'][name]}.safetensors"
+        with safe_open(str(shard), framework="pt") as handle:
             tensor = handle.get_tensor(name)
         expected = self.meta["checksums"].get(name)
         if expected != _checksum(tensor):
@@ -105,26 +110,45 @@ class ReferenceSide:
 
 def load(path: Path) -> ReferenceSide | None:
     """The cached side, or None when missing or unreadable (then it is recomputed)."""
-    if not path.is_file():
-        return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("llmc.reference", "{}"))
-    except Exception:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
         return None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         return None
     return ReferenceSide(path, meta)
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ReferenceSide:
-    meta = {**meta, "format_version": FORMAT_VERSION, "llmc_version": __version__,
-            "checksums": {name: _checksum(t) for name, t in tensors.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"llmc.reference": json.dumps(meta, default=str)})
-    return ReferenceSide(path, meta)
+class SideWriter:
+    """Writes an entry shard by shard into a staging directory beside ``path``; ``commit`` renames it into place
+    (replacing an outdated or unreadable entry), and a writer that is not committed leaves nothing behind."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = atomic.temp_path(path)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        self.shards: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}
+
+    def add(self, shard: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.staging / f"{shard}.safetensors"))
+        for name, tensor in tensors.items():
+            self.shards[name], self.checksums[name] = shard, _checksum(tensor)
+
+    def commit(self, meta: dict[str, Any]) -> ReferenceSide:
+        meta = {**meta, "format_version": FORMAT_VERSION, "llmc_version": __version__, "shards": self.shards,
+                "checksums": self.checksums}
+        (self.staging / "meta.json").write_text(json.dumps(meta, default=str))
+        if self.path.exists():  # an entry load() refused (outdated or damaged), or one another run just wrote
+            shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self.staging, self.path)
+        return ReferenceSide(self.path, meta)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 PRECISIONS = ("float32", "float16")

@@ -71,10 +71,10 @@ def _token_bar(who: str, ids: torch.Tensor, progress: bool):
 
 
 def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[torch.Tensor],
-                    gen_tokens: int, precision: str = "float32",
-                    progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
-    """The original's outputs on every window and prompt (see ``reference``), and its summed NLL."""
-    tensors: dict[str, torch.Tensor] = {}
+                    gen_tokens: int, writer: "reference.SideWriter", precision: str = "float32",
+                    progress: bool = False) -> float:
+    """The original's outputs on every window and prompt (see ``reference``), each window written as its own
+    shard as soon as it is scored; returns the summed NLL."""
     nll = 0.0
     with _token_bar("original", ids, progress) as bar:
         for i, w in enumerate(windows):
@@ -82,13 +82,14 @@ def _reference_side(orig: nn.Module, ids: torch.Tensor, windows, prompts: list[t
             per_token = M.token_nll(logits, ids[w.score_from + 1 : w.end + 1])
             nll += float(per_token.sum())
             outputs = {**reference.window_outputs(logits, hidden, precision), "nll": per_token}
-            tensors.update({f"{k}.{i}": v for k, v in outputs.items()})
+            writer.add(f"window-{i}", {f"{k}.{i}": v for k, v in outputs.items()})
+            del logits, hidden, outputs
             bar.update(per_token.numel())
         if gen_tokens > 0:
             bar.set_description(f"original: generating {len(prompts)} x {gen_tokens} tokens")
-            for j, generated in enumerate(_greedy(orig, prompts, gen_tokens)):
-                tensors[f"gen.{j}"] = generated.to(torch.int64)
-    return tensors, nll
+            writer.add("generation", {f"gen.{j}": generated.to(torch.int64)
+                                      for j, generated in enumerate(_greedy(orig, prompts, gen_tokens))})
+    return nll
 
 
 def _greedy(model: nn.Module, prompts: list[torch.Tensor], gen_tokens: int) -> list[torch.Tensor]:
@@ -197,17 +198,21 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
     }
     task_payload = {**common, "tasks": list(tasks), "task_limit": task_limit}
     root = None if cache is False else Path(cache) if cache not in (None, True) else _default_cache_dir()
-    path = root / f"{reference.cache_key(payload)}.safetensors" if root else None
-    task_path = root / f"{reference.cache_key(task_payload)}.tasks.safetensors" if root and tasks else None
+    path = root / f"{reference.cache_key(payload)}.reference" if root else None
+    task_path = root / f"{reference.cache_key(task_payload)}.tasks" if root and tasks else None
     side = reference.load(path) if path else None
     answers = reference.load(task_path) if task_path else None
     model = info = None
     if side is None or (tasks and answers is None):
         model, info = load_model(original, **load)
     if side is None:
-        tensors, nll = _reference_side(model, ids, windows, prompts, gen_tokens, precision, progress)
-        meta = {"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision}
-        side = reference.save(path or _scratch_path(), tensors, meta)
+        writer = reference.SideWriter(path or _scratch_path())
+        try:
+            nll = _reference_side(model, ids, windows, prompts, gen_tokens, writer, precision, progress)
+        except BaseException:
+            writer.discard()
+            raise
+        side = writer.commit({"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision})
         note = f"computed and stored {path}" if path else "computed, not kept"
     else:
         note = f"reused {path}"
@@ -215,7 +220,9 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
         from llm_workbook.evaluation.tasks import run_tasks
 
         tensors = {f"task.{name}": torch.from_numpy(a) for name, a in run_tasks(model, tokenizer, tasks, task_limit).items()}
-        answers = reference.save(task_path or _scratch_path(), tensors, {"key": task_payload})
+        writer = reference.SideWriter(task_path or _scratch_path())
+        writer.add("tasks", tensors)
+        answers = writer.commit({"key": task_payload})
     if model is not None:
         del model
         return_freed_memory()  # the candidate's load stands on a clean heap
@@ -226,7 +233,7 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
 def _scratch_path() -> Path:
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "reference.safetensors"
+    return Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "entry"
 
 
 def _default_cache_dir() -> Path:
