@@ -206,3 +206,18 @@ def test_the_phase2_facts_come_from_the_code_the_cli_offers():
     assert tuple(backend.choices) == BACKENDS
     environment = phases.project_environment(REPO_ROOT)
     assert environment["cli_backend"] is True and environment["guide"] is True
+
+
+def test_the_angelslim_hub_releases_count_as_angelslim_s_in_phase_1():
+    """parameters/angelslim/ runs AngelSlim's own releases: the decision must weigh them as AngelSlim's, not as
+    external checkpoints (which would leave Phase 1 'no AngelSlim run in this batch')."""
+    from conftest import REPO
+    from llm_workbook.workbook.parameters import load_parameters
+    from llm_workbook.workbook.run_record import RunRecord
+    from llm_workbook.workbook.status import RunStatus
+
+    files = sorted((REPO / "parameters" / "angelslim").glob("*.yaml"))
+    assert files
+    for path in files:
+        record = RunRecord(path.stem, RunStatus.PASSED, summary={"producer": load_parameters(path)["producer"]})
+        assert phases.is_angelslim(record), path.name
