@@ -30,6 +30,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm_workbook.paths import __version__
-from llm_workbook.store import atomic
 from llm_workbook.store.source import Kind, Source
 
 FORMAT_VERSION = 3  # 2: per-token NLL of the original (nll.<i>); 3: a directory of shards
@@ -120,17 +121,13 @@ def load(path: Path) -> ReferenceSide | None:
 
 
 class SideWriter:
-    """Writes an entry shard by shard into a staging directory beside ``path``; ``commit`` renames it into place
-    (replacing an outdated or unreadable entry), and a writer that is not committed leaves nothing behind."""
+    """Writes an entry's shards into its staging directory (``writing``); ``finish`` adds ``meta.json``."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = atomic.temp_path(path)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
+    def __init__(self, path: Path, staging: Path):
+        self.path, self.staging = path, staging
         self.shards: dict[str, str] = {}
         self.checksums: dict[str, str] = {}
+        self.side: ReferenceSide | None = None
 
     def add(self, shard: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -138,17 +135,23 @@ class SideWriter:
         for name, tensor in tensors.items():
             self.shards[name], self.checksums[name] = shard, _checksum(tensor)
 
-    def commit(self, meta: dict[str, Any]) -> ReferenceSide:
+    def finish(self, meta: dict[str, Any]) -> None:
         meta = {**meta, "format_version": FORMAT_VERSION, "llmc_version": __version__, "shards": self.shards,
                 "checksums": self.checksums}
         (self.staging / "meta.json").write_text(json.dumps(meta, default=str))
-        if self.path.exists():  # an entry load() refused (outdated or damaged), or one another run just wrote
-            shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(self.staging, self.path)
-        return ReferenceSide(self.path, meta)
+        self.side = ReferenceSide(self.path, meta)
 
-    def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+
+@contextmanager
+def writing(path: Path) -> Iterator[SideWriter]:
+    """An entry written shard by shard (``store.writer.staged_directory``): renamed into place when the block
+    ends, gone when it fails. An entry already there is one ``load`` refused (outdated or damaged)."""
+    from llm_workbook.store.writer import staged_directory
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    with staged_directory(path) as staging:
+        yield SideWriter(path, staging)
 
 
 PRECISIONS = ("float32", "float16")

@@ -206,13 +206,10 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
     if side is None or (tasks and answers is None):
         model, info = load_model(original, **load)
     if side is None:
-        writer = reference.SideWriter(path or _scratch_path())
-        try:
+        with reference.writing(path or _scratch_path()) as writer:
             nll = _reference_side(model, ids, windows, prompts, gen_tokens, writer, precision, progress)
-        except BaseException:
-            writer.discard()
-            raise
-        side = writer.commit({"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision})
+            writer.finish({"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision})
+        side = writer.side
         note = f"computed and stored {path}" if path else "computed, not kept"
     else:
         note = f"reused {path}"
@@ -220,9 +217,10 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
         from llm_workbook.evaluation.tasks import run_tasks
 
         tensors = {f"task.{name}": torch.from_numpy(a) for name, a in run_tasks(model, tokenizer, tasks, task_limit).items()}
-        writer = reference.SideWriter(task_path or _scratch_path())
-        writer.add("tasks", tensors)
-        answers = writer.commit({"key": task_payload})
+        with reference.writing(task_path or _scratch_path()) as writer:
+            writer.add("tasks", tensors)
+            writer.finish({"key": task_payload})
+        answers = writer.side
     if model is not None:
         del model
         return_freed_memory()  # the candidate's load stands on a clean heap
