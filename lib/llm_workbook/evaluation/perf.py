@@ -1,4 +1,4 @@
-"""Performance figures of one model, each measured in a fresh Python process (``measure.run_child``).
+"""Performance figures of one model, each measured in a process of its own (``measure.run_child``).
 
 ``measure(source)`` runs three children:
 
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from llm_workbook.store.source import Kind, Source
-from llm_workbook.evaluation.measure import (greedy_decode, peak_rss_bytes, release_freed_memory, reset_peak_rss,
-                                              rss_bytes, run_child, summarize, timed)
+from llm_workbook.evaluation.measure import (greedy_decode, peak_rss_bytes, prefill_for_decode, release_freed_memory,
+                                              reset_peak_rss, rss_bytes, run_child, summarize, timed)
 
 @dataclass
 class PerfSettings:
@@ -47,6 +47,7 @@ class PerfSettings:
     repeats: int = 3
     prompt_tokens: int = 64  # prefill length
     decode_tokens: int = 16  # greedy tokens per decode run
+    warmup_decode_tokens: int = 2  # per warm-up round: the first calls' one-off costs, not a whole run
     sentences: int = 32  # encoder: sentences per embedding run
     batch_size: int = 16
     threads: int | None = None  # torch threads in the child (None: torch's default)
@@ -58,7 +59,7 @@ class PerfSettings:
     runtimes: tuple[str, ...] = ("aios", "kernels", "llama.cpp", "gpu")
 
     def __post_init__(self) -> None:
-        for name in ("repeats", "prompt_tokens", "decode_tokens", "sentences", "batch_size", "decode_batch",
+        for name in ("repeats", "prompt_tokens", "decode_tokens", "warmup_decode_tokens", "sentences", "batch_size", "decode_batch",
                      "bandwidth_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PerfSettings.{name} must be >= 1, got {getattr(self, name)}")
@@ -401,14 +402,16 @@ def child_run(spec: dict) -> dict:
             with torch.inference_mode():
                 model(ids, use_cache=False)
 
+        # decode: the cached steps alone, each repeat from a copy of the same prefilled cache
+        single, batched = prefill_for_decode(model, prompt), prefill_for_decode(model, prompts)
         for _ in range(settings["warmup"]):
             prefill()
-            greedy_decode(model, prompt, n_decode)
-            greedy_decode(model, prompts, n_decode)
+            greedy_decode(model, prompt, settings["warmup_decode_tokens"], single)
+            greedy_decode(model, prompts, settings["warmup_decode_tokens"], batched)
         prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
-        # decode: the cached steps alone, timed after each run's prefill
-        decode_s = [greedy_decode(model, prompt, n_decode) for _ in range(settings["repeats"])]
-        decode_batch_s = [greedy_decode(model, prompts, n_decode) for _ in range(settings["repeats"])]
+        decode_s = [greedy_decode(model, prompt, n_decode, single) for _ in range(settings["repeats"])]
+        decode_batch_s = [greedy_decode(model, prompts, n_decode, batched) for _ in range(settings["repeats"])]
+        del single, batched
         result.update({
             "kind": CAUSAL_LM,
             "prefill_tokens": n_prompt,
