@@ -179,10 +179,19 @@ def _int4_candidate(tiny_lm: Path, out: Path) -> Path:
     return out
 
 
-def test_original_side_is_computed_once_and_gives_the_same_metrics(tiny_lm, tmp_path):
+def test_original_side_is_computed_once_and_gives_the_same_metrics(tiny_lm, tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
     candidate = _int4_candidate(tiny_lm, tmp_path / "int4.parquet")
     cache = tmp_path / "reference"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     direct = evaluate(tiny_lm, candidate, reference_cache=False, **SMALL)
+    gc.collect()
+    assert not list(scratch.glob("llmc-reference-*"))  # not kept: its scratch entry went with the evaluation
+    monkeypatch.undo()
     first = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
     again = evaluate(tiny_lm, candidate, reference_cache=cache, **SMALL)
     assert direct.settings["reference_cache"] == "computed, not kept"

@@ -209,7 +209,7 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
         with reference.writing(path or _scratch_path()) as writer:
             nll = _reference_side(model, ids, windows, prompts, gen_tokens, writer, precision, progress)
             writer.finish({"nll_sum": nll, "original": info.as_dict(), "key": payload, "precision": precision})
-        side = writer.side
+        side = writer.side if path else _removed_with(writer.side)
         note = f"computed and stored {path}" if path else "computed, not kept"
     else:
         note = f"reused {path}"
@@ -220,7 +220,7 @@ def original_side(original: Source, ids: torch.Tensor, windows, prompts: list[to
         with reference.writing(task_path or _scratch_path()) as writer:
             writer.add("tasks", tensors)
             writer.finish({"key": task_payload})
-        answers = writer.side
+        answers = writer.side if task_path else _removed_with(writer.side)
     if model is not None:
         del model
         return_freed_memory()  # the candidate's load stands on a clean heap
@@ -232,6 +232,15 @@ def _scratch_path() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="llmc-reference-")) / "entry"
+
+
+def _removed_with(side: "reference.ReferenceSide") -> "reference.ReferenceSide":
+    """An uncached side's scratch directory goes when the side does (or at exit): not kept means not kept."""
+    import shutil
+    import weakref
+
+    weakref.finalize(side, shutil.rmtree, side.path.parent, True)
+    return side
 
 
 def _default_cache_dir() -> Path:
