@@ -31,9 +31,7 @@ ANGELSLIM_STAMP := $(ANGELSLIM_VENV)/.angelslim-0.5.0-built
 $(ANGELSLIM_STAMP): tools/angelslim/build_env.sh tools/angelslim/patch_env.py
 	bash tools/angelslim/build_env.sh $(ANGELSLIM_VENV)
 
-# The two environments build side by side: each pip install waits on downloads and unpacking much of the time.
-report:
-	$(MAKE) --no-print-directory -j2 $(STAMP) $(ANGELSLIM_STAMP)
+report: $(STAMP) $(ANGELSLIM_STAMP)
 	$(BIN)/llmc run parameters/default/*.yaml
 
 test: $(STAMP)
