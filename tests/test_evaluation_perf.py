@@ -1,4 +1,4 @@
-"""perf: figures measured in fresh subprocesses (structure and positivity only: no timing asserts)."""
+"""perf: figures measured in processes of their own (structure and positivity only: no timing asserts)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     _assert_timing(load["hf_s"], 2)  # the same weights exported to safetensors, loaded with from_pretrained
     assert load["hf_error"] is None and load["ratio_parquet_vs_hf"] > 0
     _assert_timing(result["prefill_ms_per_token"], 2)
-    _assert_timing(result["decode_tokens_per_s"], 2)
+    _assert_timing(result["decode_tokens_per_s"], 4)  # one sample per cached step
     mem = result["memory"]
     assert 0 < mem["baseline_rss_bytes"] < mem["load_peak_rss_bytes"] and mem["model_rss_bytes"] <= mem["load_peak_rss_bytes"]
     assert mem["inference_peak_rss_bytes"] > mem["baseline_rss_bytes"] and result["first_load_s"] > 0
@@ -101,7 +101,7 @@ def test_evaluate_with_perf_block_causal_lm(qwen3_dir, tmp_path):
     assert runtimes["aios"]["weight_bytes_per_token"] == 2 * runtimes["kernels"]["weight_bytes_per_token"]
     bandwidth = result["bandwidth"]["copy_gb_per_s"]["median"]
     for figures in runtimes.values():
-        _assert_timing(figures["decode_batch_tokens_per_s"], 2)
+        _assert_timing(figures["decode_batch_tokens_per_s"], 4)
         assert figures["decode_batch"] == 8 and figures["memory"]["inference_peak_rss_bytes"] > 0
         limit = bandwidth * 1e9 / figures["weight_bytes_per_token"]
         assert figures["limit_tokens_per_s"] == pytest.approx(limit)
@@ -172,7 +172,7 @@ def test_llama_cpp_runs_the_gguf_a_parquet_file_came_from_or_says_how_to_get_it(
         pytest.skip(perf.LLAMA_CPP_MISSING)
     result = perf._measure_llama_cpp(str(parquet), common, settings, tmp_path)
     assert result["engine"].startswith("llama-cpp-python") and result["pid"] != os.getpid()
-    _assert_timing(result["decode_tokens_per_s"], 2)
+    _assert_timing(result["decode_tokens_per_s"], 4)  # one sample per cached step
     _assert_timing(result["prefill_ms_per_token"], 2)
     assert result["weight_bytes_per_token"] == perf.gguf_bytes_per_token(str(gguf))
     assert result["memory"]["inference_peak_rss_bytes"] > result["memory"]["baseline_rss_bytes"]
@@ -267,3 +267,17 @@ def test_the_gpu_runtime_drives_vllm_with_the_protocol(tmp_path, monkeypatch):
     LLM.short = True
     with pytest.raises(RuntimeError, match="not all of 1 tokens"):
         perf_gpu.child_gpu(spec)
+
+
+def test_a_format_without_a_cpu_kernel_runs_dense_in_the_kernels_runtime_and_says_why(tmp_path):
+    """FP8 has no CPU kernel here: its Linears run dense bfloat16, and the row says so rather than timing a
+    simulation of FP8 arithmetic."""
+    from conftest import make_checkpoint
+    from llm_workbook.synthetic.checkpoints import write_checkpoint
+
+    original = make_checkpoint(tmp_path / "original", "qwen3", seed=4)
+    fp8 = write_checkpoint(original, tmp_path / "fp8", "fp8_dynamic")
+    result = measure(fp8, settings=PerfSettings(warmup=1, repeats=2, prompt_tokens=8, decode_tokens=4,
+                                                compare_hf_load=False, bandwidth_mb=16, runtimes=("kernels",)))
+    [(why, count)] = result["runtimes"]["kernels"]["kernel_layers"].items()
+    assert count == 14 and why.startswith("dense (fp8") and "has no CPU kernel" in why

@@ -149,6 +149,9 @@ def test_runtime_rows_give_the_interval_the_limit_and_what_ran_where():
     assert row["decode tokens/s (batch 1)"] == "42.0 [IQR 41.6, 42.4]" and row["decode tokens/s (batch 8)"] == "168.0"
     assert row["bandwidth limit (tokens/s)"] == "123" and row["share of the limit"] == "34%"
     assert row["quantized layers run as"] == "210 int8 per channel"
+    fp8 = {"perf": {"candidate": {"runtimes": {"kernels": _runtime(25.0, 890, 269, {
+        "dense (fp8 has no CPU kernel: not an integer grid)": 210})}}}}
+    assert report.runtime_rows(fp8)[0]["quantized layers run as"] == "210 dense (fp8 has no CPU kernel: not an integer grid)"
     data["perf"]["candidate"]["runtimes"]["gpu"] = {"unavailable": "no CUDA device on this machine"}
     kernels, gpu = report.runtime_rows(data)
     assert gpu["decode tokens/s (batch 1)"] == "no CUDA device on this machine" and set(gpu) == set(kernels)

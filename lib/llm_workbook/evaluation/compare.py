@@ -231,6 +231,10 @@ def evaluate(
         "dtype": str(s.dtype).removeprefix("torch."), "activation_quant": s.activation_quant,
         "keep_packed": s.keep_packed, "task": s.task,
     }
+    if s.perf:  # the speed runs' process server imports while the models are scored
+        from llm_workbook.evaluation.measure import start_child_server
+
+        start_child_server()
     scored = _score_causal if is_causal(orig_config, s.task) else _score_encoder
     metrics, orig_info, cand_info, sizes = scored(original, candidate, s, source_texts, user_texts, recorded)
     return EvaluationRecord(

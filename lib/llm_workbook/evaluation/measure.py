@@ -53,6 +53,14 @@ def child_context() -> multiprocessing.context.BaseContext:
     return _context
 
 
+def start_child_server() -> None:
+    """Start the fork server now: it imports ``PRELOAD`` beside the caller's work, not in front of the first child."""
+    if child_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def run_child(entry: str, spec: dict, timeout: float) -> dict:
     """Run ``entry`` (``module:function``) on ``spec`` in a new process; its result (or error) as a dict."""
     context = child_context()
@@ -163,25 +171,27 @@ def prefill_for_decode(model, prompt: torch.Tensor) -> tuple[torch.Tensor, tuple
         return out.logits[:, -1:].argmax(dim=-1), cache_of(out)
 
 
-def greedy_decode(model, prompt: torch.Tensor, steps: int, start: tuple | None = None) -> float:
-    """``steps`` cached greedy steps after ``prompt``; returns their seconds alone. ``start`` (from
-    ``prefill_for_decode`` on the same prompt) saves the prefill: the steps run on a copy of its cache, so
-    every repeat decodes from the same state, as after a prefill of its own."""
+def greedy_decode(model, prompt: torch.Tensor, steps: int, start: tuple | None = None) -> list[float]:
+    """``steps`` cached greedy steps after ``prompt``; returns each step's seconds, timed alone. ``start`` (from
+    ``prefill_for_decode`` on the same prompt) saves the prefill: the steps run on a copy of its cache, so a
+    decode starts from the same state each time, as after a prefill of its own."""
     import copy
     import time
 
     from llm_workbook.evaluation.metrics import cache_of
 
+    seconds = []
     with torch.inference_mode():
         token, cache = start if start is not None else prefill_for_decode(model, prompt)
         cache = copy.deepcopy(cache)
-        begin = time.perf_counter()
         for _ in range(steps):
+            begin = time.perf_counter()
             out = model(token, use_cache=True, **({cache[0]: cache[1]} if cache else {}))
             cache = cache_of(out)
             token = out.logits[:, -1:].argmax(dim=-1)
-        return time.perf_counter() - begin
+            seconds.append(time.perf_counter() - begin)
+    return seconds
 
 
-__all__ = ["PRELOAD", "child_context", "child_main", "greedy_decode", "prefill_for_decode", "peak_rss_bytes", "release_freed_memory", "reset_peak_rss",
-           "rss_bytes", "run_child", "summarize", "timed"]
+__all__ = ["PRELOAD", "child_context", "child_main", "greedy_decode", "peak_rss_bytes", "prefill_for_decode",
+           "release_freed_memory", "reset_peak_rss", "rss_bytes", "run_child", "start_child_server", "summarize", "timed"]

@@ -19,7 +19,8 @@ reads and, against this machine's memory bandwidth (``memory_bandwidth``, measur
 decode speed that bandwidth allows: decoding one token at batch 1 reads every weight once, so
 tokens/s <= bandwidth / bytes per token.
 
-Every timing reports the median, the quartiles (IQR) and min/max of its repeats. Peak RSS is the
+Every timing reports the median, the quartiles (IQR) and min/max of its samples: the repeats of a load or a
+prefill, the cached steps of a decode (each timed alone). Peak RSS is the
 child's ``VmHWM`` (Linux; ``ru_maxrss`` elsewhere), current RSS comes from psutil.
 ``model_size(source)`` gives the size on disk and bits per weight without running anything.
 """
@@ -46,7 +47,7 @@ class PerfSettings:
     warmup: int = 1
     repeats: int = 3
     prompt_tokens: int = 64  # prefill length
-    decode_tokens: int = 16  # greedy tokens per decode run
+    decode_tokens: int = 16  # cached greedy steps per decode, each timed alone: the decode figure's samples
     warmup_decode_tokens: int = 2  # per warm-up round: the first calls' one-off costs, not a whole run
     sentences: int = 32  # encoder: sentences per embedding run
     batch_size: int = 16
@@ -59,8 +60,8 @@ class PerfSettings:
     runtimes: tuple[str, ...] = ("aios", "kernels", "llama.cpp", "gpu")
 
     def __post_init__(self) -> None:
-        for name in ("repeats", "prompt_tokens", "decode_tokens", "warmup_decode_tokens", "sentences", "batch_size", "decode_batch",
-                     "bandwidth_mb"):
+        for name in ("repeats", "prompt_tokens", "decode_tokens", "warmup_decode_tokens", "sentences", "batch_size",
+                     "decode_batch", "bandwidth_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PerfSettings.{name} must be >= 1, got {getattr(self, name)}")
         self.runtimes = tuple(self.runtimes)
@@ -387,7 +388,9 @@ def child_run(spec: dict) -> dict:
     if spec.get("kernels"):  # how many quantized Linears ran on which kernel, or dense
         from collections import Counter
 
-        result["kernel_layers"] = dict(Counter(v.split(" (")[0] for v in (used or {}).values()))
+        # a kernel by its name alone, a dense layer with why no kernel fits (e.g. fp8 has no CPU kernel)
+        result["kernel_layers"] = dict(Counter(v if v.startswith("dense") else v.split(" (")[0]
+                                               for v in (used or {}).values()))
     from llm_workbook.runtime.load import CAUSAL_LM, model_kind
 
     if model_kind(model) == CAUSAL_LM:
@@ -402,24 +405,25 @@ def child_run(spec: dict) -> dict:
             with torch.inference_mode():
                 model(ids, use_cache=False)
 
-        # decode: the cached steps alone, each repeat from a copy of the same prefilled cache
+        # decode: each cached step timed alone, from a copy of one prefilled cache per batch size; its
+        # decode_tokens steps are the samples of the median and IQR (a step is the unit a server repeats)
         single, batched = prefill_for_decode(model, prompt), prefill_for_decode(model, prompts)
         for _ in range(settings["warmup"]):
             prefill()
             greedy_decode(model, prompt, settings["warmup_decode_tokens"], single)
             greedy_decode(model, prompts, settings["warmup_decode_tokens"], batched)
         prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
-        decode_s = [greedy_decode(model, prompt, n_decode, single) for _ in range(settings["repeats"])]
-        decode_batch_s = [greedy_decode(model, prompts, n_decode, batched) for _ in range(settings["repeats"])]
+        decode_s = greedy_decode(model, prompt, n_decode, single)
+        decode_batch_s = greedy_decode(model, prompts, n_decode, batched)
         del single, batched
         result.update({
             "kind": CAUSAL_LM,
             "prefill_tokens": n_prompt,
             "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
             "decode_tokens": n_decode,
-            "decode_tokens_per_s": summarize([n_decode / max(t, 1e-9) for t in decode_s]),
+            "decode_tokens_per_s": summarize([1 / max(t, 1e-9) for t in decode_s]),
             "decode_batch": batch,  # tokens/s over the whole batch
-            "decode_batch_tokens_per_s": summarize([batch * n_decode / max(t, 1e-9) for t in decode_batch_s]),
+            "decode_batch_tokens_per_s": summarize([batch / max(t, 1e-9) for t in decode_batch_s]),
             "weight_bytes_per_token": weight_bytes_per_token(model),
         })
     else:
@@ -480,14 +484,14 @@ def child_llama_cpp(spec: dict) -> dict:
         llm.reset()
         llm.eval(prompt)
 
-    def decode() -> float:  # cached steps after the prompt, timed alone; the token values do not change the work
+    def decode(count: int) -> list[float]:  # cached steps after the prompt, each timed alone (as child_run does)
         prefill()
-        return timed(lambda: [llm.eval([token]) for token in steps])
+        return [timed(lambda token=token: llm.eval([token])) for token in steps[:count]]
 
     for _ in range(settings["warmup"]):
-        decode()
+        decode(settings["warmup_decode_tokens"])
     prefill_s = [timed(prefill) for _ in range(settings["repeats"])]
-    decode_s = [decode() for _ in range(settings["repeats"])]
+    decode_s = decode(n_decode)
     import llama_cpp
 
     return {
@@ -495,7 +499,7 @@ def child_llama_cpp(spec: dict) -> dict:
         "threads": threads, "prefill_tokens": n_prompt,
         "prefill_ms_per_token": summarize([1000.0 * s / n_prompt for s in prefill_s]),
         "decode_tokens": n_decode,
-        "decode_tokens_per_s": summarize([n_decode / max(t, 1e-9) for t in decode_s]),
+        "decode_tokens_per_s": summarize([1 / max(t, 1e-9) for t in decode_s]),
         "weight_bytes_per_token": gguf_bytes_per_token(spec["source"]),
         "memory": {"baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak, "model_rss_bytes": model_rss,
                    "peak_source": peak_source, "inference_peak_is_since_load": since_load,

@@ -126,13 +126,13 @@ def weight_only_linear(record: QuantizedTensor, bias: torch.Tensor | None,
     fmt = formats.get_format(record.format)
     weight = fmt.affine(record)
     if weight is None:
-        return None, f"{record.format}: not an integer grid"
+        return None, f"{record.format} has no CPU kernel: not an integer grid"
     if weight.bits <= 4 and (module := _int4(weight, bias, dtype)) is not None:
         name = INT4_KERNEL
     elif (module := _int8(weight, bias, dtype)) is not None:
         name = INT8_KERNEL
     else:
-        return None, f"{record.format} {weight.bits}-bit: no kernel for this grouping"
+        return None, f"{record.format} {weight.bits}-bit has no CPU kernel for this grouping"
     probe = torch.randn(2, weight.codes.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.inference_mode():
         expected = probe.float() @ fmt.dequantize(record, torch.float32).t()

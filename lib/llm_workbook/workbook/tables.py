@@ -236,7 +236,8 @@ def _ran_as(m: dict) -> str | None:
     kernels = m.get("kernel_layers")
     if kernels is None:
         return None
-    return ", ".join(f"{n} {k.split(' (')[0]}" for k, n in sorted(kernels.items())) or "no quantized layer"
+    return ", ".join(f"{n} {k if k.startswith('dense') else k.split(' (')[0]}" for k, n in sorted(kernels.items())) \
+        or "no quantized layer"
 
 
 def runtime_figures(perf: dict) -> dict:
