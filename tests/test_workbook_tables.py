@@ -123,12 +123,12 @@ def test_the_speed_panel_puts_each_runtime_beside_the_original_measured_in_anoth
     panel = tables.speed_panel(records).set_index("run")
     assert panel.index[0] == "original: smollm2" and panel.iloc[0]["finding"] == "the yardstick (measured in int8)"
     assert panel.loc["original: smollm2", "AI-OS as it is (float32): peak RSS MB"] == "1300"
-    assert panel.loc["int4", "weight-only kernels (bfloat16): decode tokens/s"] == "50.0 (2.00x); 29% of the bandwidth limit"
+    assert panel.loc["int4", "weight-only kernels (bfloat16): speed"] == "50.0 tokens/s (2.00x); 29% of the bandwidth limit"
     assert panel.loc["int4", "AI-OS as it is (float32): peak RSS MB"] == "1300 (1.00x)"
     finding = panel.loc["int4", "finding"]
     assert finding.startswith("70% less disk; in AI-OS as it is nothing else (decode 1.00x, peak memory 1.00x)")
     assert "with weight-only kernels decode 2.00x, peak memory 0.79x" in finding and "measured in int8" in finding
-    assert panel.loc["fp8", "weight-only kernels (bfloat16): decode tokens/s"] == "failed: RuntimeError: boom"
+    assert panel.loc["fp8", "weight-only kernels (bfloat16): speed"] == "failed: RuntimeError: boom"
     assert "with weight-only kernels not measured" in panel.loc["fp8", "finding"]
     assert tables.speed_panel([_measured("plain", {})]) is None
 
@@ -168,9 +168,9 @@ def test_llama_cpp_gets_a_column_only_where_a_gguf_candidate_was_measured_or_cou
                               "llama.cpp": llama})
     missing = _measured("gguf-2", {"aios": _runtime(28.0, 1310, 538), "llama.cpp": {"unavailable": "make llama-cpp"}})
     panel = tables.speed_panel([plain, gguf, missing]).set_index("run")
-    assert panel.loc["gguf", "llama.cpp (GGUF): decode tokens/s"] == "92.0; 48% of the bandwidth limit"
-    assert panel.loc["gguf-2", "llama.cpp (GGUF): decode tokens/s"] == "make llama-cpp"
-    assert panel.loc["int8", "llama.cpp (GGUF): decode tokens/s"] == "—"
+    assert panel.loc["gguf", "llama.cpp (GGUF): speed"] == "92.0 tokens/s; 48% of the bandwidth limit"
+    assert panel.loc["gguf-2", "llama.cpp (GGUF): speed"] == "make llama-cpp"
+    assert panel.loc["int8", "llama.cpp (GGUF): speed"] == "—"
     assert "in llama.cpp it decodes 92.0 tokens/s (48% of its bandwidth limit)" in panel.loc["gguf", "finding"]
 
 
@@ -184,7 +184,27 @@ def test_the_gpu_gets_a_column_only_where_a_device_was_there():
                                     "quantization": "dense (no quantization_config)"}}
     there = _measured("int4-gpu", {"aios": _runtime(28.0, 1310, 538), "gpu": gpu}, original)
     panel = tables.speed_panel([there, here]).set_index("run")
-    assert panel.loc["int4-gpu", "GPU (CUDA): decode tokens/s"].startswith("900.0 (2.00x)")
-    assert panel.loc["int4", "GPU (CUDA): decode tokens/s"] == "no CUDA device on this machine"
+    assert panel.loc["int4-gpu", "GPU (CUDA): speed"].startswith("900.0 tokens/s (2.00x)")
+    assert panel.loc["int4", "GPU (CUDA): speed"] == "no CUDA device on this machine"
     assert ("on the GPU (vLLM 0.11 on cuda: compressed-tensors kernels) it decodes 900.0 tokens/s, 2.00x the "
             "original's") in panel.loc["int4-gpu", "finding"]
+
+
+def test_an_encoder_is_measured_in_sentences_per_second_without_a_decode_limit():
+    from llm_workbook.workbook import report
+
+    def encoder(rate: float, rss_mb: float, kernels: dict | None = None) -> dict:
+        figures = {"runtime": "label", "kind": "encoder", "embedding_sentences_per_s":
+                   {"median": rate, "q1": rate * 0.98, "q3": rate * 1.02}, "memory": {"inference_peak_rss_bytes": rss_mb * 1e6}}
+        return figures if kernels is None else {**figures, "kernel_layers": kernels}
+
+    original = {"aios": encoder(96.0, 573), "kernels": encoder(177.0, 506, {})}
+    record = _measured("minilm-int8", {"aios": encoder(96.0, 588), "kernels": encoder(81.0, 518, {"int8 per channel": 36})},
+                       original)
+    panel = tables.speed_panel([record]).set_index("run")
+    assert panel.loc["minilm-int8", "weight-only kernels (bfloat16): speed"] == "81.0 sentences/s (0.46x)"
+    assert "embedding 0.46x" in panel.loc["minilm-int8", "finding"]
+    kernels = encoder(81.0, 518, {"int8 per channel": 36})
+    [row] = report.runtime_rows({"perf": {"candidate": {"runtimes": {"kernels": kernels}}}})
+    assert row["embedding sentences/s"] == "81.0 [IQR 79.4, 82.6]" and "decode tokens/s (batch 1)" not in row
+    assert row["quantized layers run as"] == "36 int8 per channel"

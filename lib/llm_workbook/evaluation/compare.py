@@ -351,7 +351,7 @@ def _perf_block(original: Source, candidate: Source, s: EvaluationSettings, cand
         jobs.append(("candidate_packed", candidate, {**s.load, "keep_packed": True},
                      dataclasses.replace(settings, compare_hf_load=False)))
     block = {}
-    for name, src, load, how in tqdm(jobs, desc="speed and memory (fresh processes)", unit="model",
+    for name, src, load, how in tqdm(jobs, desc="speed and memory (a process per figure)", unit="model",
                                      disable=not s.progress):
         block[name] = perf_module.measure(src, **load, settings=how)
     return block

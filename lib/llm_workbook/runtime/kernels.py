@@ -35,8 +35,9 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.scales.dtype), self.codes,
-                                               self.scales)
+        # the kernels take a contiguous row-major input; an encoder's attention output reaches them as a view
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous(),
+                                               self.codes, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -59,8 +60,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
+        x2 = x2.index_select(1, self.perm) if self.perm is not None else x2.contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

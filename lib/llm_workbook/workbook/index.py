@@ -73,12 +73,14 @@ def _speed_html(records: list[dict], perf) -> str:
     parts = []
     if panel is not None:
         parts.append(
-            "<h2>Speed and memory where it would run</h2><p>Each candidate in two runtimes, in fresh processes (median "
-            "of repeats): <b>AI-OS as it is</b> dequantizes every weight to float32 at load, so a quantized file saves "
-            "disk and download, not memory or time; <b>weight-only kernels</b> keep int8/int4 codes packed and run "
-            "them with PyTorch's CPU kernels (bfloat16), where the format maps onto one. Decode tokens/s at batch 1, "
-            "with the ratio to the original in the same runtime and the share of the limit this machine's memory "
-            "bandwidth sets (" + (f"{bandwidth:.1f} GB/s copy" if bandwidth else "measured in the same run")
+            "<h2>Speed and memory where it would run</h2><p>Every candidate in each runtime that applies, each figure "
+            "in a process of its own (median of a decode's cached steps, or of repeats): <b>AI-OS as it is</b> "
+            "dequantizes every weight to float32 at load, so a quantized file saves disk and download, not memory or "
+            "time; <b>weight-only kernels</b> keep int8/int4 codes packed and run them with PyTorch's CPU kernels "
+            "(bfloat16), where the format maps onto one, and dense where it does not (the run's report says why). "
+            "Speed is decode tokens/s at batch 1 (sentences/s for an encoder), with the ratio to the original in the "
+            "same runtime and, for decoding, the share of the limit this machine's memory bandwidth sets ("
+            + (f"{bandwidth:.1f} GB/s copy" if bandwidth else "measured in the same run")
             + " / weight bytes read per token).</p>" + panel.to_html(index=False, na_rep="—", escape=True, justify="left"))
     if perf is not None:
         parts.append("<details><summary>Prefill latency and memory with the codes kept packed</summary>"

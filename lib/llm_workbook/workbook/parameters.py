@@ -36,7 +36,7 @@ DEFAULTS: dict = {
     "activation_quant": True,
     "keep_packed": False,
     "measure_perf": True,
-    "perf_models": "original,candidate",  # whose speed and memory to measure (each costs fresh processes)
+    "perf_models": "original,candidate",  # whose speed and memory to measure (each costs a process per runtime)
     "perf_hf_load": True,  # also time loading from HF safetensors, for the Parquet/HF load-time ratio
     "perf_packed": False,  # also measure the candidate with PackedLinear (codes dequantized per call; the kernels runtime is how an engine holds them)
     "cosine_threshold": 0.95,

@@ -397,7 +397,12 @@ def runtime_rows(data: dict) -> list[dict]:
                 why = f.get("unavailable") or "failed: " + tables.first_line(f["error"])[:120]
                 rows.append({**row, "decode tokens/s (batch 1)": why})
                 continue
-            low, high = f["decode_iqr"]
+            low, high = f["speed_iqr"]
+            if not f["decode_tps"]:  # an encoder embeds sentences: no decode, so no bandwidth limit per token
+                rows.append({**row, "embedding sentences/s": f"{f['speed']:.1f} [IQR {low:.1f}, {high:.1f}]",
+                             "peak memory (MB)": f"{f['peak_rss_mb']:.0f} RSS" if f["peak_rss_mb"] else "—",
+                             "quantized layers run as": f["kernels"] or "float32 (dequantized at load)"})
+                continue
             rows.append({**row,
                          "decode tokens/s (batch 1)": f"{f['decode_tps']:.1f} [IQR {low:.1f}, {high:.1f}]",
                          f"decode tokens/s (batch {f['batch'] or 8})": f"{f['batch_tps']:.1f}" if f["batch_tps"] else "—",

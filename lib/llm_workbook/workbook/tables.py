@@ -241,7 +241,8 @@ def _ran_as(m: dict) -> str | None:
 
 
 def runtime_figures(perf: dict) -> dict:
-    """Per runtime of one measured model: decode tokens/s at batch 1 (median, IQR) and at the larger batch,
+    """Per runtime of one measured model: its speed (decode tokens/s at batch 1, or an encoder's sentences/s;
+    median, IQR), decode tokens/s at batch 1 and at the larger batch,
     its share of the bandwidth limit, peak RSS while decoding, weight MB read per token, the kernels used."""
     from llm_workbook.evaluation.perf import NOT_GGUF
 
@@ -252,7 +253,10 @@ def runtime_figures(perf: dict) -> dict:
                 out[name] = {"error": m["error"]} if "error" in m else {"unavailable": m["unavailable"]}
             continue
         decode = m.get("decode_tokens_per_s") or {}
+        # the speed a meeting compares: decode tokens/s of a causal LM, sentences/s embedded by an encoder
+        speed, unit = (decode, "tokens/s") if decode else (m.get("embedding_sentences_per_s") or {}, "sentences/s")
         out[name] = {
+            "speed": speed.get("median"), "speed_iqr": [speed.get("q1"), speed.get("q3")], "unit": unit,
             "decode_tps": decode.get("median"), "decode_iqr": [decode.get("q1"), decode.get("q3")],
             "batch": m.get("decode_batch"), "batch_tps": _dig(m, "decode_batch_tokens_per_s", "median"),
             "fraction_of_limit": m.get("fraction_of_limit"), "limit_tps": m.get("limit_tokens_per_s"),
@@ -294,13 +298,14 @@ def speed_panel(records: list[RunRecord | dict]) -> pd.DataFrame | None:
             label = RUNTIME_NAMES[name]
             a, b = mine.get(name) or {}, theirs.get(name) or {}
             if "unavailable" in a or (not a and name == "llama.cpp"):
-                row[f"{label}: decode tokens/s"] = a.get("unavailable", "—")
+                row[f"{label}: speed"] = a.get("unavailable", "—")
                 continue
             if "error" in a or not a:
-                row[f"{label}: decode tokens/s"] = "failed: " + first_line(a.get("error", "not measured"))[:80]
+                row[f"{label}: speed"] = "failed: " + first_line(a.get("error", "not measured"))[:80]
                 continue
-            ratio = f" ({_ratio(a['decode_tps'], b.get('decode_tps'))})" if a is not b and b else ""
-            row[f"{label}: decode tokens/s"] = f"{a['decode_tps']:.1f}{ratio}; {a['fraction_of_limit']:.0%} of the bandwidth limit"
+            ratio = f" ({_ratio(a['speed'], b.get('speed'))})" if a is not b and b else ""
+            limit = f"; {a['fraction_of_limit']:.0%} of the bandwidth limit" if a.get("fraction_of_limit") else ""
+            row[f"{label}: speed"] = f"{a['speed']:.1f} {a['unit']}{ratio}{limit}"
             ratio = f" ({_ratio(a['peak_rss_mb'], b.get('peak_rss_mb'))})" if a is not b and b else ""
             row[f"{label}: peak RSS MB"] = f"{a['peak_rss_mb']:.0f}{ratio}"
         return row
@@ -333,12 +338,12 @@ def speed_finding(summary: dict, original: dict, measured_in: str | None) -> str
     parts = []
     for name, label in (("aios", "in AI-OS as it is"), ("kernels", "with weight-only kernels")):
         a, b = mine.get(name) or {}, original.get(name) or {}
-        if "error" in a or not a.get("decode_tps") or not b.get("decode_tps"):
+        if "error" in a or not a.get("speed") or not b.get("speed"):
             parts.append(f"{label} not measured")
             continue
-        speed, memory = a["decode_tps"] / b["decode_tps"], a["peak_rss_mb"] / b["peak_rss_mb"]
+        speed, memory = a["speed"] / b["speed"], a["peak_rss_mb"] / b["peak_rss_mb"]
         same = abs(speed - 1) < 0.1 and abs(memory - 1) < 0.1
-        figures = f"decode {speed:.2f}x, peak memory {memory:.2f}x"
+        figures = f"{'decode' if a['decode_tps'] else 'embedding'} {speed:.2f}x, peak memory {memory:.2f}x"
         parts.append(f"{label} nothing else ({figures})" if same else f"{label} {figures}")
     where = f", measured in {measured_in}" if measured_in and measured_in != summary.get("run") else ""
     gpu, gpu_original = mine.get("gpu") or {}, original.get("gpu") or {}
