@@ -75,3 +75,17 @@ def test_every_decode_repeat_starts_from_the_same_prefilled_state(tiny_lm):
     assert start[1][1].get_seq_length() == length == 8  # the repeats decoded copies of it
     fresh = measure.prefill_for_decode(model, prompt)
     assert torch.equal(fresh[0], start[0])
+
+
+def test_a_batch_of_one_repeated_prompt_starts_from_that_prompts_cache_as_from_its_own_prefill(tiny_lm):
+    from llm_workbook.runtime.load import load_model
+
+    model, _ = load_model(tiny_lm, dtype=torch.float32)
+    prompt = torch.arange(8).unsqueeze(0) % model.config.vocab_size
+    start = measure.prefill_for_decode(model, prompt)
+    repeated = measure.repeated_start(start, 3)
+    prefilled = measure.prefill_for_decode(model, prompt.expand(3, -1).contiguous())
+    assert torch.equal(repeated[0], prefilled[0]) and start[1][1].get_seq_length() == 8
+    with torch.inference_mode():  # one step from each: the same logits, row for row
+        steps = [model(token, use_cache=True, **{cache[0]: cache[1]}).logits for token, cache in (repeated, prefilled)]
+    assert steps[0].shape[0] == 3 and torch.allclose(steps[0], steps[1], atol=1e-5)

@@ -171,6 +171,21 @@ def prefill_for_decode(model, prompt: torch.Tensor) -> tuple[torch.Tensor, tuple
         return out.logits[:, -1:].argmax(dim=-1), cache_of(out)
 
 
+def repeated_start(start: tuple, batch: int) -> tuple | None:
+    """``start`` (one prompt's ``prefill_for_decode``) as the start of ``batch`` copies of that prompt, without
+    prefilling them: each row of a batch of one repeated prompt holds that prompt's token and cache. None where
+    the cache cannot repeat itself (transformers 4's tuples): then prefill the batch."""
+    import copy
+
+    token, cache = start
+    if cache is None or not hasattr(cache[1], "batch_repeat_interleave"):
+        return None
+    with torch.inference_mode():
+        rows = copy.deepcopy(cache[1])
+        rows.batch_repeat_interleave(batch)
+        return token.repeat(batch, 1), (cache[0], rows)
+
+
 def greedy_decode(model, prompt: torch.Tensor, steps: int, start: tuple | None = None) -> list[float]:
     """``steps`` cached greedy steps after ``prompt``; returns each step's seconds, timed alone. ``start`` (from
     ``prefill_for_decode`` on the same prompt) saves the prefill: the steps run on a copy of its cache, so a
@@ -194,4 +209,5 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, start: tuple | None =
 
 
 __all__ = ["PRELOAD", "child_context", "child_main", "greedy_decode", "peak_rss_bytes", "prefill_for_decode",
-           "release_freed_memory", "reset_peak_rss", "rss_bytes", "run_child", "start_child_server", "summarize", "timed"]
+           "release_freed_memory", "repeated_start", "reset_peak_rss", "rss_bytes", "run_child", "start_child_server",
+           "summarize", "timed"]

@@ -38,7 +38,7 @@ import torch
 
 from llm_workbook.store.source import Kind, Source
 from llm_workbook.evaluation.measure import (greedy_decode, peak_rss_bytes, prefill_for_decode, release_freed_memory,
-                                              reset_peak_rss, rss_bytes, run_child, summarize, timed)
+                                              repeated_start, reset_peak_rss, rss_bytes, run_child, summarize, timed)
 
 @dataclass
 class PerfSettings:
@@ -407,7 +407,8 @@ def child_run(spec: dict) -> dict:
 
         # decode: each cached step timed alone, from a copy of one prefilled cache per batch size; its
         # decode_tokens steps are the samples of the median and IQR (a step is the unit a server repeats)
-        single, batched = prefill_for_decode(model, prompt), prefill_for_decode(model, prompts)
+        single = prefill_for_decode(model, prompt)
+        batched = repeated_start(single, batch) or prefill_for_decode(model, prompts)  # the rows repeat one prompt
         for _ in range(settings["warmup"]):
             prefill()
             greedy_decode(model, prompt, settings["warmup_decode_tokens"], single)
