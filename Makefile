@@ -16,10 +16,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: pip would byte-compile every file of every package (ray, jupyterlab...) on one core, most of
-	# them never imported; Python compiles and caches what a process imports, on first import
-	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,lab,cluster]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test,lab,cluster]'
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
 	# An editable install skips the wheel's .pth (setup.py): write it, pointing at the checkout.
 	echo "$(CURDIR)/lib/llm_workbook_aios_api" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_workbook_aios_api.pth"

@@ -21,11 +21,10 @@ fi
 test -x "$VENV_DIR/bin/python" || "$PYTHON" -m venv "$VENV_DIR"
 PY="$VENV_DIR/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
-# --no-compile: as in the Makefile, Python byte-compiles what a process imports, on first import
-"$PY" -m pip install --quiet --no-compile "torch==$TORCH_VERSION"
+"$PY" -m pip install --quiet "torch==$TORCH_VERSION"
 # Repeating the torch pin in the same command stops pip from replacing the CPU torch: alone,
 # `pip install angelslim` takes the newest torchvision, which requires a newer (CUDA) torch.
-"$PY" -m pip install --quiet --no-compile "angelslim==$ANGELSLIM_VERSION" "torch==$TORCH_VERSION" \
+"$PY" -m pip install --quiet "angelslim==$ANGELSLIM_VERSION" "torch==$TORCH_VERSION" \
     "transformers==$TRANSFORMERS_VERSION"
 # The only torchvision builds pip can reach are CUDA builds; with the CPU torch their C++ ops fail to
 # register and transformers' lazy import of Qwen3 then fails. angelslim's LLM PTQ never imports torchvision.
