@@ -4,8 +4,10 @@ prefilled state."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -19,7 +21,7 @@ SETTINGS = {"threads": None}
 def report_memory(spec: dict) -> dict:
     held = torch.ones(spec["mb"] * 2**18)  # float32: spec["mb"] MB touched
     return {"pid": os.getpid(), "peak": measure.peak_rss_bytes()[0], "held": float(held[-1]),
-            "preloaded": [name for name in measure.PRELOAD if __import__("sys").modules.get(name)]}
+            "preloaded": [name for name in measure.PRELOAD if sys.modules.get(name)]}
 
 
 def fail(spec: dict) -> dict:
@@ -60,7 +62,7 @@ def test_a_child_that_fails_dies_or_hangs_is_one_error_naming_what_it_measured()
     got = measure.run_child(f"{__name__}:hang", _spec("load"), 2)
     assert got["error"] == "load of model.parquet timed out after 2 s"
     assert time.perf_counter() - start < 20  # stopped, not waited for
-    assert not [p for p in __import__("multiprocessing").active_children() if p.name == "llmc-load"]
+    assert not [p for p in multiprocessing.active_children() if p.name == "llmc-load"]
 
 
 def test_every_decode_repeat_starts_from_the_same_prefilled_state(tiny_lm):

@@ -236,8 +236,7 @@ def _ran_as(m: dict) -> str | None:
     kernels = m.get("kernel_layers")
     if kernels is None:
         return None
-    return ", ".join(f"{n} {k if k.startswith('dense') else k.split(' (')[0]}" for k, n in sorted(kernels.items())) \
-        or "no quantized layer"
+    return ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) or "no quantized layer"  # named by perf.child_run
 
 
 def runtime_figures(perf: dict) -> dict:
