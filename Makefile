@@ -13,12 +13,17 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# uv installs what pip would (the sources pip is configured with, the best version across them: tools/uv_sources.py)
+# in under a minute where pip took 2-4; bytecode is compiled at install because this machine sets
+# PYTHONDONTWRITEBYTECODE=1, so without it every process would compile torch and transformers again.
+UV_VERSION := uv==0.13.9
+UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $$($(BIN)/python tools/uv_sources.py)
+
+$(STAMP): pyproject.toml setup.py tools/uv_sources.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,lab,cluster]'
-	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
+	$(BIN)/python -m pip install --quiet $(UV_VERSION)
+	$(UV_INSTALL) --compile-bytecode -e '.[test,lab,cluster]'
+	$(UV_INSTALL) --compile-bytecode --no-deps $(NO_DEPS)
 	# An editable install skips the wheel's .pth (setup.py): write it, pointing at the checkout.
 	echo "$(CURDIR)/lib/llm_workbook_aios_api" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_workbook_aios_api.pth"
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name llm-workbook --display-name "llm-workbook (.venv)" >/dev/null
@@ -28,8 +33,8 @@ $(STAMP): pyproject.toml setup.py
 ANGELSLIM_VENV := .venv-angelslim
 ANGELSLIM_STAMP := $(ANGELSLIM_VENV)/.angelslim-0.5.0-built
 
-$(ANGELSLIM_STAMP): tools/angelslim/build_env.sh tools/angelslim/patch_env.py
-	bash tools/angelslim/build_env.sh $(ANGELSLIM_VENV)
+$(ANGELSLIM_STAMP): tools/angelslim/build_env.sh tools/angelslim/patch_env.py tools/uv_sources.py
+	UV_VERSION=$(UV_VERSION) bash tools/angelslim/build_env.sh $(ANGELSLIM_VENV)
 
 report: $(STAMP) $(ANGELSLIM_STAMP)
 	$(BIN)/llmc run parameters/default/*.yaml
@@ -50,7 +55,7 @@ bench: $(STAMP)
 # under tests/fuzz_cases/ and replayed by make test.
 FUZZ_SECONDS ?= 120
 fuzz: $(STAMP)
-	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	$(UV_INSTALL) 'atheris>=2.3'
 	$(BIN)/python tools/fuzz.py --seconds $(FUZZ_SECONDS)
 
 # JupyterLab on notebooks/ with the project's kernel (the notebooks name it) and make report's environment
@@ -66,7 +71,7 @@ lab: $(STAMP)
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),-DGGML_AVX512=ON)
 llama-cpp: $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install --quiet --no-cache-dir $(LLAMA_CPP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(UV_INSTALL) --compile-bytecode --no-cache $(LLAMA_CPP)
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
 angelslim-env: $(ANGELSLIM_STAMP)

@@ -20,15 +20,20 @@ fi
 
 test -x "$VENV_DIR/bin/python" || "$PYTHON" -m venv "$VENV_DIR"
 PY="$VENV_DIR/bin/python"
-"$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet "torch==$TORCH_VERSION"
-# Repeating the torch pin in the same command stops pip from replacing the CPU torch: alone,
-# `pip install angelslim` takes the newest torchvision, which requires a newer (CUDA) torch.
-"$PY" -m pip install --quiet "angelslim==$ANGELSLIM_VERSION" "torch==$TORCH_VERSION" \
+# uv, given the sources pip is configured with (tools/uv_sources.py), installs what pip would in a fraction
+# of the time; bytecode is compiled at install because PYTHONDONTWRITEBYTECODE may be set.
+"$PY" -m pip install --quiet "${UV_VERSION:-uv==0.13.9}"
+uv_install() {
+    # shellcheck disable=SC2046  # the sources are separate arguments
+    "$VENV_DIR/bin/uv" pip install --quiet --python "$PY" $("$PY" "$HERE/../uv_sources.py") "$@"
+}
+# Pinning torch in the same resolution keeps the CPU torch: alone, `angelslim` takes the newest
+# torchvision, which requires a newer (CUDA) torch.
+uv_install --compile-bytecode "angelslim==$ANGELSLIM_VERSION" "torch==$TORCH_VERSION" \
     "transformers==$TRANSFORMERS_VERSION"
-# The only torchvision builds pip can reach are CUDA builds; with the CPU torch their C++ ops fail to
+# The only torchvision builds the index offers are CUDA builds; with the CPU torch their C++ ops fail to
 # register and transformers' lazy import of Qwen3 then fails. angelslim's LLM PTQ never imports torchvision.
-"$PY" -m pip uninstall --quiet --yes torchvision
+"$VENV_DIR/bin/uv" pip uninstall --quiet --python "$PY" torchvision
 "$PY" - "$TORCH_VERSION" <<'PY'
 import importlib.metadata as md
 import sys
@@ -36,7 +41,7 @@ import sys
 torch_version = md.version("torch")
 print(f"torch in the angelslim env: {torch_version}")
 if not torch_version.startswith(sys.argv[1]):
-    sys.exit(f"pip replaced torch {sys.argv[1]} by {torch_version}; review build_env.sh")
+    sys.exit(f"the install replaced torch {sys.argv[1]} by {torch_version}; review build_env.sh")
 PY
 
 # Add stand-ins for angelslim.compressor.qat, which the 0.5.0 wheel lacks (verified, idempotent).
