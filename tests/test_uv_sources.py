@@ -36,7 +36,8 @@ def test_pip_settings_become_uv_options_with_pips_precedence():
     assert ("--find-links", "/env/wheels") in options and ("--find-links", "/opt/wheels") not in options
     assert [v for o, v in options if o == "--extra-index-url"] == ["file:///c/simple"]  # [install] over [global]
     assert ("--constraint", "/etc/caps.txt") in options
-    assert not any("ca-certificates" in v or v == "180" for _, v in options)
+    assert ("--cert", "/etc/ssl/certs/ca-certificates.crt") in options
+    assert not any(v == "180" for _, v in options)  # settings uv has no counterpart for are left out
 
 
 def test_reads_what_pip_itself_prints_for_a_config_file_and_the_environment(tmp_path):
@@ -56,7 +57,8 @@ def test_reads_what_pip_itself_prints_for_a_config_file_and_the_environment(tmp_
 def test_uv_accepts_the_options(tmp_path):
     """uv parses what the script prints (a dry run, offline, of a package already installed)."""
     (tmp_path / "caps.txt").write_text("# no caps\n")
-    arguments = uv_sources.uv_arguments(f"global.find-links='{tmp_path}'\nglobal.constraint='{tmp_path}/caps.txt'")
+    arguments = uv_sources.uv_arguments(f"global.find-links='{tmp_path}'\nglobal.constraint='{tmp_path}/caps.txt'\n"
+                                        "global.cert='/etc/ssl/certs/ca-certificates.crt'")
     done = subprocess.run([str(UV), "pip", "install", "--dry-run", "--offline", "--python", sys.executable,
                            *arguments, "--no-deps", "pip"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
-"""Print the uv arguments that make `uv pip install` see the package sources pip is configured to see.
+"""Print the uv arguments that make `uv pip install` see the package sources (and trust the certificates) pip is
+configured with.
 
 The environments are installed with uv (seconds instead of minutes), but only pip reads pip.conf and PIP_*
 variables, and a machine may keep its wheels there (here: the CPU build of torch in a find-links directory;
@@ -20,6 +21,7 @@ OPTIONS = {
     "extra-index-url": "--extra-index-url",
     "find-links": "--find-links",
     "constraint": "--constraint",
+    "cert": "--cert",  # the CA bundle pip trusts (a registry behind a proxy needs it)
 }
 # pip reads [global], then [install], then PIP_* variables, each overriding the one before.
 PRECEDENCE = ("global", "install", ":env:")
