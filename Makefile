@@ -17,7 +17,8 @@ setup: $(STAMP)
 # in under a minute where pip took 2-4; bytecode is compiled at install because this machine sets
 # PYTHONDONTWRITEBYTECODE=1, so without it every process would compile torch and transformers again.
 UV_VERSION := uv==0.13.9
-UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $$($(BIN)/python tools/uv_sources.py)
+# The sources are read first (not inside the install's arguments) so that a failure to read them stops the build.
+UV_INSTALL = sources="$$($(BIN)/python tools/uv_sources.py)" && $(BIN)/uv pip install --quiet --python $(BIN)/python $$sources
 
 $(STAMP): pyproject.toml setup.py tools/uv_sources.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,7 +72,7 @@ lab: $(STAMP)
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),-DGGML_AVX512=ON)
 llama-cpp: $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(UV_INSTALL) --compile-bytecode --no-cache $(LLAMA_CPP)
+	export CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" && $(UV_INSTALL) --compile-bytecode --no-cache $(LLAMA_CPP)
 
 # AngelSlim lives in its own environment: its dependencies clash with ours (see tools/angelslim/README.md).
 angelslim-env: $(ANGELSLIM_STAMP)

@@ -23,17 +23,16 @@ PY="$VENV_DIR/bin/python"
 # uv, given the sources pip is configured with (tools/uv_sources.py), installs what pip would in a fraction
 # of the time; bytecode is compiled at install because PYTHONDONTWRITEBYTECODE may be set.
 "$PY" -m pip install --quiet "${UV_VERSION:-uv==0.13.9}"
-uv_install() {
-    # shellcheck disable=SC2046  # the sources are separate arguments
-    "$VENV_DIR/bin/uv" pip install --quiet --python "$PY" $("$PY" "$HERE/../uv_sources.py") "$@"
-}
+UV="$VENV_DIR/bin/uv"
+SOURCES="$("$PY" "$HERE/../uv_sources.py")"  # an assignment, so that set -e stops on a failure to read them
 # Pinning torch in the same resolution keeps the CPU torch: alone, `angelslim` takes the newest
 # torchvision, which requires a newer (CUDA) torch.
-uv_install --compile-bytecode "angelslim==$ANGELSLIM_VERSION" "torch==$TORCH_VERSION" \
-    "transformers==$TRANSFORMERS_VERSION"
+# shellcheck disable=SC2086  # the sources are separate arguments
+"$UV" pip install --quiet --python "$PY" $SOURCES --compile-bytecode "angelslim==$ANGELSLIM_VERSION" \
+    "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION"
 # The only torchvision builds the index offers are CUDA builds; with the CPU torch their C++ ops fail to
 # register and transformers' lazy import of Qwen3 then fails. angelslim's LLM PTQ never imports torchvision.
-"$VENV_DIR/bin/uv" pip uninstall --quiet --python "$PY" torchvision
+"$UV" pip uninstall --quiet --python "$PY" torchvision
 "$PY" - "$TORCH_VERSION" <<'PY'
 import importlib.metadata as md
 import sys
