@@ -57,8 +57,9 @@ def test_reads_what_pip_itself_prints_for_a_config_file_and_the_environment(tmp_
 def test_uv_accepts_the_options(tmp_path):
     """uv parses what the script prints (a dry run, offline, of a package already installed)."""
     (tmp_path / "caps.txt").write_text("# no caps\n")
+    certifi = pytest.importorskip("certifi")  # a CA bundle that exists wherever requests is installed
     arguments = uv_sources.uv_arguments(f"global.find-links='{tmp_path}'\nglobal.constraint='{tmp_path}/caps.txt'\n"
-                                        "global.cert='/etc/ssl/certs/ca-certificates.crt'")
+                                        f"global.cert='{certifi.where()}'")
     done = subprocess.run([str(UV), "pip", "install", "--dry-run", "--offline", "--python", sys.executable,
                            *arguments, "--no-deps", "pip"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
