@@ -84,8 +84,8 @@ _WRITER_DEFAULTS: dict[str, tuple[dict[str, Any], str]] = {
     "nvfp4": ({"n_samples": 8, "seq_len": 256, "seed": 0},
               "as AngelSlim nvfp4 writes it: ModelOpt-style NVFP4 (E2M1 codes, FP8 scales per 16 inputs)"),
 }
-# Calibration shared by our GPTQ and AngelSlim's GPTQ, so the two compete on equal data; 16 windows: make
-# report's budget measures every run's speed, and calibration is most of both GPTQ builds' time (README).
+# Calibration shared by our GPTQ and AngelSlim's calibrated methods, so they compete on equal data; 16 windows:
+# make report's budget measures every run's speed, and calibration is most of those builds' time (README).
 CALIBRATION = {"calib_samples": 16, "calib_seq_len": 256}
 _PTQ_LABELS = {"int8": "INT8 round-to-nearest per channel", "int4": "INT4 round-to-nearest, group 128",
                "int2": "INT2 round-to-nearest, group 128 (asymmetric)",
@@ -95,10 +95,10 @@ _PTQ_PRODUCERS = {"int8": "llmc ptq int8 per-channel", "int4": "llmc ptq int4 g1
                   "int2": "llmc ptq int2 g128 asymmetric", "gptq": "llmc ptq gptq int4 g128 act-order"}
 # AngelSlim's own PTQ of SmolLM2: method -> options. SmolLM2's width 576 is not a multiple of AngelSlim's
 # group 128 (int4_awq and w4a8_fp8 stop on an assertion there), so those run with 64, the largest that divides.
-# The calibrated methods see the same 16 windows as both GPTQs; at 8, AWQ's perplexity change sat on the 15 %
-# line (inconclusive after every held-out token). Its scale search runs in fp16 on the CPU, ~8 s a window.
+# At 8 windows AWQ's perplexity change sat on the 15 % line (inconclusive after every held-out token); its scale
+# search runs in fp16 on the CPU, ~8 s a window.
 SMOLLM2_ANGELSLIM: dict[str, dict[str, Any]] = {
-    "fp8_static": {"calib_samples": 16, "calib_seq_len": 256},  # static input scales: a max over the windows
+    "fp8_static": dict(CALIBRATION),  # static input scales: a max over the windows
     "fp8_dynamic": {},
     "int8_dynamic": {},
     "int4_gptq": dict(CALIBRATION),
