@@ -356,3 +356,18 @@ def test_lm_eval_runs_quietly(tiny_lm, capsys):
     assert answers["heldout_lambada"].shape == (8,)
     captured = capsys.readouterr()
     assert "Running loglikelihood requests" not in captured.err and "already-initialized" not in captured.err
+
+
+def test_lm_eval_indexes_its_own_tasks_only_when_one_is_named():
+    """Indexing lm-eval's bundled tasks costs about 13 s a run: the offline task alone skips it, and a bundled
+    task named beside it still resolves."""
+    from llm_workbook.evaluation.tasks import _task_dir, task_manager
+
+    include = _task_dir(4)
+    try:
+        ours = task_manager(("heldout_lambada",), include)
+        assert "heldout_lambada" in ours.all_tasks and "hellaswag" not in ours.all_tasks
+        both = task_manager(("heldout_lambada", "hellaswag"), include)
+        assert {"heldout_lambada", "hellaswag"} <= set(both.all_tasks)
+    finally:
+        shutil.rmtree(include)
