@@ -24,6 +24,7 @@ from llm_workbook.workbook.parameters import ParameterError, load_parameters
 from llm_workbook.workbook.run import (COMPARE_NOTEBOOK, RUN_FILES, RunOutcome, batch_lock,
                                        error_outcome, execute, publish_run_files, render_html,
                                        run_one, unchanged)
+from llm_workbook.workbook import kernel_server
 from llm_workbook.workbook.index import write_index
 from llm_workbook.workbook.status import RunStatus
 
@@ -137,15 +138,16 @@ def run_batch(param_files: list[str | os.PathLike | dict], reports: str | os.Pat
 
 def _run_batch(runs: list, reports: Path, force: bool, progress: bool, overrides: dict | None) -> list[RunOutcome]:
     outcomes = []
-    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
-    for param_file in bar:
-        name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
-        bar.set_postfix_str(name)
-        try:
-            outcomes.append(run_one(param_file, reports, force, overrides))
-        except ParameterError as exc:
-            outcomes.append(error_outcome(reports, name, str(exc)))
-    return finish_batch(reports, outcomes)
+    with kernel_server.serving():  # every notebook's kernel forked from one that imported once
+        bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+        for param_file in bar:
+            name = param_file["run"] if isinstance(param_file, dict) else param_file.stem
+            bar.set_postfix_str(name)
+            try:
+                outcomes.append(run_one(param_file, reports, force, overrides))
+            except ParameterError as exc:
+                outcomes.append(error_outcome(reports, name, str(exc)))
+        return finish_batch(reports, outcomes)
 
 
 def finish_batch(reports: Path, outcomes: list[RunOutcome]) -> list[RunOutcome]:

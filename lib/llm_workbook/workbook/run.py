@@ -113,13 +113,17 @@ def render_html(notebook: Path) -> tuple[Path, Path]:
 
 
 def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
+    """Run ``notebook`` with ``parameters`` (papermill) in a new kernel: forked from the batch's kernel server
+    while one is serving (``kernel_server``), started as usual otherwise."""
     import papermill
+
+    from llm_workbook.workbook import kernel_server
 
     papermill.execute_notebook(
         str(notebook), str(output), parameters=parameters, kernel_name=KERNEL, cwd=str(cwd),
         progress_bar=False, log_output=False,
         # ipykernel warns on every start that its local TCP channel is unencrypted; keep the batch output readable.
-        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        extra_arguments=["--IPKernelApp.log_level=ERROR"], **kernel_server.papermill_options(),
     )
 
 
