@@ -98,7 +98,8 @@ def serve(path: str) -> tuple[socket.socket, dict] | None:
             if listener in ready:
                 conn, _ = listener.accept()
                 forked = _fork_kernel(conn)
-                if forked is not None:
+                if forked is not None:  # the kernel: it does not listen
+                    listener.close()
                     return forked
     finally:
         if os.getpid() == server:
