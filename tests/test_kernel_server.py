@@ -43,55 +43,63 @@ def _kernels_of(server: psutil.Process) -> list[psutil.Process]:
     return [p for p in server.children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _server() -> psutil.Process:
-    found = [p for p in psutil.Process().children() if "serve" in p.cmdline() and kernel_server.__name__ in p.cmdline()]
+def _server(path: str) -> psutil.Process:
+    found = [p for p in psutil.Process().children() if p.cmdline()[-2:] == ["serve", path]]
     assert len(found) == 1, found
     return found[0]
 
 
-def test_a_served_kernel_runs_a_notebook_as_a_usual_one_does(tmp_path):
-    notebook = _notebook(tmp_path / "nb.ipynb", FIRST, FIGURE)
-    usual = _run(notebook, tmp_path)
+@pytest.fixture(scope="module")
+def served():
+    """One server for the tests that only use it (each server imports for about 5 s)."""
     with kernel_server.serving() as path:
         assert path and Path(path).exists()
-        served = _run(notebook, tmp_path)
-    printed = [cells[0].outputs[0]["text"].split() for cells in (usual, served)]
+        yield path
+
+
+def test_a_served_kernel_runs_a_notebook_as_a_usual_one_does(served, tmp_path, monkeypatch):
+    notebook = _notebook(tmp_path / "nb.ipynb", FIRST, FIGURE)
+    forked = _run(notebook, tmp_path)
+    monkeypatch.setattr(kernel_server, "_serving", None)
+    usual = _run(notebook, tmp_path)
+    printed = [cells[0].outputs[0]["text"].split() for cells in (usual, forked)]
     assert printed[0][0] == "False" and printed[1][0] == "True"  # only the served one started with the imports done
     assert printed[0][1:] == printed[1][1:] == [str(REPO), printed[0][2]]  # same working directory and sys.path head
-    for cells in (usual, served):  # the inline figure: matplotlib's backend hooks into the kernel's own shell
+    for cells in (usual, forked):  # the inline figure: matplotlib's backend hooks into the kernel's own shell
         assert "image/png" in cells[1].outputs[0]["data"]
 
 
-def test_serving_ends_with_its_block(tmp_path):
+def test_serving_ends_with_its_block():
+    before = kernel_server._serving  # another test's server, or none
     with kernel_server.serving() as path:
-        server = _server()
-    assert kernel_server.papermill_options() == {}
+        assert kernel_server._serving == path != before
+        server = _server(path)
+    assert kernel_server._serving == before
     server.wait(timeout=30)
     assert not Path(path).parent.exists()
 
 
-def test_a_killed_launcher_takes_its_kernel_and_the_kernels_children_along(tmp_path):
+def test_a_killed_launcher_takes_its_kernel_along(served, tmp_path):
     from jupyter_client.connect import write_connection_file
 
     connection, _ = write_connection_file(str(tmp_path / "kernel.json"))
-    with kernel_server.serving() as path:
-        server = _server()
-        launcher = subprocess.Popen([sys.executable, "-P", kernel_server.__file__, "launch", path, "-f", connection],
-                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while not _kernels_of(server) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            (kernel,) = _kernels_of(server)
-            assert os.getpgid(kernel.pid) == kernel.pid  # a group of its own: what the launcher signals
-            os.killpg(launcher.pid, signal.SIGKILL)  # as jupyter_client kills a kernel
-            launcher.wait(timeout=10)
-            kernel.wait(timeout=10)
-        finally:
-            launcher.kill()
+    server = _server(served)
+    launcher = subprocess.Popen([sys.executable, "-P", kernel_server.__file__, "launch", served, "-f", connection],
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _kernels_of(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (kernel,) = _kernels_of(server)
+        assert os.getpgid(kernel.pid) == kernel.pid  # a group of its own: what the launcher signals
+        os.killpg(launcher.pid, signal.SIGKILL)  # as jupyter_client kills a kernel
+        launcher.wait(timeout=10)
+        kernel.wait(timeout=10)
+    finally:
+        launcher.kill()
 
 
-def test_an_interrupt_reaches_the_served_kernel(tmp_path):
+def test_an_interrupt_reaches_the_served_kernel(served, tmp_path):
     async def interrupted() -> str:
         manager_class = kernel_server.papermill_options()["kernel_manager_class"]
         manager = manager_class(kernel_name="python3")
@@ -113,8 +121,7 @@ def test_an_interrupt_reaches_the_served_kernel(tmp_path):
             client.stop_channels()
             await manager.shutdown_kernel(now=True)
 
-    with kernel_server.serving():
-        assert asyncio.run(interrupted()) == "KeyboardInterrupt"
+    assert asyncio.run(interrupted()) == "KeyboardInterrupt"
 
 
 def test_without_a_server_the_kernel_starts_as_usual(tmp_path, monkeypatch):

@@ -201,6 +201,7 @@ def serving():
     @contextlib.contextmanager
     def served():
         global _serving
+        outer = _serving  # a batch inside a batch: the outer one's server again afterwards
         directory = tempfile.mkdtemp(prefix="llmc-kernels-")
         path = os.path.join(directory, "server.sock")
         server = subprocess.Popen([sys.executable, "-m", __spec__.name, "serve", path], stdin=subprocess.PIPE,
@@ -212,7 +213,7 @@ def serving():
             _serving = path if os.path.exists(path) else None  # no server: kernels start as usual
             yield _serving
         finally:
-            _serving = None
+            _serving = outer
             server.stdin.close()  # the server's signal to stop
             try:
                 server.wait(timeout=30)
