@@ -75,7 +75,6 @@ def serve(path: str) -> tuple[socket.socket, dict] | None:
     import gc
     import importlib
     import select
-
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the batch, which then closes standard input
@@ -119,11 +118,16 @@ def _reap() -> None:
 def _fork_kernel(conn: socket.socket) -> tuple[socket.socket, dict] | None:
     """Read a launcher's request and fork; in the child, become that launcher's kernel (its streams, working
     directory, environment and a process group of its own) and return the request. None in the server."""
+    fds: list[int] = []
     try:
         message, fds, _, _ = socket.recv_fds(conn, MESSAGE_BYTES, 3)
         request = json.loads(message)
-    except (OSError, ValueError):
+        if len(fds) != 3:
+            raise ValueError(f"{len(fds)} standard streams")
+    except (OSError, ValueError):  # not a launcher's request: its launcher (if any) starts the kernel as usual
         conn.close()
+        for fd in fds:
+            os.close(fd)
         return None
     sys.stdout.flush()
     sys.stderr.flush()
